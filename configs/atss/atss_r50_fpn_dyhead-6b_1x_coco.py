@@ -1,0 +1,23 @@
+# ATSS R-50 1x + 6 DyHead blocks: mmdet's "simple" DyHead recipe (43.3 AP in
+# mmdet's zoo), with our DyHeadNeck in place of mmdet's DyHead (same keys on
+# load, same outputs with preset='mmdet').
+_base_ = 'mmdet::dyhead/atss_r50_fpn_dyhead_1x_coco.py'
+
+custom_imports = dict(imports=['mmdet_dyhead'], allow_failed_imports=False)
+
+model = dict(neck=[
+    dict(
+        type='FPN',
+        in_channels=[256, 512, 1024, 2048],
+        out_channels=256,
+        start_level=1,
+        add_extra_convs='on_output',
+        num_outs=5),
+    dict(
+        type='DyHeadNeck',
+        in_channels=256,
+        out_channels=256,
+        num_blocks=6,
+        num_levels=5,
+        preset='mmdet'),
+])

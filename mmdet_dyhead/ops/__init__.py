@@ -1,0 +1,8 @@
+from .deform_conv import (DCN_BACKENDS, ModulatedDeformConv, deform_conv_output_size,
+                          mmcv_ops_available, modulated_deform_conv2d,
+                          resolve_dcn_backend)
+
+__all__ = [
+    'DCN_BACKENDS', 'ModulatedDeformConv', 'deform_conv_output_size',
+    'mmcv_ops_available', 'modulated_deform_conv2d', 'resolve_dcn_backend'
+]

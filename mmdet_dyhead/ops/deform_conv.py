@@ -1,0 +1,260 @@
+"""Modulated deformable convolution (DCNv2) behind one function, two backends.
+
+``'mmcv'`` calls mmcv's compiled ``modulated_deform_conv2d`` (CUDA and CPU
+kernels). ``'torch'`` is a native PyTorch implementation: every kernel tap is
+sampled bilinearly with one ``grid_sample`` call, modulated by its mask, and
+the taps are contracted with the weight in one matrix product. It needs no
+compiled op, is differentiable by autograd, exports to ONNX and runs under
+autocast. Both read offsets in mmcv's layout: channel ``2k`` is the row (y)
+shift and ``2k + 1`` the column (x) shift of kernel tap ``k = i * kw + j``.
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+DCN_BACKENDS = ('auto', 'mmcv', 'torch')
+
+_IntPair = Union[int, Tuple[int, int]]
+
+
+def _pair(value: _IntPair) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def mmcv_ops_available() -> bool:
+    """Whether mmcv was built with its compiled ops (``mmcv._ext``)."""
+    try:
+        import mmcv._ext  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising OSError
+        return False
+    return True
+
+
+def resolve_dcn_backend(backend: str, device: torch.device) -> str:
+    """Map ``'auto'`` to a concrete backend for tensors on ``device``.
+
+    ``auto`` picks mmcv's kernel on CUDA (where it is the fastest option) and
+    the native path elsewhere: mmcv's CPU kernel is single-threaded and its
+    backward costs about ten times its forward.
+    """
+    if backend not in DCN_BACKENDS:
+        raise ValueError(f'dcn_backend={backend!r} does not exist; '
+                         f'choose one of {DCN_BACKENDS}.')
+    if backend == 'auto':
+        if device.type == 'cuda' and mmcv_ops_available():
+            return 'mmcv'
+        return 'torch'
+    if backend == 'mmcv' and not mmcv_ops_available():
+        raise RuntimeError(
+            "dcn_backend='mmcv' needs mmcv built with its compiled ops "
+            "(mmcv._ext is missing). Rebuild mmcv with `pip install "
+            "--no-build-isolation mmcv==2.1.0` or use dcn_backend='torch'.")
+    return backend
+
+
+def deform_conv_output_size(size: Tuple[int, int], kernel_size: _IntPair,
+                            stride: _IntPair, padding: _IntPair,
+                            dilation: _IntPair) -> Tuple[int, int]:
+    """Spatial output size of a convolution with these settings."""
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    h, w = size
+    return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _check_shapes(input: Tensor, offset: Tensor, mask: Tensor,
+                  weight: Tensor, stride, padding, dilation) -> None:
+    if input.dim() != 4:
+        raise ValueError(f'DCN input must be (N, C, H, W), got {tuple(input.shape)}.')
+    co, ci, kh, kw = weight.shape
+    if input.shape[1] != ci:
+        raise ValueError(
+            f'DCN input has {input.shape[1]} channels but the weight expects '
+            f'{ci}; set in_channels={input.shape[1]} or fix the feature '
+            f'producer.')
+    taps = kh * kw
+    ho, wo = deform_conv_output_size(input.shape[-2:], (kh, kw), stride,
+                                     padding, dilation)
+    n = input.shape[0]
+    want_off = (n, 2 * taps, ho, wo)
+    want_mask = (n, taps, ho, wo)
+    if tuple(offset.shape) != want_off or tuple(mask.shape) != want_mask:
+        raise ValueError(
+            f'DCN offset/mask shapes {tuple(offset.shape)}/{tuple(mask.shape)} '
+            f'do not match the output grid: expected {want_off}/{want_mask} '
+            f'for input {tuple(input.shape)}, stride {stride}. Offsets must be '
+            f'given at the output resolution.')
+
+
+def _native_modulated_deform_conv2d(input: Tensor, offset: Tensor,
+                                    mask: Tensor, weight: Tensor,
+                                    bias: Optional[Tensor], stride, padding,
+                                    dilation) -> Tensor:
+    n, c, h, w = input.shape
+    co, _, kh, kw = weight.shape
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    ho, wo = offset.shape[-2:]
+    taps = kh * kw
+    # Sampling grids are built in float32 (or float64) even under autocast:
+    # half-precision pixel coordinates lose whole pixels on large maps.
+    coord_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    kw_dev = dict(dtype=coord_dtype, device=input.device)
+    tap_y = (torch.arange(kh, **kw_dev) * dh).repeat_interleave(kw)
+    tap_x = (torch.arange(kw, **kw_dev) * dw).repeat(kh)
+    base_y = (torch.arange(ho, **kw_dev) * sh - ph).view(1, 1, ho, 1) + \
+        tap_y.view(1, taps, 1, 1)
+    base_x = (torch.arange(wo, **kw_dev) * sw - pw).view(1, 1, 1, wo) + \
+        tap_x.view(1, taps, 1, 1)
+    offset = offset.to(coord_dtype).view(n, taps, 2, ho, wo)
+    pos_y = base_y + offset[:, :, 0]
+    pos_x = base_x + offset[:, :, 1]
+    # grid_sample's align_corners=False maps g -> ((g + 1) * size - 1) / 2,
+    # i.e. pixel p is at g = (2p + 1) / size - 1; unlike align_corners=True
+    # this is defined for size 1. Zero padding matches mmcv's bilinear rule
+    # (corners outside the map contribute 0).
+    grid = torch.stack(((2 * pos_x + 1) / w - 1, (2 * pos_y + 1) / h - 1),
+                       dim=-1).view(n, taps * ho, wo, 2)
+    sampled = F.grid_sample(
+        input, grid.to(input.dtype), mode='bilinear', padding_mode='zeros',
+        align_corners=False)  # (n, c, taps * ho, wo)
+    columns = sampled.view(n, c, taps, ho * wo) * \
+        mask.to(sampled.dtype).reshape(n, 1, taps, ho * wo)
+    out = torch.matmul(weight.view(co, c * taps), columns.view(n, c * taps, ho * wo))
+    if bias is not None:
+        out = out + bias.view(1, co, 1)
+    return out.view(n, co, ho, wo)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:  # torch >= 2.4 takes the device type
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        if device_type == 'cuda':
+            return torch.is_autocast_enabled()
+        return torch.is_autocast_cpu_enabled()
+
+
+def _mmcv_modulated_deform_conv2d(input, offset, mask, weight, bias, stride,
+                                  padding, dilation) -> Tensor:
+    from mmcv.ops import modulated_deform_conv2d as mmcv_mdconv
+    device_type = input.device.type
+    if _autocast_enabled(device_type):
+        # mmcv's kernels have no autocast rules and need one dtype for all
+        # operands; run them in float32 (the CPU kernel has no bfloat16).
+        with torch.autocast(device_type=device_type, enabled=False):
+            return mmcv_mdconv(input.float().contiguous(),
+                               offset.float().contiguous(),
+                               mask.float().contiguous(), weight.float(),
+                               None if bias is None else bias.float(),
+                               stride, padding, dilation, 1, 1)
+    dtype = input.dtype
+    return mmcv_mdconv(input.contiguous(), offset.to(dtype).contiguous(),
+                       mask.to(dtype).contiguous(), weight.to(dtype),
+                       None if bias is None else bias.to(dtype), stride,
+                       padding, dilation, 1, 1)
+
+
+def modulated_deform_conv2d(input: Tensor,
+                            offset: Tensor,
+                            mask: Tensor,
+                            weight: Tensor,
+                            bias: Optional[Tensor] = None,
+                            stride: _IntPair = 1,
+                            padding: _IntPair = 1,
+                            dilation: _IntPair = 1,
+                            backend: str = 'auto') -> Tensor:
+    """DCNv2: ``y(p) = sum_k w_k * x(p + p_k + dp_k) * m_k (+ b)``.
+
+    Args:
+        input (Tensor): Feature map, shape (N, C_in, H, W).
+        offset (Tensor): Sampling shifts at the output grid,
+            shape (N, 2 * kh * kw, H_out, W_out), (dy, dx) per tap.
+        mask (Tensor): Modulation scalars, shape (N, kh * kw, H_out, W_out),
+            usually in [0, 1] (sigmoid of a conv output).
+        weight (Tensor): Kernel, shape (C_out, C_in, kh, kw).
+        bias (Tensor, optional): Shape (C_out,).
+        stride, padding, dilation (int | tuple[int, int]): As in ``conv2d``.
+        backend (str): ``'auto'``, ``'mmcv'`` or ``'torch'``; see
+            :func:`resolve_dcn_backend`.
+
+    Returns:
+        Tensor: Shape (N, C_out, H_out, W_out).
+    """
+    backend = resolve_dcn_backend(backend, input.device)
+    _check_shapes(input, offset, mask, weight, stride, padding, dilation)
+    if backend == 'mmcv':
+        return _mmcv_modulated_deform_conv2d(input, offset, mask, weight, bias,
+                                             stride, padding, dilation)
+    return _native_modulated_deform_conv2d(input, offset, mask, weight, bias,
+                                           stride, padding, dilation)
+
+
+class ModulatedDeformConv(nn.Module):
+    """Parameters of a DCNv2 layer; offsets and masks come from the caller.
+
+    Parameter names and shapes (``weight``, ``bias``) are those of mmcv's
+    ``ModulatedDeformConv2d``, so state dicts are interchangeable.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        kernel_size (int): Square kernel size. Default: 3.
+        stride (int): Stride. Default: 1.
+        padding (int): Zero padding. Default: 1.
+        dilation (int): Dilation. Default: 1.
+        bias (bool): Whether to learn a bias. Default: False.
+        backend (str): DCN backend, ``'auto'|'mmcv'|'torch'``.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: int = 3,
+                 stride: int = 1,
+                 padding: int = 1,
+                 dilation: int = 1,
+                 bias: bool = False,
+                 backend: str = 'auto') -> None:
+        super().__init__()
+        if backend not in DCN_BACKENDS:
+            raise ValueError(f'dcn_backend={backend!r} does not exist; '
+                             f'choose one of {DCN_BACKENDS}.')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.backend = backend
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The initialisation mmcv's ModulatedDeformConv2d uses.
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        stdv = 1. / math.sqrt(fan_in)
+        self.weight.data.uniform_(-stdv, stdv)
+        if self.bias is not None:
+            self.bias.data.zero_()
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias,
+                                       self.stride, self.padding,
+                                       self.dilation, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, '
+                f'kernel_size={self.kernel_size}, stride={self.stride}, '
+                f'padding={self.padding}, bias={self.bias is not None}, '
+                f'backend={self.backend!r}')

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Installs mmdet-dyhead and its tested stack into a local virtual env.
+#
+# Idempotent: a second run only re-installs the package itself (a few
+# seconds). mmcv 2.1.0 has no wheels for current torch, so it is built from
+# source once (about 8 minutes on 2 cores); pip keeps the built wheel in its
+# cache and later installs reuse it.
+set -euo pipefail
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+MMCV_VERSION=2.1.0
+STACK=("mmengine==0.10.7" "mmdet==3.3.0" "pycocotools>=2.0.8")
+# openmim's own requirement list drags in openxlab, which downgrades
+# setuptools below what torch needs; install it without deps plus what it uses.
+MIM_DEPS=("click" "colorama" "model-index" "pandas" "rich" "tabulate" "requests")
+
+log() { printf '[install] %s\n' "$*"; }
+die() { printf '\n[install] ERROR: %s\n' "$*" >&2; exit 1; }
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+command -v "$PYTHON" >/dev/null 2>&1 ||
+  die "'$PYTHON' not found. Install Python 3.8-3.12 or set PYTHON=/path/to/python3."
+"$PYTHON" - <<'PYEOF' || die "Python 3.8-3.12 is required (mmcv 2.1.0 and torch 2.13 support no other). Set PYTHON=/path/to/python3.x."
+import sys
+sys.exit(0 if (3, 8) <= sys.version_info[:2] <= (3, 12) else 1)
+PYEOF
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual env $VENV"
+  "$PYTHON" -m venv "$VENV" || die "could not create a virtual env (Debian: apt-get install python3-venv)."
+fi
+PY="$ROOT/$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+STAMP="$VENV/.mmdet-dyhead-stack"
+want_stamp=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
+
+stack_ok() {
+  [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] &&
+    "$PY" -c "import mmcv._ext, mmdet, mmengine, pycocotools, pytest" >/dev/null 2>&1
+}
+
+if stack_ok; then
+  log "stack already installed (torch, mmcv $MMCV_VERSION with ops, mmengine, mmdet)"
+else
+  # --- torch -----------------------------------------------------------------
+  torch_ver=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+  if [ -z "$torch_ver" ]; then
+    log "installing $TORCH_SPEC"
+    "${PIP[@]}" install -q "$TORCH_SPEC" || die "could not install $TORCH_SPEC. Set TORCH_SPEC to a torch>=2.0,<2.14 you can install."
+  else
+    "$PY" - "$torch_ver" <<'PYEOF' || die "torch $torch_ver is in $VENV, but mmcv $MMCV_VERSION only builds against torch>=2.0,<2.14 (torch 2.14 needs C++20, mmcv pins C++17). Fix: $VENV/bin/pip install 'torch==2.13.0' and run this again."
+import sys
+v = tuple(int(p) for p in sys.argv[1].split('+')[0].split('.')[:2])
+sys.exit(0 if (2, 0) <= v < (2, 14) else 1)
+PYEOF
+    log "torch $torch_ver already installed"
+  fi
+  log "installing build tools (setuptools>=77.0.3,<82 keeps pkg_resources, which mmcv/mmengine/mim import)"
+  "${PIP[@]}" install -q "setuptools>=77.0.3,<82" wheel ninja
+
+  # --- mmcv with compiled ops ---------------------------------------------------
+  if "$PY" -c "import mmcv, mmcv._ext, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" >/dev/null 2>&1; then
+    log "mmcv $MMCV_VERSION with compiled ops already installed"
+  else
+    if "$PY" -c "import mmcv" >/dev/null 2>&1; then
+      log "found mmcv $("$PY" -c 'import mmcv; print(mmcv.__version__)') without compiled ops or of another version: replacing it"
+      "${PIP[@]}" uninstall -y -q mmcv mmcv-lite mmcv-full >/dev/null 2>&1 || true
+    fi
+    if ! "${PIP[@]}" download --no-deps --no-binary=:all: -q -d "$(mktemp -d)" "mmcv==$MMCV_VERSION" >/dev/null 2>&1; then
+      die "cannot fetch the mmcv==$MMCV_VERSION sdist from the package index. Check network/pip config."
+    fi
+    CXX_BIN=${CXX:-c++}
+    command -v "$CXX_BIN" >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 ||
+      die "no C++ compiler found; mmcv's ops must be compiled. Debian/Ubuntu: apt-get install g++ (then run this again)."
+    log "building mmcv $MMCV_VERSION with its compiled ops from source (once; ~8 min on 2 cores, cached by pip afterwards)"
+    build_log=$(mktemp)
+    MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install -v --no-build-isolation "mmcv==$MMCV_VERSION" >"$build_log" 2>&1 &
+    pid=$!
+    start=$(date +%s)
+    while kill -0 "$pid" 2>/dev/null; do
+      sleep 20
+      step=$(grep -oE '^\[[0-9]+/[0-9]+\]' "$build_log" | tail -1 || true)
+      cached=$(grep -c 'Using cached mmcv' "$build_log" || true)
+      if [ "$cached" != "0" ]; then step="(using cached wheel)"; fi
+      log "  mmcv build: $(( $(date +%s) - start ))s elapsed ${step:+, compile step $step}"
+    done
+    if ! wait "$pid"; then
+      tail -40 "$build_log" >&2
+      die "mmcv build failed (log: $build_log). Common causes: no g++ (apt-get install g++), torch>=2.14 (use torch==2.13.0), setuptools>=82 (pip install 'setuptools<82')."
+    fi
+    "$PY" -c "import mmcv._ext" >/dev/null 2>&1 ||
+      die "mmcv installed but without compiled ops (mmcv._ext missing). It must be built with --no-build-isolation after torch; see $build_log."
+    log "mmcv $MMCV_VERSION built in $(( $(date +%s) - start ))s"
+  fi
+
+  # --- the rest of the stack -------------------------------------------------------
+  log "installing ${STACK[*]} and test/plot/export extras"
+  "${PIP[@]}" install -q "${STACK[@]}" pytest pytest-timeout matplotlib onnx onnxruntime
+  "${PIP[@]}" install -q --no-deps "openmim==0.3.9"
+  "${PIP[@]}" install -q "${MIM_DEPS[@]}"
+  "$PY" -c "import pkg_resources" >/dev/null 2>&1 ||
+    die "setuptools in $VENV has no pkg_resources (setuptools>=82?). Fix: $VENV/bin/pip install 'setuptools>=77.0.3,<82'."
+  echo "$want_stamp" >"$STAMP"
+fi
+
+# --- the package itself (non-editable: mim needs the shipped .mim/ folder) ----------
+log "installing mmdet-dyhead from $ROOT"
+"${PIP[@]}" install -q --no-deps --no-build-isolation --force-reinstall "$ROOT" ||
+  die "pip install . failed (see above)."
+rm -rf "$ROOT/build" "$ROOT"/*.egg-info
+"$PY" -c "import mmdet_dyhead; print('[install] mmdet_dyhead', mmdet_dyhead.__version__, 'ready in $VENV')" ||
+  die "mmdet_dyhead does not import after install (see the traceback above)."

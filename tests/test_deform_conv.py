@@ -1,0 +1,109 @@
+"""The native DCNv2 against mmcv's compiled kernel, and gradcheck."""
+import pytest
+import torch
+from conftest import rel_err
+
+from mmdet_dyhead.ops import (ModulatedDeformConv, modulated_deform_conv2d,
+                              mmcv_ops_available, resolve_dcn_backend)
+
+needs_mmcv = pytest.mark.skipif(not mmcv_ops_available(),
+                                reason='mmcv built without ops')
+
+
+def _inputs(n=2, c=8, co=6, h=11, w=13, stride=1, dtype=torch.float32, bias=True):
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    # Offsets of a few pixels, some pointing outside the map, never integer.
+    offset = (torch.rand(n, 18, ho, wo, dtype=dtype) - 0.5) * 6 + 0.013
+    mask = torch.rand(n, 9, ho, wo, dtype=dtype)
+    weight = torch.randn(co, c, 3, 3, dtype=dtype) * 0.1
+    b = torch.randn(co, dtype=dtype) if bias else None
+    return x, offset, mask, weight, b
+
+
+@needs_mmcv
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('bias', [True, False])
+def test_native_matches_mmcv_forward_and_every_gradient(stride, bias):
+    from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+    args = _inputs(stride=stride, bias=bias)
+    leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+    ref_leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+    out = modulated_deform_conv2d(*leaves, stride=stride, padding=1, backend='torch')
+    x, off, m, wt, b = ref_leaves
+    ref = mmcv_dcn(x, off, m, wt, b, stride, 1, 1, 1, 1)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-5
+    grad_out = torch.randn_like(ref)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    for name, ours, theirs in zip(('input', 'offset', 'mask', 'weight', 'bias'),
+                                  leaves, ref_leaves):
+        if ours is None:
+            continue
+        assert rel_err(ours.grad, theirs.grad) < 1e-5, name
+
+
+@needs_mmcv
+def test_mmcv_backend_dispatch_matches_native():
+    args = _inputs()
+    a = modulated_deform_conv2d(*args, backend='mmcv')
+    b = modulated_deform_conv2d(*args, backend='torch')
+    assert rel_err(a, b) < 1e-5
+
+
+def test_native_gradcheck_float64():
+    x, off, m, w, b = _inputs(n=1, c=2, co=2, h=5, w=6, dtype=torch.float64)
+    tensors = [t.requires_grad_() for t in (x, off, m, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda *t: modulated_deform_conv2d(*t, backend='torch'), tensors,
+        eps=1e-6, atol=1e-5)
+
+
+def test_zero_offsets_and_unit_mask_is_a_plain_convolution():
+    # Independent reference: with no deformation DCNv2 is conv2d.
+    x, _, _, w, b = _inputs(h=9, w=7)
+    for stride in (1, 2):
+        conv = torch.nn.functional.conv2d(x, w, b, stride=stride, padding=1)
+        ho, wo = conv.shape[-2:]
+        out = modulated_deform_conv2d(x, torch.zeros(2, 18, ho, wo),
+                                      torch.ones(2, 9, ho, wo), w, b,
+                                      stride=stride, backend='torch')
+        assert rel_err(out, conv) < 1e-5
+
+
+def test_integer_offset_is_a_shifted_convolution():
+    # Shifting every tap by (+1 row, -2 cols) equals convolving the shifted map.
+    x, _, _, w, _ = _inputs(h=12, w=12, bias=False)
+    off = torch.zeros(2, 18, 12, 12)
+    off[:, 0::2] = 1.0
+    off[:, 1::2] = -2.0
+    out = modulated_deform_conv2d(x, off, torch.ones(2, 9, 12, 12), w, backend='torch')
+    shifted = torch.zeros_like(x)
+    shifted[:, :, :-1, 2:] = x[:, :, 1:, :-2]
+    ref = torch.nn.functional.conv2d(shifted, w, padding=1)
+    # Compare away from the border, where zero padding differs.
+    assert rel_err(out[..., 2:-2, 3:-3], ref[..., 2:-2, 3:-3]) < 1e-5
+
+
+def test_bad_shapes_and_names_raise_clear_errors():
+    x, off, m, w, b = _inputs()
+    with pytest.raises(ValueError, match='offset/mask shapes'):
+        modulated_deform_conv2d(x, off[..., :-1], m, w, b, backend='torch')
+    with pytest.raises(ValueError, match='channels'):
+        modulated_deform_conv2d(x[:, :4], off, m, w, b, backend='torch')
+    with pytest.raises(ValueError, match="dcn_backend='cuda' does not exist"):
+        modulated_deform_conv2d(x, off, m, w, b, backend='cuda')
+    with pytest.raises(ValueError, match='does not exist'):
+        ModulatedDeformConv(4, 4, backend='triton')
+
+
+def test_auto_backend_is_native_on_cpu():
+    assert resolve_dcn_backend('auto', torch.device('cpu')) == 'torch'
+
+
+def test_module_parameters_match_mmcv_names():
+    from mmcv.ops import ModulatedDeformConv2d
+    ours = ModulatedDeformConv(8, 4, bias=True).state_dict()
+    theirs = ModulatedDeformConv2d(8, 4, 3, padding=1, bias=True).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
