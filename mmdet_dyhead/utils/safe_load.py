@@ -10,12 +10,31 @@ classes those checkpoints contain. None of them runs code on unpickling:
 ``HistoryBuffer`` is restored by setting its ``__dict__``, and the numpy
 entries rebuild arrays, dtypes and scalars from raw bytes. Any other global
 (``os.system``, ``eval``, arbitrary classes) is still refused.
+
+One entry needs care: a ``HistoryBuffer`` pickles its statistics methods as
+``getattr(HistoryBuffer, 'min')``. Allow-listing ``builtins.getattr`` itself
+would let a checkpoint read any attribute of any loadable object, so the name
+``builtins.getattr`` is bound to :func:`history_buffer_getattr`, which only
+returns HistoryBuffer's registered statistics methods.
 """
+import pickle
 from typing import List
 
 import torch
 
 _REGISTERED = False
+
+
+def history_buffer_getattr(obj, name: str):
+    """``getattr`` as seen by the weights-only unpickler: statistics only."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+        return getattr(HistoryBuffer, name)
+    if obj is HistoryBuffer and name in ('min', 'max', 'current', 'mean'):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({obj!r}, {name!r}); only '
+        f'HistoryBuffer statistics methods are allowed in weights_only loads.')
 
 
 def mmengine_checkpoint_globals() -> List[object]:
@@ -26,7 +45,8 @@ def mmengine_checkpoint_globals() -> List[object]:
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar
-    safe = [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype]
+    safe = [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype,
+            (history_buffer_getattr, 'builtins.getattr')]
     # numpy >= 1.25 pickles dtypes by their class (numpy.dtypes.Float64DType).
     dtypes = getattr(np, 'dtypes', None)
     if dtypes is not None:
