@@ -36,6 +36,12 @@ fi
 PY="$ROOT/$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
+# pip, minus the "Location ... is ignored" lines some machines' pip.conf produce.
+pip_run() {
+  "${PIP[@]}" "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 STAMP="$VENV/.mmdet-dyhead-stack"
 want_stamp=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
 
@@ -51,7 +57,7 @@ else
   torch_ver=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
   if [ -z "$torch_ver" ]; then
     log "installing $TORCH_SPEC"
-    "${PIP[@]}" install -q "$TORCH_SPEC" || die "could not install $TORCH_SPEC. Set TORCH_SPEC to a torch>=2.0,<2.14 you can install."
+    pip_run install -q "$TORCH_SPEC" || die "could not install $TORCH_SPEC. Set TORCH_SPEC to a torch>=2.0,<2.14 you can install."
   else
     "$PY" - "$torch_ver" <<'PYEOF' || die "torch $torch_ver is in $VENV, but mmcv $MMCV_VERSION only builds against torch>=2.0,<2.14 (torch 2.14 needs C++20, mmcv pins C++17). Fix: $VENV/bin/pip install 'torch==2.13.0' and run this again."
 import sys
@@ -61,7 +67,8 @@ PYEOF
     log "torch $torch_ver already installed"
   fi
   log "installing build tools (setuptools>=77.0.3,<82 keeps pkg_resources, which mmcv/mmengine/mim import)"
-  "${PIP[@]}" install -q "setuptools>=77.0.3,<82" wheel ninja
+  pip_run install -q "setuptools>=77.0.3,<82" wheel ninja ||
+    die "could not install setuptools<82/wheel/ninja (see above)."
 
   # --- mmcv with compiled ops ---------------------------------------------------
   if "$PY" -c "import mmcv, mmcv._ext, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" >/dev/null 2>&1; then
@@ -100,9 +107,10 @@ PYEOF
 
   # --- the rest of the stack -------------------------------------------------------
   log "installing ${STACK[*]} and test/plot/export extras"
-  "${PIP[@]}" install -q "${STACK[@]}" pytest pytest-timeout matplotlib onnx onnxruntime
-  "${PIP[@]}" install -q --no-deps "openmim==0.3.9"
-  "${PIP[@]}" install -q "${MIM_DEPS[@]}"
+  pip_run install -q "${STACK[@]}" pytest pytest-timeout matplotlib onnx onnxruntime ||
+    die "could not install ${STACK[*]} (see above)."
+  pip_run install -q --no-deps "openmim==0.3.9" || die "could not install openmim (see above)."
+  pip_run install -q "${MIM_DEPS[@]}" || die "could not install mim's dependencies (see above)."
   "$PY" -c "import pkg_resources" >/dev/null 2>&1 ||
     die "setuptools in $VENV has no pkg_resources (setuptools>=82?). Fix: $VENV/bin/pip install 'setuptools>=77.0.3,<82'."
   echo "$want_stamp" >"$STAMP"
@@ -110,7 +118,7 @@ fi
 
 # --- the package itself (non-editable: mim needs the shipped .mim/ folder) ----------
 log "installing mmdet-dyhead from $ROOT"
-"${PIP[@]}" install -q --no-deps --no-build-isolation --force-reinstall "$ROOT" ||
+pip_run install -q --no-deps --no-build-isolation --force-reinstall "$ROOT" ||
   die "pip install . failed (see above)."
 rm -rf "$ROOT/build" "$ROOT"/*.egg-info
 "$PY" -c "import mmdet_dyhead; print('[install] mmdet_dyhead', mmdet_dyhead.__version__, 'ready in $VENV')" ||
