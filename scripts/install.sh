@@ -33,7 +33,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual env $VENV"
   "$PYTHON" -m venv "$VENV" || die "could not create a virtual env (Debian: apt-get install python3-venv)."
 fi
-PY="$ROOT/$VENV/bin/python"
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
 # pip, minus the "Location ... is ignored" lines some machines' pip.conf produce.
