@@ -1,0 +1,221 @@
+"""Build-time checks for detectors that contain a ``DyHeadNeck``.
+
+A DyHead detector that is wired wrongly (FPN and DyHead channels that do not
+match, a pyramid with more or fewer levels than the head has strides, a
+dense head that still stacks its own conv towers after DyHead) would
+otherwise build fine and fail, or silently train something else, later. The
+checks run right after a detector is built, by whichever registry builds it:
+mmdet's ``MODELS`` (``MODELS.build(cfg.model)`` in mmdet's APIs and inside
+detectors) and mmengine's root ``MODELS`` (what ``Runner`` uses). Detectors
+without a ``DyHeadNeck`` are returned untouched.
+
+Opting out of the tower check (for example to reproduce the official
+RetinaNet+DyHead, which kept RetinaNet's four-conv towers)::
+
+    model = dict(..., dyhead_checks=dict(allow_head_towers=True))
+
+``dyhead_checks`` is removed from the config before the detector is built,
+so mmdet never sees it.
+"""
+import copy
+import functools
+from typing import Callable, List, Optional
+
+import torch.nn as nn
+from mmengine.registry import MODELS as ROOT_MODELS
+
+from mmdet_dyhead.registry import MODELS
+from .necks.dyhead_neck import DyHeadNeck
+
+CHECKS_KEY = 'dyhead_checks'
+CHECK_OPTIONS = dict(allow_head_towers=False)
+
+
+class DyHeadConfigError(ValueError):
+    """A DyHead detector config whose parts do not fit together."""
+
+
+def _parse_options(options) -> dict:
+    if options is None:
+        return dict(CHECK_OPTIONS)
+    if not isinstance(options, dict):
+        raise DyHeadConfigError(
+            f'model.{CHECKS_KEY} must be a dict such as '
+            f'dict(allow_head_towers=True), got {options!r}.')
+    unknown = set(options) - set(CHECK_OPTIONS)
+    if unknown:
+        raise DyHeadConfigError(
+            f'model.{CHECKS_KEY} has unknown keys {sorted(unknown)}; the '
+            f'options are {sorted(CHECK_OPTIONS)}.')
+    return dict(CHECK_OPTIONS, **options)
+
+
+def _neck_modules(neck: nn.Module) -> List[nn.Module]:
+    if isinstance(neck, nn.Sequential):
+        return list(neck)
+    return [neck]
+
+
+def _fail(problems: List[str]) -> None:
+    if problems:
+        raise DyHeadConfigError(
+            'DyHead detector config does not fit together:\n  - ' +
+            '\n  - '.join(problems))
+
+
+def _check_dense_head(head: nn.Module, name: str, channels: int,
+                      levels: Optional[int], options: dict,
+                      check_towers: bool) -> List[str]:
+    problems = []
+    in_channels = getattr(head, 'in_channels', None)
+    if isinstance(in_channels, int) and in_channels != channels:
+        problems.append(
+            f'model.{name}.in_channels={in_channels} but DyHeadNeck '
+            f'out_channels={channels}; set model.{name}.in_channels='
+            f'{channels}.')
+    strides = getattr(getattr(head, 'prior_generator', None), 'strides',
+                      None)
+    if levels is not None and strides is not None and len(strides) != levels:
+        problems.append(
+            f'model.{name} predicts on {len(strides)} levels (strides '
+            f'{[s[0] if isinstance(s, tuple) else s for s in strides]}) but '
+            f'the pyramid after DyHeadNeck has {levels}; give the head one '
+            f'stride per level (anchor_generator.strides, strides or '
+            f'point_strides) or change FPN num_outs and DyHeadNeck '
+            f'num_levels.')
+    stacked = getattr(head, 'stacked_convs', None)
+    if check_towers and isinstance(stacked, int):
+        if stacked > 0 and not options['allow_head_towers']:
+            problems.append(
+                f'model.{name}.stacked_convs={stacked}: DyHead replaces the '
+                f'per-task conv towers with one unified branch (paper Fig. '
+                f'2b). Set model.{name}.stacked_convs=0, or set model.'
+                f'{CHECKS_KEY}=dict(allow_head_towers=True) to keep them on '
+                f'purpose.')
+        feat = getattr(head, 'feat_channels', None)
+        if (stacked == 0 and isinstance(feat, int)
+                and isinstance(in_channels, int) and feat != in_channels):
+            problems.append(
+                f'model.{name}.feat_channels={feat} but stacked_convs=0, so '
+                f'the predictors read the {in_channels}-channel DyHead '
+                f'output directly; set model.{name}.feat_channels='
+                f'{in_channels}.')
+    return problems
+
+
+def _check_roi_head(roi_head: nn.Module, channels: int,
+                    levels: Optional[int]) -> List[str]:
+    problems = []
+    extractor = getattr(roi_head, 'bbox_roi_extractor', None)
+    if extractor is None:
+        return problems
+    ext_channels = getattr(extractor, 'out_channels', None)
+    if isinstance(ext_channels, int) and ext_channels != channels:
+        problems.append(
+            f'model.roi_head.bbox_roi_extractor.out_channels={ext_channels} '
+            f'but DyHeadNeck out_channels={channels}; set it to {channels}.')
+    strides = getattr(extractor, 'featmap_strides', None)
+    if levels is not None and strides is not None and len(strides) > levels:
+        problems.append(
+            f'model.roi_head.bbox_roi_extractor.featmap_strides has '
+            f'{len(strides)} levels but the pyramid has {levels}; list at '
+            f'most {levels} strides.')
+    bbox_head = getattr(roi_head, 'bbox_head', None)
+    bbox_in = getattr(bbox_head, 'in_channels', None)
+    if (isinstance(bbox_in, int) and isinstance(ext_channels, int)
+            and bbox_in != ext_channels):
+        problems.append(
+            f'model.roi_head.bbox_head.in_channels={bbox_in} but the RoI '
+            f'extractor gives {ext_channels} channels; set model.roi_head.'
+            f'bbox_head.in_channels={ext_channels}.')
+    return problems
+
+
+def check_dyhead_detector(model: nn.Module,
+                          options: Optional[dict] = None) -> None:
+    """Raise :class:`DyHeadConfigError` if a DyHead detector is miswired.
+
+    Does nothing for models without a ``DyHeadNeck`` in ``model.neck``.
+
+    Args:
+        model (nn.Module): A built mmdet detector (any ``nn.Module``).
+        options (dict, optional): ``allow_head_towers`` (bool): accept a
+            dense head with ``stacked_convs > 0`` after DyHead.
+    """
+    options = _parse_options(options)
+    neck = getattr(model, 'neck', None)
+    if not isinstance(neck, nn.Module):
+        return
+    modules = _neck_modules(neck)
+    dyhead_ids = [i for i, m in enumerate(modules)
+                  if isinstance(m, DyHeadNeck)]
+    if not dyhead_ids:
+        return
+    problems = []
+    levels = None
+    for i in dyhead_ids:
+        dyhead = modules[i]
+        levels = dyhead.num_levels
+        if i == 0:
+            continue
+        prev, prev_name = modules[i - 1], type(modules[i - 1]).__name__
+        prev_out = getattr(prev, 'out_channels', None)
+        if isinstance(prev_out, int) and prev_out != dyhead.in_channels:
+            problems.append(
+                f'model.neck[{i - 1}] ({prev_name}) out_channels={prev_out} '
+                f'but model.neck[{i}] (DyHeadNeck) in_channels='
+                f'{dyhead.in_channels}; set model.neck[{i}].in_channels='
+                f'{prev_out} (DyHead needs the same channels on every '
+                f'level).')
+        num_outs = getattr(prev, 'num_outs', None)
+        if isinstance(num_outs, int):
+            if levels is not None and levels != num_outs:
+                problems.append(
+                    f'model.neck[{i - 1}] ({prev_name}) num_outs={num_outs} '
+                    f'but model.neck[{i}] (DyHeadNeck) num_levels={levels}; '
+                    f'set model.neck[{i}].num_levels={num_outs}.')
+            levels = num_outs if levels is None else levels
+    if dyhead_ids[-1] == len(modules) - 1:
+        # Only the head right after DyHead is known to read its output.
+        channels = modules[-1].out_channels
+        for name, check_towers in (('bbox_head', True), ('rpn_head', False)):
+            head = getattr(model, name, None)
+            if isinstance(head, nn.Module):
+                problems += _check_dense_head(head, name, channels, levels,
+                                              options, check_towers)
+        roi_head = getattr(model, 'roi_head', None)
+        if isinstance(roi_head, nn.Module):
+            problems += _check_roi_head(roi_head, channels, levels)
+    _fail(problems)
+
+
+def _with_dyhead_checks(build_func: Callable) -> Callable:
+    if getattr(build_func, '_dyhead_checks', False):
+        return build_func
+
+    @functools.wraps(build_func)
+    def build(cfg, *args, **kwargs):
+        options = None
+        if isinstance(cfg, dict) and CHECKS_KEY in cfg:
+            cfg = copy.copy(cfg)
+            options = _parse_options(cfg.pop(CHECKS_KEY))
+        model = build_func(cfg, *args, **kwargs)
+        check_dyhead_detector(model, options)
+        return model
+
+    build._dyhead_checks = True
+    return build
+
+
+def install_build_checks() -> None:
+    """Run :func:`check_dyhead_detector` after every model build.
+
+    Wraps ``build_func`` of mmdet's and of mmengine's root ``MODELS``
+    registries (idempotent). The original build runs unchanged; only models
+    with a ``DyHeadNeck`` are inspected.
+    """
+    for registry in {id(MODELS): MODELS, id(ROOT_MODELS): ROOT_MODELS}.values():
+        registry.build_func = _with_dyhead_checks(registry.build_func)
+
+
+install_build_checks()

@@ -1,0 +1,3 @@
+from .task_attn_bbox_head import TaskAttnBBoxHead
+
+__all__ = ['TaskAttnBBoxHead']
