@@ -1,0 +1,152 @@
+"""The quickstart: its configs, its output-folder guard, and a very short run
+whose table is checked against pycocotools' own evaluation."""
+import importlib.util
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from mmengine.config import Config
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
+from conftest import REPO_ROOT, subprocess_env
+
+CONFIG_DIR = osp.join(REPO_ROOT, 'configs', 'quickstart')
+QUICKSTART = osp.join(REPO_ROOT, 'tools', 'quickstart.py')
+
+
+def _load_quickstart():
+    spec = importlib.util.spec_from_file_location('quickstart', QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def quickstart():
+    return _load_quickstart()
+
+
+def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
+    base = Config.fromfile(osp.join(CONFIG_DIR, quickstart.MODELS['ATSS']))
+    dy = Config.fromfile(
+        osp.join(CONFIG_DIR, quickstart.MODELS['ATSS + DyHead']))
+    for cfg in (base, dy):
+        assert tuple(cfg.classes) == SYNTHETIC_CLASSES
+        assert tuple(cfg.train_dataloader.dataset.metainfo.classes) == \
+            SYNTHETIC_CLASSES
+        assert cfg.model.bbox_head.num_classes == len(SYNTHETIC_CLASSES)
+        assert cfg.model.backbone.init_cfg is None  # nothing to download
+        assert cfg.randomness.seed == 0
+    # The baseline keeps mmdet's ATSS head (4 stacked convs, inherited);
+    # the DyHead model replaces them by DyHeadNeck blocks after the FPN.
+    assert base.model.bbox_head.stacked_convs == 4
+    assert dy.model.bbox_head.stacked_convs == 0
+    assert [n.type for n in dy.model.neck] == ['FPN', 'DyHeadNeck']
+    assert dy.model.neck[0] == dict(base.model.neck, type='FPN')
+    assert dy.model.backbone == base.model.backbone
+    assert dy.train_cfg == base.train_cfg
+    assert dy.optim_wrapper == base.optim_wrapper
+
+
+def test_mmdet_coco_dataset_reads_the_synthetic_data(tmp_path, quickstart):
+    from mmdet.registry import DATASETS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    paths = generate_synthetic_coco(str(tmp_path / 'd'), num_train=3,
+                                    num_val=2, image_size=64, seed=0)
+    cfg = Config.fromfile(osp.join(CONFIG_DIR, quickstart.MODELS['ATSS']))
+    ds_cfg = cfg.train_dataloader.dataset
+    ds_cfg.data_root = paths['data_root'] + os.sep
+    dataset = DATASETS.build(ds_cfg)
+    coco = COCO(paths['train_ann'])
+    with_boxes = [i for i in coco.getImgIds() if coco.getAnnIds(imgIds=i)]
+    assert len(dataset) == len(with_boxes)
+    sample = dataset[0]
+    img_id = sample['data_samples'].img_id
+    want = sorted(a['category_id'] - 1
+                  for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)))
+    got = sorted(sample['data_samples'].gt_instances.labels.tolist())
+    assert got == want
+
+
+def test_refuses_a_foreign_output_folder(tmp_path, quickstart):
+    out = tmp_path / 'mine'
+    out.mkdir()
+    (out / 'thesis.tex').write_text('precious')
+    with pytest.raises(SystemExit, match='not made by the quickstart'):
+        quickstart.main(['--quick', '--out-dir', str(out)])
+    assert sorted(os.listdir(out)) == ['thesis.tex']
+
+
+def test_its_own_folder_may_be_reused_and_overwrite_is_explicit(
+        tmp_path, quickstart):
+    out = str(tmp_path / 'qs')
+    quickstart.prepare_out_dir(out, False, dict(run=1))
+    (tmp_path / 'qs' / 'results.md').write_text('old')
+    quickstart.prepare_out_dir(out, False, dict(run=2))  # marked as ours
+    assert json.load(open(osp.join(out, quickstart.MARKER))) == dict(run=2)
+    foreign = tmp_path / 'foreign'
+    foreign.mkdir()
+    (foreign / 'a.txt').write_text('x')
+    quickstart.prepare_out_dir(str(foreign), True, {})  # --overwrite
+    assert (foreign / 'a.txt').read_text() == 'x'
+
+
+def test_bad_counts_are_rejected(capsys, quickstart):
+    for flag in ('--iters', '--num-val', '--image-size', '--threads'):
+        with pytest.raises(SystemExit):
+            quickstart.parse_args([flag, '0'])
+        assert f'{flag} must be >= 1' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_run_trains_both_and_writes_the_table(tmp_path):
+    out = tmp_path / 'qs'
+    # One thread: CI machines may run other work; OpenMP threads competing
+    # for busy cores slow tiny models down by orders of magnitude.
+    cmd = [sys.executable, QUICKSTART, '--quick', '--threads', '1',
+           '--out-dir', str(out)]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    # Progress is visible: iterations, losses and the ETA.
+    assert 'Iter(train) [2/2]' in log and 'loss:' in log and 'eta:' in log
+
+    results = json.load(open(out / 'results.json'))
+    rows = {r['model']: r for r in results['rows']}
+    assert set(rows) == {'ATSS', 'ATSS + DyHead'}
+    table = (out / 'results.md').read_text()
+    assert table.splitlines()[0].startswith(
+        '| Model | AP | AP50 | AP75 | APs | APm | APl |')
+    for name, row in rows.items():
+        assert f'| {name} | {row["AP"]:.1f} | {row["AP50"]:.1f} |' in table
+        assert f'{row["ms_per_img"]:.1f} |' in table
+        assert row['train_s'] > 0 and row['ms_per_img'] > 0
+        # The AP numbers are mmdet's CocoMetric; recompute them with
+        # pycocotools from the detections it saved.
+        work = out / 'work_dirs' / osp.splitext(
+            _load_quickstart().MODELS[name])[0]
+        gt = COCO(str(out / 'data' / 'annotations' / 'instances_val.json'))
+        dets = json.load(open(work / 'val_predictions.bbox.json'))
+        assert dets, 'score_thr 0 in --quick must leave detections'
+        ev = COCOeval(gt, gt.loadRes(dets), 'bbox')
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        for k, key in enumerate(['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']):
+            if ev.stats[k] < 0:  # no ground truth of that size
+                assert row[key] is None, key
+            else:
+                assert row[key] == pytest.approx(
+                    100 * round(float(ev.stats[k]), 3), abs=1e-6), key
+    chart = cv2.imread(str(out / 'results.png'))
+    assert chart is not None and chart.shape[0] > 100
+    assert np.unique(chart.reshape(-1, 3), axis=0).shape[0] > 10
