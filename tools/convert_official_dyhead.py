@@ -213,7 +213,7 @@ def build_model(config: str):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
-    register_all_modules(init_default_scope=False)
+    register_all_modules(init_default_scope=True)
     cfg = Config.fromfile(config)
     cfg.model.backbone.init_cfg = None
     return MODELS.build(cfg.model)

@@ -204,6 +204,10 @@ def load_weights_only(path: str, map_location=None) -> object:
     path = osp.expanduser(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+    start = _describe_start(path)
+    if not start.startswith('it starts with'):
+        raise CheckpointError(f'{path} is not a torch checkpoint: {start}. Fix: '
+                              'download it again or check the path.')
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1,0 +1,326 @@
+"""Model zoo: metafiles, mmdet's released checkpoints, checked loading, mim."""
+import filecmp
+import functools
+import glob
+import http.server
+import os
+import os.path as osp
+import re
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from conftest import REPO_ROOT, pyramid, rel_err
+
+from mmdet_dyhead.utils import checkpoint as ckpt
+
+
+def mmdet_mim_dir():
+    import mmdet
+    return osp.join(osp.dirname(mmdet.__file__), '.mim')
+
+
+def our_models():
+    index = yaml.safe_load(open(osp.join(REPO_ROOT, 'model-index.yml')))
+    models = []
+    for rel in index['Import']:
+        meta = yaml.safe_load(open(osp.join(REPO_ROOT, rel)))
+        models += meta['Models']
+    return index, models
+
+
+# ----------------------------------------------------------------------------
+# metafiles
+# ----------------------------------------------------------------------------
+def test_model_index_imports_every_metafile_and_entries_are_consistent():
+    index, models = our_models()
+    on_disk = sorted(osp.relpath(p, REPO_ROOT)
+                     for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/metafile.yml')))
+    assert sorted(index['Import']) == on_disk
+    names = [m['Name'] for m in models]
+    assert len(names) == len(set(names))
+    for m in models:
+        assert osp.isfile(osp.join(REPO_ROOT, m['Config'])), m['Config']
+        assert osp.splitext(osp.basename(m['Config']))[0] == m['Name']
+        assert 'Results' in m or 'no paper number' in m['Metadata']['AP Source'] \
+            or 'not legible' in m['Metadata']['AP Source']
+        for result in m.get('Results', []):
+            assert 30 < result['Metrics']['box AP'] < 65
+        if 'Weights' in m:
+            assert m['Metadata']['Weights SHA256 Prefix'] == ckpt.hash_prefix_from_name(m['Weights'])
+
+
+def test_released_weights_and_ap_are_mmdets():
+    mmdet_meta = yaml.safe_load(open(osp.join(mmdet_mim_dir(), 'configs/dyhead/metafile.yml')))
+    released = {m['Weights']: m['Results'][0]['Metrics']['box AP'] for m in mmdet_meta['Models']}
+    _, models = our_models()
+    ours = {m['Weights']: m['Results'][0]['Metrics']['box AP'] for m in models if 'Weights' in m}
+    assert ours == released  # all three released files, with mmdet's AP
+
+
+def test_every_coco_config_is_listed():
+    _, models = our_models()
+    listed = {m['Config'] for m in models}
+    configs = {osp.relpath(p, REPO_ROOT) for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
+    assert not {c for c in configs if c.endswith('_coco.py')} - listed
+
+
+# ----------------------------------------------------------------------------
+# mmdet's released checkpoints load into our configs unchanged
+# ----------------------------------------------------------------------------
+def build(cfg_path, shrink_swin=False):
+    import mmdet_dyhead  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    register_all_modules(init_default_scope=True)
+    cfg = Config.fromfile(cfg_path)
+    cfg.model.backbone.init_cfg = None
+    if shrink_swin:
+        # Stage 3 holds 18 of Swin-L's 24 blocks; fewer blocks keep every
+        # channel count (and so the neck and head keys) as released.
+        cfg.model.backbone.depths = [2, 2, 2, 2]
+    return MODELS.build(cfg.model).eval()
+
+
+CASES = [
+    ('atss_r50_fpn_dyhead-6b_1x_coco', 'atss_r50_fpn_dyhead_1x_coco', False),
+    ('atss_r50-caffe_fpn_dyhead-6b_1x_coco', 'atss_r50-caffe_fpn_dyhead_1x_coco', False),
+    ('atss_swin-l-p4-w12_fpn_dyhead-6b_ms-2x_coco', 'atss_swin-l-p4-w12_fpn_dyhead_ms-2x_coco', True),
+]
+
+
+@pytest.mark.parametrize('ours,theirs,shrink', CASES, ids=[c[0] for c in CASES])
+def test_mmdet_checkpoint_loads_unchanged_with_same_outputs(ours, theirs, shrink, tmp_path):
+    from mmengine.runner.checkpoint import load_checkpoint
+    ref = build(osp.join(mmdet_mim_dir(), f'configs/dyhead/{theirs}.py'), shrink)
+    for m in ref.modules():  # mmdet's default offset init is zero: perturb it
+        if m.__class__.__name__ == 'DyHeadBlock':
+            nn.init.normal_(m.spatial_conv_offset.weight, std=0.01)
+    path = tmp_path / f'{theirs}.pth'
+    torch.save({'meta': {'note': 'random init'}, 'state_dict': ref.state_dict()}, path)
+    model = build(osp.join(REPO_ROOT, f'configs/atss/{ours}.py'), shrink)
+    ckpt.enable_checked_loading()
+    # mmengine's own entry point (what load_from uses); strict raises on any
+    # missing, unexpected or mis-shaped key
+    load_checkpoint(model, str(path), strict=True)
+    feats = pyramid(1, 256, (12, 12), 5)
+    with torch.no_grad():
+        for a, b in zip(model.neck[1](feats), ref.neck[1](feats)):
+            assert rel_err(a, b) < 1e-4
+        if not shrink and 'caffe' not in ours:  # once end to end
+            x = torch.randn(1, 3, 64, 64)
+            for a, b in zip(*[[t for lvl in m._forward(x) for t in lvl] for m in (model, ref)]):
+                assert rel_err(a, b) < 1e-4
+
+
+# ----------------------------------------------------------------------------
+# hash-checked downloads over a loopback HTTP server
+# ----------------------------------------------------------------------------
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests_seen = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.requests_seen.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """Serve ``tmp_path/www`` on 127.0.0.1 (random port) for one test."""
+    www = tmp_path / 'www'
+    www.mkdir()
+    seen = []
+    handler = type('Handler', (_QuietHandler,), {'requests_seen': seen})
+    server = http.server.ThreadingHTTPServer(
+        ('127.0.0.1', 0), functools.partial(handler, directory=str(www)))
+    server.timeout = 5
+    thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.1},
+                              daemon=True)
+    thread.start()
+    try:
+        yield www, f'http://127.0.0.1:{server.server_address[1]}', seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def tiny_checkpoint(path):
+    model = nn.Conv2d(3, 4, 3)
+    torch.save({'meta': {}, 'state_dict': model.state_dict()}, path)
+    return model
+
+
+def test_url_checkpoint_is_hash_checked_and_weights_only(http_root, tmp_path, monkeypatch):
+    from mmengine.runner.checkpoint import load_checkpoint
+    www, base, seen = http_root
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    ckpt.enable_checked_loading()
+    tiny_checkpoint(www / 'good.pth')
+    good = f'good_20250101-{ckpt.sha256_of(str(www / "good.pth"))[:8]}.pth'
+    os.rename(www / 'good.pth', www / good)
+    target = nn.Conv2d(3, 4, 3)
+    load_checkpoint(target, f'{base}/{good}', strict=True)
+    assert torch.equal(target.weight, torch.load(www / good)['state_dict']['weight'])
+    cached = osp.join(ckpt.default_cache_dir(), good)
+    assert osp.isfile(cached) and seen == [f'/{good}']
+
+    # a file that is not what its name promises is refused and not cached
+    tiny_checkpoint(www / 'bad_20250101-0123abcd.pth')
+    with pytest.raises(ckpt.CheckpointHashError, match='sha256 is .* published as 0123abcd'):
+        load_checkpoint(target, f'{base}/bad_20250101-0123abcd.pth')
+    assert not [p for p in os.listdir(ckpt.default_cache_dir()) if p.startswith('bad')]
+
+    # a cached copy that changed after download is refused too
+    with open(cached, 'ab') as f:
+        f.write(b'tampered')
+    with pytest.raises(ckpt.CheckpointHashError, match='delete it and download it again'):
+        load_checkpoint(target, f'{base}/{good}')
+
+    # objects other than tensors are not unpickled
+    import argparse
+    torch.save({'state_dict': {}, 'args': argparse.Namespace(lr=0.1)}, www / 'code.pth')
+    with pytest.raises(ckpt.CheckpointError, match='argparse.Namespace.*weights-only'):
+        load_checkpoint(target, f'{base}/code.pth')
+
+
+def test_corrupt_and_foreign_local_files_get_clear_errors(tmp_path):
+    ckpt.enable_checked_loading()
+    from mmengine.runner.checkpoint import _load_checkpoint
+    tiny_checkpoint(tmp_path / 'full.pth')
+    data = (tmp_path / 'full.pth').read_bytes()
+    (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match='truncated or corrupt.*download or copy it again'):
+        _load_checkpoint(str(tmp_path / 'cut.pth'))
+    (tmp_path / 'page.pth').write_text('<!DOCTYPE html><html>Not found</html>')
+    with pytest.raises(ckpt.CheckpointError, match='HTML'):
+        _load_checkpoint(str(tmp_path / 'page.pth'))
+    with pytest.raises(FileNotFoundError):
+        _load_checkpoint(str(tmp_path / 'missing.pth'))
+
+
+# ----------------------------------------------------------------------------
+# grouped key report
+# ----------------------------------------------------------------------------
+def test_key_mismatch_is_reported_grouped_by_module():
+    from mmengine.runner import checkpoint as mm_ckpt
+
+    from mmdet_dyhead.models import DyHeadNeck
+    ckpt.enable_checked_loading()
+    official = DyHeadNeck(32, 32, num_blocks=6, preset='official', dcn_backend='torch')
+    mmdet_like = DyHeadNeck(32, 32, num_blocks=6, preset='mmdet', dcn_backend='torch')
+    state = dict(mmdet_like.state_dict())
+    state['extra_head.0.weight'] = torch.zeros(1)
+    state['extra_head.1.weight'] = torch.zeros(1)
+    with pytest.raises(ckpt.CheckpointKeyError) as info:
+        mm_ckpt.load_state_dict(official, state, strict=True)
+    text = str(info.value)
+    # 18 missing biases (3 branches x 6 blocks) in 3 lines, 2 extras in 1
+    assert re.search(r'dyhead_blocks\.\{0-5\}\.spatial_attn\.high_branch\.conv: bias \(6 keys\)', text)
+    assert 'extra_head.{0-1}: weight (2 keys)' in text
+    assert "preset='mmdet'" in text
+    assert len(text.splitlines()) < 10
+    report = mm_ckpt.load_state_dict(official, state, strict=False)
+    assert len(report.missing) == 18 and len(report.unexpected) == 2
+    # what did match was loaded
+    torch.testing.assert_close(official.dyhead_blocks[5].task_attn.fc2.weight,
+                               mmdet_like.dyhead_blocks[5].task_attn.fc2.weight)
+    out = official(pyramid(1, 32, (16, 16), 5))
+    assert len(out) == 5
+
+
+def test_shape_mismatch_is_reported_not_raised_when_not_strict():
+    a, b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 5, 3)
+    report = ckpt.load_state_dict(a, b.state_dict(), strict=False)
+    assert [k for k, _, _ in report.mismatched] == ['weight', 'bias']
+    assert 'checkpoint (5, 3, 3, 3), model (4, 3, 3, 3)' in report.format()
+
+
+# ----------------------------------------------------------------------------
+# mim search / download against the installed package
+# ----------------------------------------------------------------------------
+def installed_package_dir(tmp_path):
+    """The installed mmdet_dyhead (not this source tree), or skip."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    out = subprocess.run(
+        [sys.executable, '-c', 'import importlib.util as u; '
+         's = u.find_spec("mmdet_dyhead"); print(s.origin if s else "")'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    origin = out.stdout.strip()
+    if not origin or osp.dirname(osp.dirname(origin)) == REPO_ROOT:
+        pytest.skip('mmdet_dyhead is not installed non-editably in this env; '
+                    'run `bash scripts/install.sh` (CI does before the tests).')
+    pkg = osp.dirname(origin)
+    stale = [rel for rel in ['model-index.yml'] + [
+        osp.relpath(p, REPO_ROOT) for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*'))]
+        if not osp.isfile(osp.join(pkg, '.mim', rel))
+        or not filecmp.cmp(osp.join(REPO_ROOT, rel), osp.join(pkg, '.mim', rel), shallow=False)]
+    if stale:
+        pytest.skip(f'the installed mmdet_dyhead at {pkg} is older than this '
+                    f'checkout ({stale[:3]} differ); run `bash scripts/install.sh`.')
+    return pkg, env
+
+
+def mim(args, env, cwd):
+    exe = osp.join(osp.dirname(sys.executable), 'mim')
+    return subprocess.run([exe] + args, env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_mim_search_lists_the_zoo(tmp_path):
+    _, env = installed_package_dir(tmp_path)
+    out = mim(['search', 'mmdet_dyhead', '--field', 'weight'], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    _, models = our_models()
+    for m in models:
+        assert m['Name'] in out.stdout
+
+
+def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(http_root, tmp_path):
+    """``mim download`` reads the URL from the installed metafile. To serve it
+    locally, the test puts an overlay copy of the installed package (its
+    dist-info too, so mim's pkg_resources lookup lands there) first on
+    PYTHONPATH, with only the ``Weights:`` host rewritten to the loopback
+    server. mim itself runs unchanged."""
+    pkg, env = installed_package_dir(tmp_path)
+    www, base, seen = http_root
+    overlay = tmp_path / 'overlay'
+    shutil.copytree(pkg, overlay / 'mmdet_dyhead',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    for info in glob.glob(osp.join(osp.dirname(pkg), 'mmdet_dyhead-*.dist-info')):
+        shutil.copytree(info, overlay / osp.basename(info))
+    host = 'https://download.openmmlab.com'
+    for meta in glob.glob(str(overlay / 'mmdet_dyhead/.mim/configs/*/metafile.yml')):
+        text = open(meta).read()
+        open(meta, 'w').write(text.replace(host, base))
+    _, models = our_models()
+    (entry,) = [m for m in models if m['Name'] == 'atss_r50-caffe_fpn_dyhead-6b_1x_coco']
+    url_path = entry['Weights'][len(host):]
+    served = www / url_path.lstrip('/')
+    served.parent.mkdir(parents=True)
+    tiny_checkpoint(served)  # not the released file: its sha256 differs
+
+    env = dict(env, PYTHONPATH=str(overlay))
+    dest = tmp_path / 'dest'
+    out = mim(['download', 'mmdet_dyhead', '--config', entry['Name'], '--dest', str(dest)],
+              env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert seen == [url_path]
+    name = osp.basename(url_path)
+    assert (dest / name).read_bytes() == served.read_bytes()
+    dumped = (dest / f'{entry["Name"]}.py').read_text()
+    assert "type='DyHeadNeck'" in dumped and "'mmdet_dyhead'" in dumped
+
+    ckpt.enable_checked_loading()
+    from mmengine.runner.checkpoint import _load_checkpoint
+    with pytest.raises(ckpt.CheckpointHashError, match=entry['Metadata']['Weights SHA256 Prefix']):
+        _load_checkpoint(str(dest / name))
