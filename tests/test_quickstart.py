@@ -150,3 +150,37 @@ def test_quick_run_trains_both_and_writes_the_table(tmp_path):
     chart = cv2.imread(str(out / 'results.png'))
     assert chart is not None and chart.shape[0] > 100
     assert np.unique(chart.reshape(-1, 3), axis=0).shape[0] > 10
+
+
+def test_ablation_study_switches_reach_the_blocks(tmp_path, quickstart):
+    import argparse
+
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    spec = importlib.util.spec_from_file_location(
+        'study', osp.join(REPO_ROOT, 'tools', 'study_ablation.py'))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    data = dict(data_root=str(tmp_path), val_ann=str(tmp_path / 'v.json'))
+    qs_args = argparse.Namespace(image_size=None, batch_size=None, iters=7,
+                                 seed=1, quick=False)
+    base = osp.join(CONFIG_DIR, quickstart.MODELS['ATSS'])
+    dy = osp.join(CONFIG_DIR, quickstart.MODELS['ATSS + DyHead'])
+    assert study.PAPER_ROWS[0] == 'baseline' and len(study.PAPER_ROWS) == 6
+    for row in study.PAPER_ROWS:
+        cfg = study.variant_cfg(quickstart, row, base, dy, data,
+                                str(tmp_path / 'w'), qs_args, num_blocks=1)
+        assert cfg.train_cfg.max_iters == 7 and cfg.randomness.seed == 1
+        model = MODELS.build(cfg.model)
+        if row == 'baseline':
+            assert model.bbox_head.stacked_convs == 4
+            assert not isinstance(model.neck, (list, tuple))
+            continue
+        blocks = list(model.neck[1].dyhead_blocks)
+        assert len(blocks) == 1
+        use_l, use_s, use_c = row
+        assert (blocks[0].scale_attn is not None) == bool(use_l)
+        assert (blocks[0].task_attn is not None) == bool(use_c)
+        has_offsets = any('offset' in n for n, _ in blocks[0].named_modules())
+        assert has_offsets == bool(use_s)

@@ -130,6 +130,30 @@ def format_doc(rows, args, total_s, qs) -> str:
     ])
 
 
+def variant_cfg(qs, row, base_file: str, dy_file: str, data: dict,
+                work_dir: str, qs_args, num_blocks=None):
+    """The quickstart config of one Table 1 row.
+
+    Args:
+        qs: the loaded tools/quickstart.py module.
+        row: ``'baseline'`` or an (L, S, C) tuple of 0/1 switches.
+        base_file, dy_file (str): the quickstart's two config files.
+        data (dict): paths returned by ``generate_synthetic_coco``.
+        work_dir (str): the run's work_dir.
+        qs_args (argparse.Namespace): options read by ``qs.build_cfg``.
+        num_blocks (int, optional): DyHead blocks, if not the config's.
+    """
+    cfg = qs.build_cfg(base_file if row == 'baseline' else dy_file,
+                       row_name(row), data, work_dir, qs_args)
+    if row != 'baseline':
+        dyhead = cfg.model.neck[1]
+        dyhead.use_scale_attn, dyhead.use_spatial_attn, \
+            dyhead.use_task_attn = (bool(v) for v in row)
+        if num_blocks is not None:
+            dyhead.num_blocks = num_blocks
+    return cfg
+
+
 def main(argv=None):
     args = parse_args(argv)
     qs = load_quickstart()
@@ -163,16 +187,11 @@ def main(argv=None):
         name = row_name(row)
         tag = 'baseline' if row == 'baseline' else 'lsc' + ''.join(
             map(str, row))
-        cfg = qs.build_cfg(base_file if row == 'baseline' else dy_file, name,
-                           data, osp.join(out_dir, 'work_dirs', tag), qs_args)
-        num_blocks = None
-        if row != 'baseline':
-            dyhead = cfg.model.neck[1]
-            dyhead.use_scale_attn, dyhead.use_spatial_attn, \
-                dyhead.use_task_attn = (bool(v) for v in row)
-            if args.num_blocks is not None:
-                dyhead.num_blocks = args.num_blocks
-            num_blocks = dyhead.num_blocks
+        cfg = variant_cfg(qs, row, base_file, dy_file, data,
+                          osp.join(out_dir, 'work_dirs', tag), qs_args,
+                          args.num_blocks)
+        num_blocks = (None if row == 'baseline' else
+                      cfg.model.neck[1].num_blocks)
         result = qs.train_and_evaluate(name, cfg)
         result.update(row=row, iters=cfg.train_cfg.max_iters,
                       batch_size=cfg.train_dataloader.batch_size,
