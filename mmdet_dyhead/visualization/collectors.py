@@ -1,0 +1,222 @@
+"""Forward-hook collectors for DyHead features and scale-aware weights.
+
+Nothing here changes the model: hooks are attached to existing modules,
+read tensors as they pass, and are removed on :meth:`remove` (or when the
+collector is used as a context manager).
+"""
+from collections import defaultdict, deque
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def find_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """Modules the visualisation tools can attach to, by qualified name.
+
+    Returns every ``DyHeadNeck`` and every ``DyHeadBlock`` of ``model``
+    (e.g. ``'neck.1'``, ``'neck.1.dyhead_blocks.0'``).
+
+    Args:
+        model (nn.Module): A detector or a bare neck.
+
+    Returns:
+        dict[str, nn.Module]: Name -> module, in definition order.
+    """
+    from mmdet_dyhead.models.layers import DyHeadBlock
+    from mmdet_dyhead.models.necks import DyHeadNeck
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (DyHeadNeck, DyHeadBlock))}
+
+
+def resolve_layer(model: nn.Module, name: Optional[str] = None) -> Tuple[str, nn.Module]:
+    """The DyHead neck (or block) called ``name``; the first neck if None.
+
+    Args:
+        model (nn.Module): A detector or a bare neck.
+        name (str, optional): Qualified module name, see :func:`find_layers`.
+
+    Returns:
+        tuple[str, nn.Module]: The name and the module.
+
+    Raises:
+        ValueError: No such layer; the message lists the available ones.
+    """
+    from mmdet_dyhead.models.necks import DyHeadNeck
+    layers = find_layers(model)
+    if not layers:
+        raise ValueError(f'{type(model).__name__} has no DyHeadNeck; the '
+                         f"attention plots need a neck of type='DyHeadNeck'.")
+    if name is None:
+        name = next(n for n, m in layers.items() if isinstance(m, DyHeadNeck))
+    if name not in layers:
+        listing = '\n  '.join(layers)
+        raise ValueError(f"layer '{name}' does not exist in this model. "
+                         f'Layers that can be visualised:\n  {listing}')
+    return name, layers[name]
+
+
+def _blocks_of(module: nn.Module) -> List[nn.Module]:
+    blocks = getattr(module, 'dyhead_blocks', None)
+    return list(blocks) if blocks is not None else [module]
+
+
+def _detach_levels(feats) -> List[Tensor]:
+    return [f.detach().float().cpu() for f in feats]
+
+
+class BlockFeatureCollector:
+    """Feature maps before the first block and after every block.
+
+    ``stages[0]`` holds the neck input (FPN output, "before"), ``stages[k]``
+    the output of block ``k`` (1-based, as the paper counts blocks).
+
+    Args:
+        module (nn.Module): A ``DyHeadNeck`` (all its blocks) or one
+            ``DyHeadBlock``.
+
+    Attributes:
+        stages (dict[int, list[Tensor]]): Stage -> L tensors (N, C, H_l, W_l)
+            from the most recent forward, on CPU in float32.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.blocks = _blocks_of(module)
+        self.stages: Dict[int, List[Tensor]] = {}
+        self._handles = []
+        first = self.blocks[0]
+        self._handles.append(first.register_forward_pre_hook(self._before))
+        for k, block in enumerate(self.blocks, start=1):
+            self._handles.append(block.register_forward_hook(
+                lambda m, inputs, output, k=k: self._after(k, output)))
+
+    def _before(self, module, inputs) -> None:
+        self.stages = {0: _detach_levels(inputs[0])}
+
+    def _after(self, k: int, output) -> None:
+        self.stages[k] = _detach_levels(output)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class ScaleWeightCollector:
+    """The scale-aware weights pi_L per block, output level and source level.
+
+    A DyHead block fuses, for output level l, terms read from levels l-1
+    (finer), l and l+1 (coarser), each multiplied by a scalar from its
+    ``ScaleAwareAttention`` (Eq. 3). Hooks on the three level branches
+    record, in call order, which source level each term came from; the
+    hook on the scale attention then pairs each weight with the oldest
+    unweighted term (the block weighs terms in the order it built them).
+    With ``attention_order='scale_first'`` the attention is called once per
+    input level and that weight is shared by every term read from it.
+
+    Args:
+        module (nn.Module): A ``DyHeadNeck`` or one ``DyHeadBlock``.
+
+    Attributes:
+        weights (dict): ``weights[block][(out_level, src_level)]`` is a list
+            of (N,) tensors, one per forward (accumulates over batches);
+            blocks are 1-based. Empty for blocks without scale attention.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.blocks = _blocks_of(module)
+        self.weights = defaultdict(lambda: defaultdict(list))
+        self._handles = []
+        self._state = {}
+        for k, block in enumerate(self.blocks, start=1):
+            if block.scale_attn is None:
+                continue
+            spatial = block.spatial_attn
+            self._handles += [
+                block.register_forward_pre_hook(
+                    lambda m, inputs, k=k: self._start(k, m, inputs[0])),
+                spatial.mid_branch.register_forward_hook(
+                    lambda *a, k=k: self._term(k, 0)),
+                spatial.low_branch.register_forward_hook(
+                    lambda *a, k=k: self._term(k, -1)),
+                spatial.high_branch.register_forward_hook(
+                    lambda *a, k=k: self._term(k, +1)),
+                block.scale_attn.register_forward_hook(
+                    lambda m, inputs, out, k=k: self._weight(k, out)),
+            ]
+
+    def _start(self, k: int, block: nn.Module, feats) -> None:
+        self._state[k] = dict(scale_first=block.attention_order == 'scale_first',
+                              num_levels=len(feats), level=-1, pending=deque(),
+                              per_level=[])
+
+    def _term(self, k: int, shift: int) -> None:
+        st = self._state[k]
+        if shift == 0:  # the mid branch runs first for every output level
+            st['level'] += 1
+        st['pending'].append((st['level'], st['level'] + shift))
+        if st['scale_first']:
+            level, src = st['pending'].popleft()
+            self.weights[k][(level, src)].append(st['per_level'][src])
+
+    def _weight(self, k: int, out: Tensor) -> None:
+        st = self._state[k]
+        w = out.detach().float().cpu().flatten()
+        if st['scale_first']:
+            st['per_level'].append(w)
+            return
+        if not st['pending']:
+            raise RuntimeError('scale attention ran before any level branch; '
+                               'DyHeadBlock.forward no longer matches '
+                               'ScaleWeightCollector.')
+        level, src = st['pending'].popleft()
+        self.weights[k][(level, src)].append(w)
+
+    def scale_ratios(self, block: int) -> Dict[int, Tensor]:
+        """Paper Figure 3's "scale ratio" per output level, for one block.
+
+        At output level l the ratio is the learned weight of the
+        highest-resolution term fused there divided by that of the
+        lowest-resolution one: w(l-1) / w(l+1) inside the pyramid,
+        w(0) / w(1) at the finest level, w(L-2) / w(L-1) at the coarsest.
+        Above 1 the level leans toward finer features, below 1 toward
+        coarser ones. With the 'paper' hard sigmoid a weight can be exactly
+        0; the ratio is then ``inf`` (or ``nan`` for 0 / 0), not clipped.
+
+        Args:
+            block (int): 1-based block index.
+
+        Returns:
+            dict[int, Tensor]: Output level -> ratios, one per image seen.
+        """
+        if block not in self.weights:
+            raise KeyError(f'no scale weights recorded for block {block}; '
+                           f'recorded: {sorted(self.weights)}.')
+        rec = self.weights[block]
+        out = {}
+        for level in sorted({lv for lv, _ in rec}):
+            srcs = sorted(src for lv, src in rec if lv == level)
+            if len(srcs) < 2:
+                continue
+            fine = torch.cat(rec[(level, srcs[0])])
+            coarse = torch.cat(rec[(level, srcs[-1])])
+            out[level] = fine / coarse
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
