@@ -109,10 +109,7 @@ def test_bad_counts_are_rejected(capsys, quickstart):
 @pytest.mark.slow
 def test_quick_run_trains_both_and_writes_the_table(tmp_path):
     out = tmp_path / 'qs'
-    # One thread: CI machines may run other work; OpenMP threads competing
-    # for busy cores slow tiny models down by orders of magnitude.
-    cmd = [sys.executable, QUICKSTART, '--quick', '--threads', '1',
-           '--out-dir', str(out)]
+    cmd = [sys.executable, QUICKSTART, '--quick', '--out-dir', str(out)]
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

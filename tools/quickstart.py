@@ -65,10 +65,11 @@ def parse_args(argv=None):
     parser.add_argument('--image-size', type=int, default=None,
                         help='default: the configs\' image_size')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: torch\'s choice, '
-                        'one per core); 1 is faster on a machine busy with '
-                        'other work')
+    # One thread by default: these models are too small for intra-op
+    # parallelism to pay off, and on a busy machine competing OpenMP threads
+    # slow them down by orders of magnitude.
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads')
     parser.add_argument('--models', nargs='+', default=list(MODELS),
                         choices=list(MODELS), metavar='NAME',
                         help=f'any of {list(MODELS)}')
@@ -261,9 +262,8 @@ def plot(rows: List[dict], path: str) -> None:
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args = parse_args(argv)
     total_start = time.perf_counter()
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
+    import torch
+    torch.set_num_threads(args.threads)
     out_dir = osp.abspath(args.out_dir)
     prepare_out_dir(out_dir, args.overwrite, vars(args))
 

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     parser.add_argument('--num-train', type=int, default=400)
     parser.add_argument('--num-val', type=int, default=100)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads (see tools/quickstart.py)')
     args = parser.parse_args(argv)
     for key in ('iters', 'num_blocks', 'num_train', 'num_val', 'threads'):
         value = getattr(args, key)
@@ -122,7 +123,7 @@ def format_doc(rows, args, total_s, qs) -> str:
         'blocks.',
         f'- Machine: {platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPU cores, torch threads '
-        f'{args.threads or "default"}; total wall time '
+        f'{args.threads}; total wall time '
         f'{total_s / 60:.1f} min ({time.strftime("%Y-%m-%d")}).',
         '- One seed per row: differences of about one AP point are within '
         'run-to-run noise at this scale.',
@@ -158,9 +159,8 @@ def main(argv=None):
     args = parse_args(argv)
     qs = load_quickstart()
     start = time.perf_counter()
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
+    import torch
+    torch.set_num_threads(args.threads)
     out_dir = osp.abspath(args.out_dir)
     qs.prepare_out_dir(out_dir, args.overwrite, dict(vars(args), study=True))
     import mmdet_dyhead  # noqa: F401
