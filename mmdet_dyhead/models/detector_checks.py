@@ -174,7 +174,8 @@ def check_dyhead_detector(model: nn.Module,
                     f'model.neck[{i - 1}] ({prev_name}) num_outs={num_outs} '
                     f'but model.neck[{i}] (DyHeadNeck) num_levels={levels}; '
                     f'set model.neck[{i}].num_levels={num_outs}.')
-            levels = num_outs if levels is None else levels
+            # What the FPN really produces is what the head will receive.
+            levels = num_outs
     if dyhead_ids[-1] == len(modules) - 1:
         # Only the head right after DyHead is known to read its output.
         channels = modules[-1].out_channels

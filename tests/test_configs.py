@@ -1,0 +1,290 @@
+"""Every shipped config loads and builds; the paper's rows differ from their
+baselines only where the paper says; miswired DyHead detectors fail at build
+time with a message naming the setting to change."""
+import glob
+import os.path as osp
+import re
+
+import mmdet
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS as ROOT_MODELS
+from mmengine.registry import init_default_scope
+
+from conftest import REPO_ROOT
+from mmdet_dyhead.models.detector_checks import (DyHeadConfigError,
+                                                 check_dyhead_detector)
+from mmdet_dyhead.models.necks import DyHeadNeck
+from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
+from mmdet_dyhead.registry import MODELS
+
+CONFIG_ROOT = osp.join(REPO_ROOT, 'configs')
+DOCS = osp.join(REPO_ROOT, 'docs', 'configs.md')
+# The quickstart's configs are tested with the quickstart.
+SHIPPED = sorted(
+    osp.relpath(p, CONFIG_ROOT)
+    for p in glob.glob(osp.join(CONFIG_ROOT, '**', '*.py'), recursive=True)
+    if not osp.relpath(p, CONFIG_ROOT).startswith(('quickstart', '_base_')))
+ATTN_TOKENS = ('scale', 'spatial', 'task')
+
+
+@pytest.fixture(autouse=True)
+def _mmdet_scope():
+    init_default_scope('mmdet')
+
+
+def _load(rel_path: str) -> Config:
+    return Config.fromfile(osp.join(CONFIG_ROOT, rel_path))
+
+
+def _build(model_cfg, registry=ROOT_MODELS):
+    # Runner builds with mmengine's root registry; mmdet's APIs with mmdet's.
+    model_cfg = model_cfg.copy()
+    model_cfg.backbone = dict(model_cfg.backbone, init_cfg=None)
+    return registry.build(model_cfg)
+
+
+def _dyhead_token(rel_path: str):
+    """'dyhead-6b-scale-spatial' -> (6, {'scale', 'spatial'}, tokens)."""
+    for part in osp.basename(rel_path)[:-3].split('_'):
+        m = re.fullmatch(r'dyhead-(\d+)b((?:-[a-z]+)*)', part)
+        if m:
+            tokens = set(m.group(2).split('-')) - {''}
+            return int(m.group(1)), tokens
+    return None
+
+
+def test_every_family_and_table_has_configs():
+    assert len(SHIPPED) >= 30
+    for folder in ('atss', 'fcos', 'retinanet', 'reppoints', 'faster_rcnn'):
+        assert any(p.startswith(folder + '/') for p in SHIPPED), folder
+
+
+@pytest.mark.parametrize('rel_path', SHIPPED)
+def test_config_name_follows_mmdet_convention(rel_path):
+    folder, name = osp.split(rel_path)
+    parts = name[:-3].split('_')
+    assert all(re.fullmatch(r'[a-z0-9.-]+', p) for p in parts), name
+    assert parts[0].startswith(folder.replace('_', '-')), name
+    assert parts[2].startswith('fpn'), name
+    assert re.fullmatch(r'(ms-)?\d+x', parts[-2]), name
+    assert parts[-1] == 'coco', name
+
+
+@pytest.mark.parametrize('rel_path', SHIPPED)
+def test_config_loads_and_builds(rel_path):
+    cfg = _load(rel_path)
+    assert 'mmdet_dyhead' in cfg.custom_imports.imports
+    assert cfg.custom_imports.allow_failed_imports is False
+    assert cfg.default_scope == 'mmdet'
+    model = _build(cfg.model)
+    assert type(model).__name__ == cfg.model.type
+
+    dyheads = [m for m in model.modules() if isinstance(m, DyHeadNeck)]
+    token = _dyhead_token(rel_path)
+    if token is None:
+        assert not dyheads
+        return
+    num_blocks, tokens = token
+    assert len(dyheads) == 1 and dyheads[0].num_blocks == num_blocks
+    # A name listing attentions means exactly those are on.
+    wanted = tokens & set(ATTN_TOKENS) or set(ATTN_TOKENS)
+    for block in dyheads[0].dyhead_blocks:
+        on = {'scale': block.scale_attn is not None,
+              'spatial': block.spatial_attn.deformable,
+              'task': block.task_attn is not None}
+        assert {k for k, v in on.items() if v} == wanted
+    head = getattr(model, 'bbox_head', None)
+    towers_allowed = cfg.model.get('dyhead_checks', {}).get(
+        'allow_head_towers', False)
+    if head is not None:
+        assert (head.stacked_convs > 0) == towers_allowed
+    roi_head = getattr(model, 'roi_head', None)
+    if roi_head is not None:
+        # Fig. 2c: task-aware attention moves from the pyramid to the RoI.
+        assert isinstance(roi_head.bbox_head, TaskAttnBBoxHead) == (
+            'task' not in wanted)
+
+
+def _flatten(obj, prefix=''):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        return out or {prefix[:-1]: {}}
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f'{prefix}{i}.'))
+        return out or {prefix[:-1]: type(obj)()}
+    return {prefix[:-1]: obj}
+
+
+def _differences(a: str, b: str):
+    fa, fb = _flatten(_load(a).to_dict()), _flatten(_load(b).to_dict())
+    return {k for k in set(fa) | set(fb) if fa.get(k, '<unset>') != fb.get(
+        k, '<unset>')}
+
+
+DYHEAD_HEAD = ('model.neck', 'model.bbox_head.stacked_convs',
+               'model.bbox_head.feat_channels', 'model.dyhead_checks')
+# (reference config, config, setting prefixes allowed to differ)
+COMPARISONS = [
+    # Table 3: each +DyHead row differs from its baseline only in the neck
+    # and the head's towers (two-stage: the RoI box head).
+    ('atss/atss_r50_fpn_1x_coco.py', 'atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
+     DYHEAD_HEAD),
+    ('fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_'
+     '1x_coco.py',
+     'fcos/fcos_r50-caffe_fpn_dyhead-6b-center-normbbox-centeronreg-giou_'
+     '1x_coco.py', DYHEAD_HEAD),
+    ('retinanet/retinanet_r50_fpn_1x_coco.py',
+     'retinanet/retinanet_r50_fpn_dyhead-6b_1x_coco.py', DYHEAD_HEAD),
+    ('retinanet/retinanet_r50_fpn_1x_coco.py',
+     'retinanet/retinanet_r50_fpn_dyhead-6b-towers_1x_coco.py',
+     ('model.neck', 'model.dyhead_checks')),
+    ('reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py',
+     'reppoints/reppoints-moment_r50_fpn-gn_dyhead-6b_1x_coco.py',
+     DYHEAD_HEAD),
+    ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+     'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+     'task-attn-roi-head_1x_coco.py', ('model.neck', 'model.roi_head.bbox_head')),
+    ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+     'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py', ('model.neck', )),
+    # Table 4: backbone and schedule only.
+    ('atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
+     'atss/atss_r50_fpn_dyhead-6b_2x_coco.py',
+     ('train_cfg.max_epochs', 'param_scheduler', 'max_epochs')),
+    ('atss/atss_r50_fpn_dyhead-6b_2x_coco.py',
+     'atss/atss_r101_fpn_dyhead-6b_2x_coco.py', ('model.backbone', )),
+    ('atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
+     'atss/atss_x101-64x4d_fpn_dyhead-6b_1x_coco.py', ('model.backbone', )),
+    # Table 5: DCN, then multi-scale training and the TTA settings.
+    ('atss/atss_x101-64x4d_fpn_dyhead-6b_2x_coco.py',
+     'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_2x_coco.py',
+     ('model.backbone.dcn', 'model.backbone.stage_with_dcn')),
+    ('atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_2x_coco.py',
+     'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_coco.py',
+     ('train_dataloader.dataset.pipeline', 'train_pipeline', 'tta_')),
+]
+# Tables 1 and 2: one DyHeadNeck argument each.
+COMPARISONS += [('atss/atss_r50_fpn_dyhead-6b_1x_coco.py', p,
+                 ('model.neck.1.num_blocks', 'model.neck.1.use_'))
+                for p in SHIPPED if re.search(
+                    r'atss_r50_fpn_dyhead-((?!6b_)\d+b|6b-[a-z-]+)_1x', p)]
+
+
+@pytest.mark.parametrize('ref,cfg,allowed', COMPARISONS,
+                         ids=[osp.basename(c[1])[:-3] for c in COMPARISONS])
+def test_config_differs_from_its_reference_only_where_intended(
+        ref, cfg, allowed):
+    diff = _differences(ref, cfg)
+    assert diff, 'the two configs are identical'
+    unexpected = {k for k in diff if not k.startswith(allowed)}
+    assert not unexpected, sorted(unexpected)
+
+
+def test_tta_pipeline_gives_every_scale_with_and_without_flip(tmp_path):
+    import cv2
+    import numpy as np
+    from mmcv.transforms import Compose
+    cfg = _load('atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_'
+                'coco.py')
+    img = osp.join(str(tmp_path), 'img.png')
+    cv2.imwrite(img, np.zeros((48, 64, 3), np.uint8))
+    out = Compose(cfg.tta_pipeline)(dict(
+        img_path=img, img_id=0, instances=[
+            dict(bbox=[1, 2, 30, 40], bbox_label=0, ignore_flag=0)]))
+    metas = [s.metainfo for s in out['data_samples']]
+    assert len(metas) == 2 * len(cfg.tta_scales)
+    for scale in cfg.tta_scales:
+        # A 48x64 image reaches the short side of every scale before the
+        # long side limit.
+        got = [m for m in metas if min(m['img_shape']) == min(scale)]
+        assert sorted(m['flip'] for m in got) == [False, True], scale
+    # The wrapper mmdet's test.py --tta builds around the detector.
+    tta = MODELS.build(dict(cfg.tta_model, module=dict(
+        cfg.model, backbone=dict(cfg.model.backbone, init_cfg=None))))
+    assert type(tta).__name__ == 'DetTTAModel'
+
+
+def test_docs_table_lists_every_config_and_only_existing_ones():
+    with open(DOCS) as f:
+        text = f.read()
+    listed = set(re.findall(r'`configs/([\w./-]+\.py)`', text))
+    missing = sorted(p for p in SHIPPED if p not in listed)
+    assert not missing, f'configs not in docs/configs.md: {missing}'
+    stale = sorted(p for p in listed if not osp.exists(
+        osp.join(CONFIG_ROOT, p)))
+    assert not stale, f'docs/configs.md names missing files: {stale}'
+
+
+# ---------------------------------------------------------------- bad input
+
+DY_ATSS = 'atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
+
+
+@pytest.mark.parametrize('registry', [ROOT_MODELS, MODELS],
+                         ids=['runner-registry', 'mmdet-registry'])
+def test_head_with_conv_towers_is_refused_at_build(registry):
+    cfg = _load(DY_ATSS)
+    cfg.model.bbox_head.stacked_convs = 4
+    with pytest.raises(DyHeadConfigError) as err:
+        _build(cfg.model, registry)
+    assert 'model.bbox_head.stacked_convs=4' in str(err.value)
+    assert 'stacked_convs=0' in str(err.value)
+    assert 'dyhead_checks=dict(allow_head_towers=True)' in str(err.value)
+    # The documented opt-out; the key never reaches mmdet's detector.
+    cfg.model.dyhead_checks = dict(allow_head_towers=True)
+    model = _build(cfg.model, registry)
+    assert model.bbox_head.stacked_convs == 4
+    assert 'dyhead_checks' in cfg.model  # the user's config is not mutated
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda m: m.neck[1].update(in_channels=128),
+     'model.neck[1].in_channels=256'),
+    (lambda m: m.neck[1].update(num_levels=4), 'model.neck[1].num_levels=5'),
+    (lambda m: m.bbox_head.update(in_channels=128),
+     'model.bbox_head.in_channels=256'),
+    (lambda m: m.bbox_head.update(feat_channels=128),
+     'model.bbox_head.feat_channels=256'),
+    (lambda m: m.bbox_head.anchor_generator.update(strides=[8, 16, 32, 64]),
+     'predicts on 4 levels'),
+    (lambda m: m.update(dyhead_checks=dict(allow_towers=True)),
+     "unknown keys ['allow_towers']"),
+], ids=['fpn-vs-dyhead-channels', 'levels', 'head-channels', 'feat-channels',
+        'head-strides', 'unknown-option'])
+def test_mismatched_dyhead_detector_names_the_setting(change, message):
+    cfg = _load(DY_ATSS)
+    change(cfg.model)
+    with pytest.raises(DyHeadConfigError, match=re.escape(message)):
+        _build(cfg.model)
+
+
+def test_two_stage_roi_channels_are_checked():
+    cfg = _load('faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+                'task-attn-roi-head_1x_coco.py')
+    cfg.model.roi_head.bbox_roi_extractor.out_channels = 128
+    with pytest.raises(
+            DyHeadConfigError,
+            match=re.escape('bbox_roi_extractor.out_channels=128')):
+        _build(cfg.model)
+
+
+def test_models_without_dyheadneck_are_not_checked():
+    # mmdet's own detectors, towers and all, build as before; so does mmdet's
+    # DyHead recipe (its neck is mmdet's DyHead, not ours).
+    mmdet_configs = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
+    for path in ('atss/atss_r50_fpn_1x_coco.py',
+                 'dyhead/atss_r50_fpn_dyhead_1x_coco.py'):
+        cfg = Config.fromfile(osp.join(mmdet_configs, path))
+        cfg.model.bbox_head.stacked_convs = 2
+        model = _build(cfg.model)
+        check_dyhead_detector(model)
+        assert model.bbox_head.stacked_convs == 2
+    # Non-detectors pass straight through the wrapped build function.
+    conv = MODELS.build(dict(type='Conv2d', in_channels=3, out_channels=4,
+                             kernel_size=1))
+    assert isinstance(conv, torch.nn.Conv2d)
