@@ -149,7 +149,8 @@ COMPARISONS = [
      DYHEAD_HEAD),
     ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
      'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
-     'task-attn-roi-head_1x_coco.py', ('model.neck', 'model.roi_head.bbox_head')),
+     'task-attn-roi-head_1x_coco.py',
+     ('model.neck', 'model.roi_head.bbox_head')),
     ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
      'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py', ('model.neck', )),
     # Table 4: backbone and schedule only.

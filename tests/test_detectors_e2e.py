@@ -1,4 +1,4 @@
-"""Every Table 3 detector, baseline and +DyHead, trained and evaluated for real.
+"""Every Table 3 detector, baseline and +DyHead, trained and evaluated.
 
 Each shipped config is loaded as a user would, then shrunk (ResNet-18 with
 8 base channels, 32-channel pyramid, 64 px synthetic images) and run through

@@ -2,7 +2,8 @@
 # with 6 DyHead blocks after its FPN (P3-P7) and no conv towers in the head
 # (paper Fig. 2b): the classifier, box regressor and centerness read the
 # DyHead output directly.
-_base_ = './fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py'
+_base_ = ('./fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_'
+          '1x_coco.py')
 
 model = dict(
     neck=[

@@ -215,7 +215,8 @@ def install_build_checks() -> None:
     registries (idempotent). The original build runs unchanged; only models
     with a ``DyHeadNeck`` are inspected.
     """
-    for registry in {id(MODELS): MODELS, id(ROOT_MODELS): ROOT_MODELS}.values():
+    registries = {id(MODELS): MODELS, id(ROOT_MODELS): ROOT_MODELS}
+    for registry in registries.values():
         registry.build_func = _with_dyhead_checks(registry.build_func)
 
 

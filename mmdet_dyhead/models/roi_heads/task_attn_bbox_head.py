@@ -1,4 +1,4 @@
-"""RoI box head whose hidden layers are task-aware attention (paper Fig. 2c)."""
+"""RoI box head with task-aware attention as hidden layers (Fig. 2c)."""
 from typing import Optional
 
 import torch.nn as nn
