@@ -72,8 +72,8 @@ def test_scale_weights_match_direct_calls_and_leave_outputs_unchanged(preset):
             assert torch.allclose(ratios[level],
                                   ref[k][(level, fine)] / ref[k][(level, coarse)],
                                   equal_nan=True)
-    assert not neck.dyhead_blocks[0]._forward_hooks
-    assert not neck.dyhead_blocks[0].spatial_attn.mid_branch._forward_hooks
+    assert not neck.dyhead_blocks[0]._forward_pre_hooks
+    assert not neck.dyhead_blocks[0].scale_attn._forward_hooks
 
 
 def test_ratios_accumulate_over_images():

@@ -109,16 +109,35 @@ class BlockFeatureCollector:
         self.remove()
 
 
+def fusion_order(num_levels: int) -> List[Tuple[int, int]]:
+    """(output level, source level) of every term a block fuses, in order.
+
+    The order of ``SpatialAwareAttention.level_terms`` (mid, then the finer
+    neighbour, then the coarser one), level by level, which is the order in
+    which ``DyHeadBlock.forward`` weighs the terms.
+    """
+    order = []
+    for level in range(num_levels):
+        order.append((level, level))
+        if level > 0:
+            order.append((level, level - 1))
+        if level < num_levels - 1:
+            order.append((level, level + 1))
+    return order
+
+
 class ScaleWeightCollector:
     """The scale-aware weights pi_L per block, output level and source level.
 
     A DyHead block fuses, for output level l, terms read from levels l-1
     (finer), l and l+1 (coarser), each multiplied by a scalar from its
-    ``ScaleAwareAttention`` (Eq. 3). Hooks on the three level branches
-    record, in call order, which source level each term came from; the
-    hook on the scale attention then pairs each weight with the oldest
-    unweighted term (the block weighs terms in the order it built them).
-    With ``attention_order='scale_first'`` the attention is called once per
+    ``ScaleAwareAttention`` (Eq. 3). A pre-hook on the block reads the
+    pyramid it gets; a hook on the scale attention receives each weight
+    together with the feature it was computed from, and pairs it with the
+    next term of :func:`fusion_order`. The feature's size is checked
+    against the level that term belongs to, so a change in the block's
+    order fails loudly instead of mislabelling weights.
+    With ``attention_order='scale_first'`` the attention runs once per
     input level and that weight is shared by every term read from it.
 
     Args:
@@ -138,46 +157,44 @@ class ScaleWeightCollector:
         for k, block in enumerate(self.blocks, start=1):
             if block.scale_attn is None:
                 continue
-            spatial = block.spatial_attn
             self._handles += [
                 block.register_forward_pre_hook(
                     lambda m, inputs, k=k: self._start(k, m, inputs[0])),
-                spatial.mid_branch.register_forward_hook(
-                    lambda *a, k=k: self._term(k, 0)),
-                spatial.low_branch.register_forward_hook(
-                    lambda *a, k=k: self._term(k, -1)),
-                spatial.high_branch.register_forward_hook(
-                    lambda *a, k=k: self._term(k, +1)),
                 block.scale_attn.register_forward_hook(
-                    lambda m, inputs, out, k=k: self._weight(k, out)),
+                    lambda m, inputs, out, k=k: self._weight(k, inputs[0], out)),
             ]
 
     def _start(self, k: int, block: nn.Module, feats) -> None:
-        self._state[k] = dict(scale_first=block.attention_order == 'scale_first',
-                              num_levels=len(feats), level=-1, pending=deque(),
-                              per_level=[])
+        scale_first = block.attention_order == 'scale_first'
+        order = fusion_order(len(feats))
+        self._state[k] = dict(
+            scale_first=scale_first,
+            sizes=[tuple(f.shape[-2:]) for f in feats],
+            # scale_first: one call per input level, in level order.
+            pending=deque(range(len(feats)) if scale_first else order),
+            order=order)
 
-    def _term(self, k: int, shift: int) -> None:
+    def _weight(self, k: int, source: Tensor, out: Tensor) -> None:
         st = self._state[k]
-        if shift == 0:  # the mid branch runs first for every output level
-            st['level'] += 1
-        st['pending'].append((st['level'], st['level'] + shift))
-        if st['scale_first']:
-            level, src = st['pending'].popleft()
-            self.weights[k][(level, src)].append(st['per_level'][src])
-
-    def _weight(self, k: int, out: Tensor) -> None:
-        st = self._state[k]
-        w = out.detach().float().cpu().flatten()
-        if st['scale_first']:
-            st['per_level'].append(w)
-            return
         if not st['pending']:
-            raise RuntimeError('scale attention ran before any level branch; '
-                               'DyHeadBlock.forward no longer matches '
-                               'ScaleWeightCollector.')
-        level, src = st['pending'].popleft()
-        self.weights[k][(level, src)].append(w)
+            raise RuntimeError(f'block {k} computed more scale weights than '
+                               f'it has terms; DyHeadBlock.forward no longer '
+                               f'matches ScaleWeightCollector.')
+        item = st['pending'].popleft()
+        w = out.detach().float().cpu().flatten()
+        size_level = item if st['scale_first'] else item[0]
+        if tuple(source.shape[-2:]) != st['sizes'][size_level]:
+            raise RuntimeError(
+                f'block {k}: scale weight for {item} was computed from a '
+                f'{tuple(source.shape[-2:])} map, expected level {size_level} '
+                f'{st["sizes"][size_level]}; DyHeadBlock.forward no longer '
+                f'matches ScaleWeightCollector.')
+        if st['scale_first']:
+            for level, src in st['order']:
+                if src == item:
+                    self.weights[k][(level, src)].append(w)
+        else:
+            self.weights[k][item].append(w)
 
     def scale_ratios(self, block: int) -> Dict[int, Tensor]:
         """Paper Figure 3's "scale ratio" per output level, for one block.
