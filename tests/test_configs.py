@@ -1,6 +1,8 @@
 """Every shipped config loads and builds; the paper's rows differ from their
 baselines only where the paper says; miswired DyHead detectors fail at build
 time with a message naming the setting to change."""
+import copy
+import functools
 import glob
 import os.path as osp
 import re
@@ -34,8 +36,25 @@ def _mmdet_scope():
     init_default_scope('mmdet')
 
 
-def _load(rel_path: str) -> Config:
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    # Building fills large weight tensors; on a loaded 2-core machine a
+    # second intra-op thread mostly waits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(rel_path: str) -> Config:
     return Config.fromfile(osp.join(CONFIG_ROOT, rel_path))
+
+
+def _load(rel_path: str) -> Config:
+    # Parsing resolves mmdet:: bases from disk; many tests read the same
+    # files, and each gets its own copy to modify.
+    return copy.deepcopy(_load_cached(rel_path))
 
 
 def _build(model_cfg, registry=ROOT_MODELS):
