@@ -2,12 +2,10 @@
 import json
 import os
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, pyramid, subprocess_env
+from conftest import REPO_ROOT, pyramid
 
 from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.visualization import (BlockFeatureCollector,
@@ -139,7 +137,7 @@ test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 
 
 @pytest.mark.slow
-def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path):
+def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
     from mmdet_dyhead.datasets import generate_synthetic_coco
     from mmdet_dyhead.deploy import build_detector
     data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=1,
@@ -153,14 +151,15 @@ def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path):
     val_dir = data['val_img_dir']
     first = osp.join(val_dir, sorted(os.listdir(val_dir))[0])
     out_dir = tmp_path / 'vis'
-    tool = osp.join(REPO_ROOT, 'tools/visualize_attention.py')
-    common = [sys.executable, tool, str(config), str(ckpt), '--images', first,
-              '--out-dir', str(out_dir)]
+    # The tool's main() in this process: no interpreter start-up per call.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'visualize_attention_tool', osp.join(REPO_ROOT, 'tools/visualize_attention.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    common = [str(config), str(ckpt), '--images', first, '--out-dir', str(out_dir)]
 
-    proc = subprocess.run(common + ['--ratio-images', val_dir],
-                          env=subprocess_env(), capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tool.main(common + ['--ratio-images', val_dir]) == 0
     import matplotlib.image as mpimg
     for png in ['features_' + osp.splitext(osp.basename(first))[0] + '.png',
                 'scale_ratios_block2.png', 'scale_ratios_block4.png']:
@@ -172,8 +171,10 @@ def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path):
     assert all(len(r) == 4 for r in summary['blocks']['4'].values())
     assert sorted(summary['blocks']['4']) == ['0', '1', '2', '3', '4']
 
-    proc = subprocess.run(common + ['--layer', 'neck.0'], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 2
-    assert "'neck.0' does not exist" in proc.stderr
-    assert 'neck.1.dyhead_blocks.3' in proc.stderr
+    capsys.readouterr()
+    assert tool.main(common + ['--layer', 'neck.0']) == 2
+    err = capsys.readouterr().err
+    assert "'neck.0' does not exist" in err
+    assert 'neck.1.dyhead_blocks.3' in err
+    assert tool.main(common + ['--blocks', '5']) == 2
+    assert '1..4' in capsys.readouterr().err
