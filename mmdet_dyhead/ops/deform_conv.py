@@ -9,12 +9,15 @@ autocast. Both read offsets in mmcv's layout: channel ``2k`` is the row (y)
 shift and ``2k + 1`` the column (x) shift of kernel tap ``k = i * kw + j``.
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .bilinear_taps import PixelTable, bilinear_taps, pixel_table
+from .gather_conv import apply_bias, gather_conv
 
 DCN_BACKENDS = ('auto', 'mmcv', 'torch')
 
@@ -93,10 +96,15 @@ def _check_shapes(input: Tensor, offset: Tensor, mask: Tensor,
             f'given at the output resolution.')
 
 
-def _native_modulated_deform_conv2d(input: Tensor, offset: Tensor,
-                                    mask: Tensor, weight: Tensor,
-                                    bias: Optional[Tensor], stride, padding,
-                                    dilation) -> Tensor:
+def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
+                               weight: Tensor, bias: Optional[Tensor], stride,
+                               padding, dilation) -> Tensor:
+    """DCNv2 from standard ops only: the path taken while tracing/exporting.
+
+    One ``grid_sample`` of all taps, the mask multiply and one matrix
+    product; ONNX exporters and mmengine's FLOP counter understand every op
+    (the matrix product is the conv's MAC count).
+    """
     n, c, h, w = input.shape
     co, _, kh, kw = weight.shape
     sh, sw = _pair(stride)
@@ -132,6 +140,93 @@ def _native_modulated_deform_conv2d(input: Tensor, offset: Tensor,
     if bias is not None:
         out = out + bias.view(1, co, 1)
     return out.view(n, co, ho, wo)
+
+
+def _tracing() -> bool:
+    """Whether a tracer (ONNX export, jit.trace, FLOP counting) is recording."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, 'compiler', None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast would run a convolution in, else ``t``'s."""
+    device_type = t.device.type
+    if _autocast_enabled(device_type) and t.dtype in (torch.float32, torch.float64):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+def deform_conv2d_on_table(table: PixelTable, sources: Sequence[int],
+                           offsets: Sequence[Tensor], masks: Sequence[Tensor],
+                           weight: Tensor, bias: Optional[Tensor] = None,
+                           stride: _IntPair = 1, padding: _IntPair = 1,
+                           dilation: _IntPair = 1) -> List[Tensor]:
+    """One DCNv2 (one weight) applied to several maps in a single call.
+
+    Term ``t`` samples map ``sources[t]`` of ``table`` with ``offsets[t]``
+    and ``masks[t]``. The gathers of all terms feed one chain of matrix
+    products with the shared weight (see :mod:`.gather_conv`).
+
+    Args:
+        table (PixelTable): Maps to sample, from :func:`pixel_table`.
+        sources (Sequence[int]): Map index of each term.
+        offsets (Sequence[Tensor]): (N, 2K, H_out, W_out) per term.
+        masks (Sequence[Tensor]): (N, K, H_out, W_out) per term.
+        weight (Tensor): (C_out, C_in, kh, kw).
+        bias (Tensor, optional): (C_out,).
+        stride, padding, dilation (int | tuple[int, int]): As in ``conv2d``.
+
+    Returns:
+        list[Tensor]: (N, C_out, H_out, W_out) per term.
+    """
+    kernel_size = tuple(weight.shape[-2:])
+    geometry = (kernel_size, _pair(stride), _pair(padding), _pair(dilation))
+    dtype = _compute_dtype(table.rows)
+    indices, tap_weights, shapes = [], [], []
+    for src, off, msk in zip(sources, offsets, masks):
+        want = deform_conv_output_size(table.sizes[src], *geometry)
+        n, _, ho, wo = off.shape
+        if (ho, wo) != tuple(want) or tuple(msk.shape[-2:]) != tuple(want):
+            raise ValueError(
+                f'DCN offset/mask shapes {tuple(off.shape)}/{tuple(msk.shape)} '
+                f'do not match the output grid {tuple(want)} of a map of size '
+                f'{table.sizes[src]}.')
+        idx, tw = bilinear_taps(off, msk, table.sizes[src], table.bases[src],
+                                *geometry, weight_dtype=dtype)
+        indices.append(idx)
+        tap_weights.append(tw)
+        shapes.append((n, ho, wo))
+    index = indices[0] if len(indices) == 1 else torch.cat(indices)
+    tap_weight = tap_weights[0] if len(tap_weights) == 1 else torch.cat(tap_weights)
+    # Casts happen out here so autograd converts the gradients back; the
+    # function runs in one dtype with autocast off (it calls mm(out=...)).
+    with torch.autocast(device_type=table.rows.device.type, enabled=False):
+        outs = gather_conv(table.rows.to(dtype), index, tap_weight,
+                           weight.to(dtype), shapes)
+    return apply_bias(outs, bias)
+
+
+def native_path_active(backend: str, input: Tensor) -> bool:
+    """Whether ``backend`` on ``input`` runs the gather-based native path.
+
+    Callers that batch several convolutions into one
+    :func:`deform_conv2d_on_table` call use this to know when batching is
+    possible (not for mmcv's kernel, nor while tracing).
+    """
+    return resolve_dcn_backend(backend, input.device) == 'torch' and not _tracing()
+
+
+def _native_modulated_deform_conv2d(input: Tensor, offset: Tensor,
+                                    mask: Tensor, weight: Tensor,
+                                    bias: Optional[Tensor], stride, padding,
+                                    dilation) -> Tensor:
+    if _tracing():
+        return _grid_sample_deform_conv2d(input, offset, mask, weight, bias,
+                                          stride, padding, dilation)
+    return deform_conv2d_on_table(pixel_table([input]), [0], [offset], [mask],
+                                  weight, bias, stride, padding, dilation)[0]
 
 
 def _autocast_enabled(device_type: str) -> bool:

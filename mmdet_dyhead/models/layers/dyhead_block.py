@@ -14,6 +14,10 @@ from .spatial_attention import SpatialAwareAttention
 from .task_attention import TaskAwareAttention
 
 ATTENTION_ORDERS = ('spatial_first', 'scale_first')
+
+
+def _hooked(module: Optional[nn.Module]) -> bool:
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks)
 INIT_STYLES = ('mmdet', 'official')
 
 
@@ -118,22 +122,55 @@ class DyHeadBlock(BaseModule):
         level_weights = None
         if self.scale_attn is not None and self.attention_order == 'scale_first':
             level_weights = [self.scale_attn(f) for f in feats]
+        offsets = masks = None
+        if spatial.deformable:
+            offsets, masks = zip(*[spatial.offsets_and_masks(f) for f in feats])
         outs = []
-        for level in range(len(feats)):
-            offset = mask = None
-            if spatial.deformable:
-                offset, mask = spatial.offsets_and_masks(feats[level])
-            fused = None
-            terms = spatial.level_terms(feats, level, offset, mask)
-            for src, term in terms:
-                if self.scale_attn is not None:
-                    weight = (level_weights[src] if level_weights is not None
-                              else self.scale_attn(term))
-                    term = term * weight
-                fused = term if fused is None else fused + term
-            fused = fused / len(terms)
-            outs.append(self.task_attn(fused) if self.task_attn is not None else fused)
+        for terms in spatial.pyramid_terms(feats, offsets, masks):
+            outs.append(self._fuse(terms, level_weights))
         return outs
+
+    def _fuse(self, terms, level_weights) -> Tensor:
+        """mean_t w_t * term_t, then pi_C, for one output level.
+
+        In 'spatial_first' order the scale attention pools every term; the
+        task attention's pooling of the fused map is then the same weighted
+        mean of those pooled vectors (the mean is linear), so no pass over
+        the fused map is spent on it. Scalars w_t / T are folded before the
+        multiply and the sum is accumulated in place (addcmul_ on a fresh
+        tensor whose old value no backward needs).
+        """
+        inv = 1.0 / len(terms)
+        pooled_terms = None
+        coeffs = []
+        if self.scale_attn is None:
+            coeffs = [None] * len(terms)
+        elif level_weights is not None:
+            coeffs = [level_weights[src] * inv for src, _ in terms]
+        elif _hooked(self.scale_attn) or _hooked(self.task_attn):
+            # Forward hooks (e.g. attention visualisation) must see the
+            # modules called on full maps, as in the plain formulation.
+            coeffs = [self.scale_attn(term) * inv for _, term in terms]
+        else:
+            pooled_terms = [term.mean(dim=(2, 3), keepdim=True) for _, term in terms]
+            coeffs = [self.scale_attn.from_pooled(p) * inv for p in pooled_terms]
+        fused = pooled = None
+        for i, ((_, term), coef) in enumerate(zip(terms, coeffs)):
+            if coef is None:
+                fused = term * inv if fused is None else fused.add_(term, alpha=inv)
+            else:
+                fused = term * coef if fused is None else fused.addcmul_(term, coef)
+            if pooled_terms is not None:
+                part = pooled_terms[i] * coef
+                pooled = part if pooled is None else pooled + part
+        if self.task_attn is None:
+            return fused
+        if _hooked(self.task_attn):
+            return self.task_attn(fused)
+        if pooled is None:
+            pooled = fused.mean(dim=(2, 3), keepdim=True)
+        return self.task_attn.apply_coefficients(
+            fused, *self.task_attn.coefficients_from_pooled(pooled))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):

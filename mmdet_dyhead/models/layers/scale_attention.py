@@ -37,5 +37,12 @@ class ScaleAwareAttention(nn.Module):
         self.hsigmoid = build_hard_sigmoid(hsigmoid)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = x.mean(dim=(2, 3), keepdim=True)
+        return self.from_pooled(x.mean(dim=(2, 3), keepdim=True))
+
+    def from_pooled(self, pooled: Tensor) -> Tensor:
+        """The weight from an already pooled feature (N, C, 1, 1).
+
+        Lets a caller that needs the spatial mean anyway (the block reuses
+        it for the task attention's pooling) pool only once.
+        """
         return self.hsigmoid(self.relu(self.fc(pooled)))

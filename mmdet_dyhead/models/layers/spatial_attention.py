@@ -7,6 +7,8 @@ from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
 from mmdet_dyhead.ops import ModulatedDeformConv
+from mmdet_dyhead.ops.deform_conv import (deform_conv2d_on_table,
+                                          native_path_active, pixel_table)
 from mmdet_dyhead.registry import MODELS
 
 OFFSET_MODES = ('legacy', 'aligned')
@@ -150,4 +152,59 @@ class SpatialAwareAttention(nn.Module):
                 self.high_branch(coarse, off_hi, mask_hi),
                 size=feats[level].shape[-2:], mode='bilinear', align_corners=True)
             terms.append((level + 1, high))
+        return terms
+
+    def pyramid_terms(self, feats: Sequence[Tensor],
+                      offsets: Optional[Sequence[Tensor]] = None,
+                      masks: Optional[Sequence[Tensor]] = None
+                      ) -> List[List[Tuple[int, Tensor]]]:
+        """:meth:`level_terms` of every level, each branch batched over levels.
+
+        With the native DCN, a branch has one weight for all levels, so its
+        convs on all levels are one gather-and-matmul call over a single
+        channels-last copy of the pyramid that all three branches share.
+        With mmcv's kernel (or plain convs) this is the per-level loop.
+
+        Args:
+            feats (Sequence[Tensor]): L maps (N, C_in, H_l, W_l).
+            offsets, masks (Sequence[Tensor], optional): Per level, from
+                :meth:`offsets_and_masks`; required when deformable.
+
+        Returns:
+            list[list[tuple[int, Tensor]]]: Per level, what
+            ``level_terms(feats, level, offsets[level], masks[level])``
+            returns.
+        """
+        num = len(feats)
+        branches = (self.mid_branch, self.low_branch, self.high_branch)
+        if not self.deformable or not all(
+                native_path_active(b.conv.backend, feats[0]) for b in branches):
+            return [self.level_terms(feats, lvl, None if offsets is None else offsets[lvl],
+                                     None if masks is None else masks[lvl])
+                    for lvl in range(num)]
+        table = pixel_table(feats)
+
+        def run(branch, sources, offs, msks):
+            conv = branch.conv
+            outs = deform_conv2d_on_table(table, sources, offs, msks, conv.weight,
+                                          conv.bias, conv.stride, conv.padding,
+                                          conv.dilation)
+            return [branch.norm(o) if branch.norm is not None else o for o in outs]
+
+        mid = run(self.mid_branch, list(range(num)), offsets, masks)
+        low = run(self.low_branch, list(range(num - 1)), offsets[1:], masks[1:])
+        coarse = [self.coarser_level_offsets(offsets[lvl], masks[lvl], feats[lvl + 1].shape[-2:])
+                  for lvl in range(num - 1)]
+        high = run(self.high_branch, list(range(1, num)), [o for o, _ in coarse],
+                   [m for _, m in coarse])
+        terms = []
+        for lvl in range(num):
+            level = [(lvl, mid[lvl])]
+            if lvl > 0:
+                level.append((lvl - 1, low[lvl - 1]))
+            if lvl < num - 1:
+                level.append((lvl + 1, F.interpolate(
+                    high[lvl], size=feats[lvl].shape[-2:], mode='bilinear',
+                    align_corners=True)))
+            terms.append(level)
         return terms

@@ -1,0 +1,113 @@
+"""Bilinear sampling of deformable-conv taps as (row index, weight) pairs.
+
+A DCNv2 tap reads ``x`` at a fractional position ``p = p0 + p_k + dp_k``.
+Bilinear interpolation makes that read a weighted sum of the four pixels
+around ``p``; with the features stored as a table of pixel rows (one row of
+C channels per pixel, see :func:`pixel_table`), a tap becomes four row
+indices and four weights. The modulation mask is folded into the weights,
+so the sampled column needs no separate multiply.
+
+The weights are built from the offsets and masks with ordinary tensor ops,
+so autograd carries their gradient back to the offsets and masks; the row
+indices (the integer parts of the positions) have no gradient, as in mmcv's
+kernel.
+"""
+from typing import List, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+class PixelTable(NamedTuple):
+    """Feature maps stored as one (R, C) table of pixel rows.
+
+    Map ``i`` (N, C, H, W) occupies rows ``bases[i] + n * H * W + y * W + x``.
+    """
+    rows: Tensor
+    bases: List[int]
+    sizes: List[Tuple[int, int]]
+    batch: int
+
+
+def pixel_table(feats: Sequence[Tensor]) -> PixelTable:
+    """Stack maps (N, C, H_i, W_i) into a channels-last row table.
+
+    One copy of all maps: every deformable conv that samples them (the
+    three DyHead branches read the same pyramid) shares the table.
+
+    Args:
+        feats (Sequence[Tensor]): Maps of shape (N, C, H_i, W_i), same N, C.
+
+    Returns:
+        PixelTable: ``rows`` of shape (sum_i N * H_i * W_i, C).
+    """
+    bases, sizes, parts, total = [], [], [], 0
+    for f in feats:
+        n, c, h, w = f.shape
+        bases.append(total)
+        sizes.append((h, w))
+        parts.append(f.permute(0, 2, 3, 1).reshape(n * h * w, c))
+        total += n * h * w
+    rows = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+    return PixelTable(rows, bases, sizes, feats[0].shape[0])
+
+
+def bilinear_taps(offset: Tensor, mask: Tensor, in_size: Tuple[int, int],
+                  row_base: int, kernel_size: Tuple[int, int],
+                  stride: Tuple[int, int], padding: Tuple[int, int],
+                  dilation: Tuple[int, int],
+                  weight_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Row indices and weights of every tap of every output pixel.
+
+    Taps are ordered output pixel first, kernel tap second:
+    ``b = ((n * H_out + i) * W_out + j) * K + k``. A corner outside the map
+    gets weight 0 (its index is clamped to a valid row), which is mmcv's
+    rule: a sample is the sum of its in-map corners only.
+
+    Args:
+        offset (Tensor): (N, 2K, H_out, W_out), (dy, dx) per tap.
+        mask (Tensor): (N, K, H_out, W_out).
+        in_size (tuple[int, int]): (H, W) of the sampled map.
+        row_base (int): Table row of the map's pixel (0, 0) of sample 0.
+        kernel_size, stride, padding, dilation (tuple[int, int]): Conv
+            geometry.
+        weight_dtype (torch.dtype): dtype of the returned weights (the
+            table's); positions are computed in float32 or float64.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``index`` (B, 4) int64 and ``weight`` (B, 4),
+        B = N * H_out * W_out * K, corners ordered (y0, x0), (y0, x1),
+        (y1, x0), (y1, x1).
+    """
+    n, _, ho, wo = offset.shape
+    kh, kw = kernel_size
+    taps = kh * kw
+    h, w = in_size
+    coord_dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
+    dev = dict(dtype=coord_dtype, device=offset.device)
+    # (H_out, W_out, K) grid of undeformed tap positions.
+    tap_y = (torch.arange(kh, **dev) * dilation[0]).repeat_interleave(kw)
+    tap_x = (torch.arange(kw, **dev) * dilation[1]).repeat(kh)
+    base_y = (torch.arange(ho, **dev) * stride[0] - padding[0]).view(ho, 1, 1) + tap_y
+    base_x = (torch.arange(wo, **dev) * stride[1] - padding[1]).view(1, wo, 1) + tap_x
+    off = offset.to(coord_dtype).view(n, taps, 2, ho, wo).permute(0, 3, 4, 1, 2)
+    pos_y = base_y + off[..., 0]  # (N, H_out, W_out, K)
+    pos_x = base_x + off[..., 1]
+    y0 = pos_y.detach().floor()
+    x0 = pos_x.detach().floor()
+    ly = pos_y - y0
+    lx = pos_x - x0
+    y0 = y0.long()
+    x0 = x0.long()
+    ys = torch.stack((y0, y0 + 1), -1)  # (N, H_out, W_out, K, 2)
+    xs = torch.stack((x0, x0 + 1), -1)
+    in_y = (ys >= 0) & (ys < h)
+    in_x = (xs >= 0) & (xs < w)
+    wy = torch.stack((1 - ly, ly), -1) * in_y
+    wx = torch.stack((1 - lx, lx), -1) * in_x
+    m = mask.to(coord_dtype).permute(0, 2, 3, 1)
+    weight = (wy * m.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)
+    sample_base = (torch.arange(n, device=offset.device) * (h * w) + row_base).view(n, 1, 1, 1, 1)
+    row = sample_base + ys.clamp_(0, h - 1) * w
+    index = row.unsqueeze(-1) + xs.clamp_(0, w - 1).unsqueeze(-2)
+    return index.view(-1, 4), weight.to(weight_dtype).view(-1, 4)
