@@ -10,7 +10,7 @@ custom_imports = dict(imports=['mmdet_dyhead'], allow_failed_imports=False)
 classes = ('ellipse', 'rectangle', 'triangle', 'star', 'cross', 'ring')
 data_root = 'data/synthetic_coco/'
 image_size = 192
-max_iters = 800
+max_iters = 600
 feat_channels = 64
 
 model = dict(
