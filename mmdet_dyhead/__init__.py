@@ -10,5 +10,6 @@ from .utils.safe_load import register_mmengine_safe_globals
 register_mmengine_safe_globals()
 
 from . import models  # noqa: E402,F401  (registers the modules)
+from .utils import flops  # noqa: E402,F401  (DCN FLOP rules for mmengine's analyzer)
 
 __all__ = ['__version__', 'register_mmengine_safe_globals']

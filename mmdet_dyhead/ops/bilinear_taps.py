@@ -43,7 +43,9 @@ def pixel_table(feats: Sequence[Tensor]) -> PixelTable:
     """
     bases, sizes, parts, total = [], [], [], 0
     for f in feats:
-        n, c, h, w = f.shape
+        # ints, not the traced sizes torch.jit.trace hands out (a traced
+        # ``total += ...`` would update every base in place).
+        n, c, h, w = (int(v) for v in f.shape)
         bases.append(total)
         sizes.append((h, w))
         parts.append(f.permute(0, 2, 3, 1).reshape(n * h * w, c))
@@ -79,10 +81,11 @@ def bilinear_taps(offset: Tensor, mask: Tensor, in_size: Tuple[int, int],
         B = N * H_out * W_out * K, corners ordered (y0, x0), (y0, x1),
         (y1, x0), (y1, x1).
     """
-    n, _, ho, wo = offset.shape
+    n, _, ho, wo = (int(v) for v in offset.shape)
     kh, kw = kernel_size
     taps = kh * kw
-    h, w = in_size
+    h, w = (int(v) for v in in_size)
+    row_base = int(row_base)
     coord_dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
     dev = dict(dtype=coord_dtype, device=offset.device)
     # (H_out, W_out, K) grid of undeformed tap positions.

@@ -1,11 +1,14 @@
 """Modulated deformable convolution (DCNv2) behind one function, two backends.
 
 ``'mmcv'`` calls mmcv's compiled ``modulated_deform_conv2d`` (CUDA and CPU
-kernels). ``'torch'`` is a native PyTorch implementation: every kernel tap is
-sampled bilinearly with one ``grid_sample`` call, modulated by its mask, and
-the taps are contracted with the weight in one matrix product. It needs no
-compiled op, is differentiable by autograd, exports to ONNX and runs under
-autocast. Both read offsets in mmcv's layout: channel ``2k`` is the row (y)
+kernels). ``'torch'`` is a native PyTorch implementation: offsets and masks
+become four (row, weight) bilinear corners per kernel tap
+(:mod:`.bilinear_taps`), and a chunked gather + matrix product with its own
+backward (:mod:`.gather_conv`) computes the conv; several maps sharing one
+weight can go through one call (:func:`deform_conv2d_on_table`). While an
+ONNX export runs, the same maths is expressed with ``grid_sample`` and
+``matmul`` instead (:func:`_grid_sample_deform_conv2d`). It needs no
+compiled op, is differentiable, exports to ONNX and runs under autocast. Both read offsets in mmcv's layout: channel ``2k`` is the row (y)
 shift and ``2k + 1`` the column (x) shift of kernel tap ``k = i * kw + j``.
 """
 import math
@@ -99,7 +102,7 @@ def _check_shapes(input: Tensor, offset: Tensor, mask: Tensor,
 def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
                                weight: Tensor, bias: Optional[Tensor], stride,
                                padding, dilation) -> Tensor:
-    """DCNv2 from standard ops only: the path taken while tracing/exporting.
+    """DCNv2 from standard ops only: the path taken while exporting.
 
     One ``grid_sample`` of all taps, the mask multiply and one matrix
     product; ONNX exporters and mmengine's FLOP counter understand every op
@@ -142,9 +145,14 @@ def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
     return out.view(n, co, ho, wo)
 
 
-def _tracing() -> bool:
-    """Whether a tracer (ONNX export, jit.trace, FLOP counting) is recording."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+def _exporting() -> bool:
+    """Whether an exporter or compiler, which needs standard ops, is running.
+
+    Plain ``torch.jit.trace`` (mmengine's FLOP counter) keeps the fast path:
+    it records the autograd function as one op, which
+    :mod:`mmdet_dyhead.utils.flops` counts.
+    """
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_scripting():
         return True
     compiler = getattr(torch, 'compiler', None)
     return bool(compiler is not None and compiler.is_compiling())
@@ -202,9 +210,13 @@ def deform_conv2d_on_table(table: PixelTable, sources: Sequence[int],
     tap_weight = tap_weights[0] if len(tap_weights) == 1 else torch.cat(tap_weights)
     # Casts happen out here so autograd converts the gradients back; the
     # function runs in one dtype with autocast off (it calls mm(out=...)).
-    with torch.autocast(device_type=table.rows.device.type, enabled=False):
-        outs = gather_conv(table.rows.to(dtype), index, tap_weight,
-                           weight.to(dtype), shapes)
+    device_type = table.rows.device.type
+    if _autocast_enabled(device_type):
+        with torch.autocast(device_type=device_type, enabled=False):
+            outs = gather_conv(table.rows.to(dtype), index, tap_weight,
+                               weight.to(dtype), shapes)
+    else:
+        outs = gather_conv(table.rows, index, tap_weight, weight, shapes)
     return apply_bias(outs, bias)
 
 
@@ -215,14 +227,14 @@ def native_path_active(backend: str, input: Tensor) -> bool:
     :func:`deform_conv2d_on_table` call use this to know when batching is
     possible (not for mmcv's kernel, nor while tracing).
     """
-    return resolve_dcn_backend(backend, input.device) == 'torch' and not _tracing()
+    return resolve_dcn_backend(backend, input.device) == 'torch' and not _exporting()
 
 
 def _native_modulated_deform_conv2d(input: Tensor, offset: Tensor,
                                     mask: Tensor, weight: Tensor,
                                     bias: Optional[Tensor], stride, padding,
                                     dilation) -> Tensor:
-    if _tracing():
+    if _exporting():
         return _grid_sample_deform_conv2d(input, offset, mask, weight, bias,
                                           stride, padding, dilation)
     return deform_conv2d_on_table(pixel_table([input]), [0], [offset], [mask],

@@ -160,8 +160,11 @@ def gather_conv(rows: Tensor, index: Tensor, tap_weight: Tensor,
         ``shapes`` (no bias).
     """
     weight = weight.to(rows.dtype)
+    # Plain ints: under torch.jit.trace, sizes read off tensors are traced
+    # values, which an autograd function cannot take as constants.
+    shapes = tuple(tuple(int(v) for v in shape) for shape in shapes)
     return list(GatherConvFunction.apply(rows, index, tap_weight.to(rows.dtype),
-                                         weight, tuple(map(tuple, shapes))))
+                                         weight, shapes))
 
 
 def apply_bias(outs: List[Tensor], bias: Optional[Tensor]) -> List[Tensor]:

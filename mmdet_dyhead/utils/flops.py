@@ -1,0 +1,89 @@
+"""FLOP counting rules for deformable convolutions in mmengine's analyzer.
+
+mmengine's ``FlopAnalyzer`` (used by ``get_model_complexity_info`` and
+mmdet's ``tools/analysis_tools/get_flops.py``) traces the model with
+``torch.jit.trace`` and counts the ops it has handles for. Autograd
+functions appear as ``prim::PythonOp.<FunctionName>`` and are skipped with
+an "unsupported operator" warning, so DyHead's deformable convs counted as
+zero. The rules here count a deformable conv like the conv it generalises,
+one multiply-add per weight per output pixel (mmengine's convention for
+conv, matmul and linear):
+
+    FLOPs = N * C_out * H_out * W_out * (C_in / groups) * kh * kw
+
+Bilinear sampling and the mask multiply are not counted, just as a plain
+conv's im2col is not. Handles are registered for:
+
+- ``ModulatedDeformConv2dFunction`` (mmcv DCNv2, what mmdet's DyHead runs)
+  and ``DeformConv2dFunction`` (mmcv DCNv1);
+- ``GatherConvFunction``: this package's native DCN (``dcn_backend='torch'``
+  or ``'auto'`` on CPU), which may cover several pyramid levels per call.
+
+Importing this module (which importing :mod:`mmdet_dyhead` does) registers
+them (:func:`register_flop_handles`), so every analyzer built afterwards
+counts DyHead.
+"""
+from typing import Any, List
+
+from mmengine.analysis.jit_handles import get_shape
+
+MMCV_DCNV2_OP = 'prim::PythonOp.ModulatedDeformConv2dFunction'
+MMCV_DCNV1_OP = 'prim::PythonOp.DeformConv2dFunction'
+NATIVE_DCN_OP = 'prim::PythonOp.GatherConvFunction'
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def mmcv_deform_conv_flop_jit(weight_index: int):
+    """Handle for mmcv's DCN functions; ``weight_index``: position of weight.
+
+    mmcv's functions take (input, offset, [mask,] weight, bias, stride,
+    padding, dilation, groups, deform_groups); the weight is
+    (C_out, C_in / groups, kh, kw) and the single output (N, C_out, H, W).
+    """
+
+    def handle(inputs: List[Any], outputs: List[Any]) -> int:
+        out_shape = get_shape(outputs[0])
+        w_shape = get_shape(inputs[weight_index])
+        return _prod(out_shape) * _prod(w_shape[1:])
+    return handle
+
+
+def native_deform_conv_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """Handle for :class:`~mmdet_dyhead.ops.gather_conv.GatherConvFunction`.
+
+    Inputs are (rows, index, tap_weight, weight, shapes): ``index`` has one
+    row per (output pixel, kernel tap) over every output map of the call,
+    so rows(index) * C_out * C_in is the MAC count of all of them.
+    """
+    taps_total = get_shape(inputs[1])[0]
+    co, ci = get_shape(inputs[3])[:2]
+    return taps_total * co * ci
+
+
+FLOP_HANDLES = {
+    MMCV_DCNV2_OP: mmcv_deform_conv_flop_jit(3),
+    MMCV_DCNV1_OP: mmcv_deform_conv_flop_jit(2),
+    NATIVE_DCN_OP: native_deform_conv_flop_jit,
+}
+
+
+def register_flop_handles() -> None:
+    """Add the handles to mmengine's defaults (idempotent).
+
+    ``FlopAnalyzer.__init__`` copies ``_DEFAULT_SUPPORTED_FLOP_OPS``, which is
+    also what ``get_model_complexity_info`` starts from.
+    """
+    try:
+        from mmengine.analysis import complexity_analysis
+    except ImportError:  # an mmengine without the analysis package
+        return
+    complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.update(FLOP_HANDLES)
+
+
+register_flop_handles()
