@@ -107,3 +107,46 @@ def test_module_parameters_match_mmcv_names():
     ours = ModulatedDeformConv(8, 4, bias=True).state_dict()
     theirs = ModulatedDeformConv2d(8, 4, 3, padding=1, bias=True).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+@needs_mmcv
+@pytest.mark.parametrize('stride', [1, 2])
+def test_chunked_native_path_matches_mmcv(stride, monkeypatch):
+    # Tiny chunks so every tensor is cut across chunk (and sample) borders.
+    import mmdet_dyhead.ops.gather_conv as gather_conv
+    from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+    monkeypatch.setattr(gather_conv, 'CPU_CHUNK_PIXELS', 7)
+    args = _inputs(n=2, h=13, w=10, stride=stride)
+    leaves = [a.clone().requires_grad_() for a in args]
+    ref_leaves = [a.clone().requires_grad_() for a in args]
+    out = modulated_deform_conv2d(*leaves, stride=stride, backend='torch')
+    ref = mmcv_dcn(*ref_leaves, stride, 1, 1, 1, 1)
+    assert rel_err(out, ref) < 1e-5
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    for name, a, b in zip(('input', 'offset', 'mask', 'weight', 'bias'), leaves, ref_leaves):
+        assert rel_err(a.grad, b.grad) < 1e-5, name
+
+
+def test_one_call_on_several_maps_equals_separate_calls():
+    from mmdet_dyhead.ops.deform_conv import deform_conv2d_on_table, pixel_table
+    maps = [torch.randn(2, 4, 12, 9), torch.randn(2, 4, 6, 5), torch.randn(2, 4, 3, 3)]
+    w = torch.randn(3, 4, 3, 3)
+    offs = [torch.randn(2, 18, h, wd) for h, wd in ((6, 5), (3, 3), (2, 2))]
+    masks = [torch.rand(2, 9, h, wd) for h, wd in ((6, 5), (3, 3), (2, 2))]
+    # Stride 2: map i lands on the grid of map i+1 (the DyHead low branch).
+    table = pixel_table(maps)
+    got = deform_conv2d_on_table(table, [0, 1, 2], offs, masks, w, stride=2)
+    for m, o, k, g in zip(maps, offs, masks, got):
+        ref = modulated_deform_conv2d(m, o, k, w, stride=2, backend='torch')
+        assert rel_err(g, ref) < 1e-6
+
+
+def test_native_path_under_autocast_runs_in_bfloat16():
+    x, off, m, w, b = _inputs()
+    ref = modulated_deform_conv2d(x, off, m, w, b, backend='torch')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = modulated_deform_conv2d(x, off, m, w, b, backend='torch')
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), ref) < 3e-2

@@ -1,0 +1,111 @@
+"""DCN FLOP rules in mmengine's analyzer, checked against hand counts."""
+import pytest
+import torch
+from conftest import pyramid
+
+from mmdet_dyhead.models import DyHeadNeck
+from mmdet_dyhead.ops import ModulatedDeformConv, mmcv_ops_available
+
+BACKENDS = ['torch', pytest.param('mmcv', marks=pytest.mark.skipif(
+    not mmcv_ops_available(), reason='mmcv built without ops'))]
+
+
+class _DCNLayer(torch.nn.Module):
+    """A DCN whose offsets/masks come from inputs, so only it is counted."""
+
+    def __init__(self, cin, cout, stride, backend):
+        super().__init__()
+        self.dcn = ModulatedDeformConv(cin, cout, 3, stride=stride, padding=1,
+                                       backend=backend)
+
+    def forward(self, x, offset, mask):
+        return self.dcn(x, offset, mask)
+
+
+class _Neck(torch.nn.Module):
+    def __init__(self, neck):
+        super().__init__()
+        self.neck = neck
+
+    def forward(self, *feats):
+        return self.neck(feats)
+
+
+def _analyze(model, inputs):
+    from mmengine.analysis import FlopAnalyzer
+    fa = FlopAnalyzer(model.eval(), inputs)
+    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return fa
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('stride', [1, 2])
+def test_single_dcn_counts_as_its_conv(backend, stride):
+    n, cin, cout, h, w = 2, 6, 5, 9, 11
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    inputs = (torch.randn(n, cin, h, w), torch.randn(n, 18, ho, wo),
+              torch.rand(n, 9, ho, wo))
+    fa = _analyze(_DCNLayer(cin, cout, stride, backend), inputs)
+    # Hand count: one multiply-add per weight per output pixel.
+    assert fa.total() == n * cout * ho * wo * cin * 3 * 3
+    assert not any('PythonOp' in op for op in fa.unsupported_ops())
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_neck_counts_every_branch_once(backend):
+    c, blocks = 16, 2
+    feats = pyramid(1, c, (16, 20), levels=4)
+    neck = DyHeadNeck(c, c, num_blocks=blocks, dcn_backend=backend)
+    by_op = _analyze(_Neck(neck), tuple(feats)).by_operator()
+    px = [f.shape[-2] * f.shape[-1] for f in feats]
+    # mid on every level, low (stride 2) onto levels 1.., high on the
+    # coarser level's grid for levels ..L-2: sum of output pixels.
+    dcn_pixels = sum(px) + sum(px[1:]) + sum(px[1:])
+    dcn = sum(v for k, v in by_op.items() if 'DeformConv' in k or 'GatherConv' in k)
+    assert dcn == blocks * dcn_pixels * c * c * 9
+    # Ordinary convs: the offset/mask conv (27 outputs, 3x3) on every level,
+    # plus the attentions' 1x1 convs on pooled (1x1) maps: task attention
+    # C -> C/4 -> 4C per level, scale attention C -> 1 per fused term
+    # (2 terms at the pyramid ends, 3 inside).
+    terms = 2 * 2 + 3 * (len(feats) - 2)
+    attention = len(feats) * (c * c // 4 + c // 4 * 4 * c) + terms * c
+    assert by_op['conv'] == blocks * (sum(px) * 27 * c * 9 + attention)
+
+
+@pytest.mark.skipif(not mmcv_ops_available(), reason="mmdet's DyHead needs mmcv ops")
+def test_mmdet_dyhead_and_ours_count_the_same_convs():
+    from mmdet.models.necks import DyHead
+
+    class _List(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *feats):
+            return self.m(list(feats))
+    c = 16
+    feats = tuple(pyramid(1, c, (16, 20), levels=5))
+    theirs = _analyze(_List(DyHead(c, c, num_blocks=1)), feats).by_operator()
+    ours = _analyze(_Neck(DyHeadNeck(c, c, num_blocks=1, dcn_backend='torch')),
+                    feats).by_operator()
+    assert theirs['PythonOp.ModulatedDeformConv2dFunction'] == ours['PythonOp.GatherConvFunction']
+    assert theirs['conv'] == ours['conv']
+
+
+def test_benchmark_quick_mode_writes_a_table(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+    out = tmp_path / 'bench.md'
+    res = subprocess.run(
+        [sys.executable, f'{REPO_ROOT}/tools/benchmark_dyhead.py', '--quick',
+         '--threads', '1', '--no-scaling', '--out', str(out)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = out.read_text()
+    assert 'ours (torch)' in text and 'dense floor' in text
+    if mmcv_ops_available():
+        # Our outputs must equal mmdet's in the same run.
+        row = next(line for line in text.splitlines() if line.startswith('| ours (torch)'))
+        assert float(row.split('|')[-2]) < 1e-5
