@@ -16,7 +16,7 @@ BASE_CONFIG = osp.join(REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.p
 
 TRAIN_CONFIG = """
 _base_ = {base!r}
-custom_imports = dict(imports=['mmdet_dyhead', 'mmdet_dyhead.engine'],
+custom_imports = dict(imports=['mmdet_dyhead'],
                       allow_failed_imports=False)
 data_root = {data_root!r}
 classes = {classes!r}

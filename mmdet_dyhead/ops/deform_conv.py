@@ -134,9 +134,11 @@ def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
     # (corners outside the map contribute 0).
     grid = torch.stack(((2 * pos_x + 1) / w - 1, (2 * pos_y + 1) / h - 1),
                        dim=-1).view(n, taps * ho, wo, 2)
+    # Sample in the coordinate dtype: a bfloat16 grid would round positions
+    # to whole pixels on large maps (8 mantissa bits).
     sampled = F.grid_sample(
-        input, grid.to(input.dtype), mode='bilinear', padding_mode='zeros',
-        align_corners=False)  # (n, c, taps * ho, wo)
+        input.to(coord_dtype), grid, mode='bilinear', padding_mode='zeros',
+        align_corners=False).to(input.dtype)  # (n, c, taps * ho, wo)
     columns = sampled.view(n, c, taps, ho * wo) * \
         mask.to(sampled.dtype).reshape(n, 1, taps, ho * wo)
     out = torch.matmul(weight.view(co, c * taps), columns.view(n, c * taps, ho * wo))
