@@ -145,3 +145,28 @@ def test_scale_first_uses_one_weight_per_input_level():
     terms = sp.level_terms(feats, 1, off, m)
     fused = sum(weights[src] * t for src, t in terms) / 3
     assert rel_err(block(feats)[1], block.task_attn(fused)) < 1e-6
+
+
+def test_eq5_two_piece_max_gradients_equal_torch_maximum_including_ties():
+    from mmdet_dyhead.models.layers.task_attention import TwoPieceMaxFunction
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x[0, 0, 0, :3] = 0.0  # with b1 == b2 below, both pieces tie at x == 0
+    coeffs = [torch.randn(2, 3, 1, 1, dtype=torch.float64) for _ in range(4)]
+    coeffs[3][0, 0] = coeffs[1][0, 0]
+    leaves = [t.clone().requires_grad_() for t in (x, *coeffs)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, *coeffs)]
+    out = TwoPieceMaxFunction.apply(*leaves)
+    a1, b1, a2, b2 = ref_leaves[1:]
+    ref = torch.maximum(a1 * ref_leaves[0] + b1, a2 * ref_leaves[0] + b2)
+    # addcmul may fuse the multiply-add: equal up to one rounding.
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.allclose(got.grad, want.grad, rtol=0, atol=1e-12)
+    # Away from ties the function is smooth: float64 gradcheck.
+    smooth = [t.clone().requires_grad_() for t in
+              (torch.randn(1, 2, 3, 3, dtype=torch.float64),
+               *[torch.randn(1, 2, 1, 1, dtype=torch.float64) for _ in range(4)])]
+    assert torch.autograd.gradcheck(TwoPieceMaxFunction.apply, smooth)

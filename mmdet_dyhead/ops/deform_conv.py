@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bilinear_taps import PixelTable, bilinear_taps, pixel_table
-from .gather_conv import apply_bias, gather_conv
+from .bilinear_taps import PixelTable, pixel_table
+from .gather_conv import SampledMap, apply_bias, gather_conv
 
 DCN_BACKENDS = ('auto', 'mmcv', 'torch')
 
@@ -193,32 +193,27 @@ def deform_conv2d_on_table(table: PixelTable, sources: Sequence[int],
     """
     kernel_size = tuple(weight.shape[-2:])
     geometry = (kernel_size, _pair(stride), _pair(padding), _pair(dilation))
-    dtype = _compute_dtype(table.rows)
-    indices, tap_weights, shapes = [], [], []
+    terms = []
     for src, off, msk in zip(sources, offsets, masks):
         want = deform_conv_output_size(table.sizes[src], *geometry)
-        n, _, ho, wo = off.shape
+        ho, wo = off.shape[-2:]
         if (ho, wo) != tuple(want) or tuple(msk.shape[-2:]) != tuple(want):
             raise ValueError(
                 f'DCN offset/mask shapes {tuple(off.shape)}/{tuple(msk.shape)} '
                 f'do not match the output grid {tuple(want)} of a map of size '
                 f'{table.sizes[src]}.')
-        idx, tw = bilinear_taps(off, msk, table.sizes[src], table.bases[src],
-                                *geometry, weight_dtype=dtype)
-        indices.append(idx)
-        tap_weights.append(tw)
-        shapes.append((n, ho, wo))
-    index = indices[0] if len(indices) == 1 else torch.cat(indices)
-    tap_weight = tap_weights[0] if len(tap_weights) == 1 else torch.cat(tap_weights)
+        terms.append(SampledMap(table.bases[src], table.sizes[src], (ho, wo)))
     # Casts happen out here so autograd converts the gradients back; the
     # function runs in one dtype with autocast off (it calls mm(out=...)).
+    dtype = _compute_dtype(table.rows)
     device_type = table.rows.device.type
     if _autocast_enabled(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
-            outs = gather_conv(table.rows.to(dtype), index, tap_weight,
-                               weight.to(dtype), shapes)
+            outs = gather_conv(table.rows.to(dtype), terms, offsets, masks,
+                               weight.to(dtype), *geometry)
     else:
-        outs = gather_conv(table.rows, index, tap_weight, weight, shapes)
+        outs = gather_conv(table.rows, terms, offsets, masks,
+                           weight.to(table.rows.dtype), *geometry)
     return apply_bias(outs, bias)
 
 

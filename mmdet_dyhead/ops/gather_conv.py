@@ -1,57 +1,81 @@
 """Deformable convolution as a gather of bilinear taps and a matrix product.
 
-:class:`GatherConvFunction` computes, for every output pixel ``p``::
+:class:`GatherConvFunction` computes, for every output pixel ``p`` of every
+term (one output map sampling one map of the pixel table)::
 
+    index, tap_weight = bilinear_taps(offset[:, p], mask[:, p], ...)
     cols[p, k, :] = sum_{j<4} tap_weight[p*K + k, j] * rows[index[p*K + k, j], :]
     out[:, p]     = W (C_out, K * C_in) @ cols[p].flatten()
 
-i.e. DCNv2 once :func:`~mmdet_dyhead.ops.bilinear_taps.bilinear_taps` has
-turned offsets and masks into row indices and (mask-folded) weights.
+i.e. DCNv2 over a channels-last table of pixel rows (see
+:func:`~mmdet_dyhead.ops.bilinear_taps.pixel_table`).
 
 Why this shape (measured in docs/design.md):
 
 - ``embedding_bag(mode='sum', per_sample_weights=...)`` does the four-corner
   gather and the weighted sum in one multithreaded pass over contiguous
   C-channel rows; no (N, C, K*H*W) grid_sample output, no mask multiply.
-- The work is cut into chunks of output pixels whose columns fit in cache
-  and are consumed by the matrix product right away, so the K-times
-  larger column matrix never exists in full: less memory, and no page
-  faults on a fresh multi-hundred-MB buffer per call.
-- Backward recomputes each chunk's columns (like mmcv, it saves no
-  columns), takes the weight gradient and the column gradient with two
-  matrix products, the tap-weight gradient from ``embedding_bag``'s own
-  backward, and scatters the column gradient to the rows with a second
+- The work is cut into chunks of output pixels whose taps and columns fit
+  in cache and are consumed by the matrix product right away, so neither
+  the K-times larger column matrix nor the 4K (index, weight) pairs per
+  pixel ever exist for a whole map.
+- Backward keeps only what the forward was given (table, kernel, offsets,
+  masks), like mmcv: per chunk it rebuilds the taps and the columns, takes
+  the weight gradient and the column gradient with two matrix products,
+  the offset and mask gradients by autograd through the chunk's gather and
+  tap weights, and scatters the column gradient to the rows with a second
   ``embedding_bag`` over the sorted row indices (a gather is much faster
   than ``index_add_`` of 4*K rows per pixel on CPU).
 - Several maps can share one call when they share the weight (one DyHead
-  branch on every pyramid level): their taps are concatenated, each output
-  segment is one (level, sample) map.
+  branch on every pyramid level).
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .bilinear_taps import bilinear_taps
+
 # Output pixels per chunk on CPU. 1024 pixels x 9 taps x 256 channels of
 # float32 columns is 9.4 MB: it stays in L3 between the gather and the
 # matrix product, and the matrix product is still large enough to run at
 # full speed (docs/design.md, chunk-size table).
-CPU_CHUNK_PIXELS = 1024
+CPU_CHUNK_PIXELS = 512
 
 
-def _chunks(shapes: Sequence[Tuple[int, int, int]], device: torch.device):
-    """Yield (segment, sample, p0, p1, tap_row0) over all output pixels."""
-    pixel = 0
-    for seg, (n, ho, wo) in enumerate(shapes):
-        hw = ho * wo
+class SampledMap(NamedTuple):
+    """Where one term of a :func:`gather_conv` call reads and writes.
+
+    Attributes:
+        row_base (int): Table row of the sampled map's pixel (0, 0) of
+            sample 0.
+        in_size (tuple[int, int]): (H, W) of the sampled map.
+        out_size (tuple[int, int]): (H_out, W_out) of the term's output.
+    """
+    row_base: int
+    in_size: Tuple[int, int]
+    out_size: Tuple[int, int]
+
+
+def _chunks(terms: Sequence[SampledMap], batch: int, device: torch.device):
+    """Yield (term, sample, p0, p1) over all output pixels of all terms."""
+    for t, term in enumerate(terms):
+        hw = term.out_size[0] * term.out_size[1]
         step = CPU_CHUNK_PIXELS if device.type == 'cpu' else hw
-        for s in range(n):
+        for s in range(batch):
             for p0 in range(0, hw, step):
-                p1 = min(hw, p0 + step)
-                yield seg, s, p0, p1, pixel + s * hw + p0
-        pixel += n * hw
+                yield t, s, p0, min(hw, p0 + step)
+
+
+def _chunk_taps(term: SampledMap, sample: int, p0: int, offset: Tensor,
+                mask: Tensor, geometry, dtype: torch.dtype):
+    """Taps of one chunk; ``offset`` (2K, P) and ``mask`` (K, P) are its."""
+    h, w = term.in_size
+    return bilinear_taps(offset, mask, p0, term.out_size[1], term.in_size,
+                         term.row_base + sample * h * w, *geometry,
+                         weight_dtype=dtype)
 
 
 def _scatter_rows(grad_rows: Tensor, index: Tensor, tap_weight: Tensor,
@@ -74,97 +98,119 @@ def _scatter_rows(grad_rows: Tensor, index: Tensor, tap_weight: Tensor,
 
 
 class GatherConvFunction(torch.autograd.Function):
-    """Autograd function behind :func:`gather_conv`; see the module doc."""
+    """Autograd function behind :func:`gather_conv`; see the module doc.
+
+    Inputs: ``rows`` (R, C_in), ``weight`` (C_out, C_in, kh, kw), the
+    ``terms`` and ``geometry`` constants, then the T offsets
+    (N, 2K, H_out * W_out) and the T masks (N, K, H_out * W_out).
+    """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor, tap_weight: Tensor,
-                weight: Tensor, shapes: Tuple[Tuple[int, int, int], ...]):
+    def forward(ctx, rows: Tensor, weight: Tensor,
+                terms: Tuple[SampledMap, ...], geometry, *offsets_masks: Tensor):
         co, ci, kh, kw = weight.shape
         taps = kh * kw
+        num = len(terms)
+        offsets, masks = offsets_masks[:num], offsets_masks[num:]
+        batch = offsets[0].shape[0]
         kernel = weight.permute(0, 2, 3, 1).reshape(co, taps * ci)
-        outs = [rows.new_empty(n, co, ho * wo) for n, ho, wo in shapes]
-        for seg, s, p0, p1, t0 in _chunks(shapes, rows.device):
-            b0, b1 = t0 * taps, (t0 + p1 - p0) * taps
-            cols = F.embedding_bag(index[b0:b1], rows,
-                                   per_sample_weights=tap_weight[b0:b1],
+        outs = [rows.new_empty(batch, co, t.out_size[0] * t.out_size[1]) for t in terms]
+        for t, s, p0, p1 in _chunks(terms, batch, rows.device):
+            index, tap_weight = _chunk_taps(terms[t], s, p0, offsets[t][s, :, p0:p1],
+                                            masks[t][s, :, p0:p1], geometry, rows.dtype)
+            cols = F.embedding_bag(index, rows, per_sample_weights=tap_weight,
                                    mode='sum').view(p1 - p0, taps * ci)
-            torch.mm(kernel, cols.t(), out=outs[seg][s, :, p0:p1])
-        ctx.save_for_backward(rows, index, tap_weight, kernel)
-        ctx.shapes = shapes
-        ctx.weight_shape = weight.shape
-        return tuple(o.view(n, co, ho, wo) for o, (n, ho, wo) in zip(outs, shapes))
+            torch.mm(kernel, cols.t(), out=outs[t][s, :, p0:p1])
+        # The weight, not its (C_out, K * C_in) copy: it is kept alive anyway.
+        ctx.save_for_backward(rows, weight, *offsets_masks)
+        ctx.terms = terms
+        ctx.geometry = geometry
+        return tuple(o.view(batch, co, *t.out_size) for o, t in zip(outs, terms))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outs):
-        rows, index, tap_weight, kernel = ctx.saved_tensors
-        need_rows, _, need_tap, need_weight, _ = ctx.needs_input_grad
-        co, ci, kh, kw = ctx.weight_shape
+        rows, weight, *offsets_masks = ctx.saved_tensors
+        terms, geometry = ctx.terms, ctx.geometry
+        num = len(terms)
+        offsets, masks = offsets_masks[:num], offsets_masks[num:]
+        need = ctx.needs_input_grad
+        need_rows, need_weight = need[0], need[1]
+        need_off, need_mask = need[4:4 + num], need[4 + num:]
+        co, ci, kh, kw = weight.shape
         taps = kh * kw
+        kernel = weight.permute(0, 2, 3, 1).reshape(co, taps * ci)
+        batch = offsets[0].shape[0]
         on_cpu = rows.device.type == 'cpu'
         grad_rows = torch.zeros_like(rows) if need_rows else None
-        grad_tap = torch.zeros_like(tap_weight) if need_tap else None
         grad_kernel = kernel.new_zeros(kernel.shape) if need_weight else None
-        grads = [None if g is None else g.reshape(n, co, ho * wo)
-                 for g, (n, ho, wo) in zip(grad_outs, ctx.shapes)]
-        for seg, s, p0, p1, t0 in _chunks(ctx.shapes, rows.device):
-            if grads[seg] is None:
+        grad_offsets = [torch.zeros_like(o) if n else None for o, n in zip(offsets, need_off)]
+        grad_masks = [torch.zeros_like(m) if n else None for m, n in zip(masks, need_mask)]
+        grads = [None if g is None else g.reshape(batch, co, -1) for g in grad_outs]
+        # Rows get their gradient from the sorted scatter on CPU, from
+        # embedding_bag's own (atomic) backward elsewhere.
+        rows_leaf = rows.detach().requires_grad_(need_rows and not on_cpu)
+        for t, s, p0, p1 in _chunks(terms, batch, rows.device):
+            if grads[t] is None:
                 continue
-            b0, b1 = t0 * taps, (t0 + p1 - p0) * taps
-            go = grads[seg][s, :, p0:p1]  # (C_out, P)
-            idx = index[b0:b1]
-            # Rows get their gradient from the sorted scatter on CPU, from
-            # embedding_bag's own (atomic) backward elsewhere.
-            rows_leaf = rows.detach().requires_grad_(need_rows and not on_cpu)
-            tap_leaf = tap_weight[b0:b1].detach().requires_grad_(need_tap)
+            go = grads[t][s, :, p0:p1]  # (C_out, P)
+            off_leaf = offsets[t][s, :, p0:p1].detach().requires_grad_(need_off[t])
+            mask_leaf = masks[t][s, :, p0:p1].detach().requires_grad_(need_mask[t])
             with torch.enable_grad():
-                cols = F.embedding_bag(idx, rows_leaf, per_sample_weights=tap_leaf,
+                index, tap_weight = _chunk_taps(terms[t], s, p0, off_leaf, mask_leaf,
+                                                geometry, rows.dtype)
+                cols = F.embedding_bag(index, rows_leaf, per_sample_weights=tap_weight,
                                        mode='sum')
             if need_weight:
                 grad_kernel.addmm_(go, cols.detach().view(p1 - p0, taps * ci))
-            if not (need_rows or need_tap):
-                continue
-            grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
-            leaves = [t for t, need in ((tap_leaf, need_tap),
-                                        (rows_leaf, need_rows and not on_cpu)) if need]
+            grad_cols = None
+            leaves = [(leaf, dst) for leaf, dst in (
+                (off_leaf, grad_offsets[t]), (mask_leaf, grad_masks[t]),
+                (rows_leaf, grad_rows)) if leaf.requires_grad]
             if leaves:
-                got = torch.autograd.grad(cols, leaves, grad_cols)
-                if need_tap:
-                    grad_tap[b0:b1] = got[0]
-                if need_rows and not on_cpu:
-                    grad_rows += got[-1]
+                grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
+                got = torch.autograd.grad(cols, [leaf for leaf, _ in leaves], grad_cols)
+                for (leaf, dst), g in zip(leaves, got):
+                    if leaf is rows_leaf:
+                        dst += g
+                    else:
+                        dst[s, :, p0:p1] = g
             if need_rows and on_cpu:
-                _scatter_rows(grad_rows, idx, tap_weight[b0:b1], grad_cols)
+                if grad_cols is None:
+                    grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
+                _scatter_rows(grad_rows, index, tap_weight.detach(), grad_cols)
         grad_weight = None
         if need_weight:
             grad_weight = grad_kernel.view(co, kh, kw, ci).permute(0, 3, 1, 2).contiguous()
-        return grad_rows, None, grad_tap, grad_weight, None
+        return (grad_rows, grad_weight, None, None, *grad_offsets, *grad_masks)
 
 
-def gather_conv(rows: Tensor, index: Tensor, tap_weight: Tensor,
-                weight: Tensor,
-                shapes: Sequence[Tuple[int, int, int]]) -> List[Tensor]:
-    """Deformable conv from precomputed taps, for one or several output maps.
+def gather_conv(rows: Tensor, terms: Sequence[SampledMap],
+                offsets: Sequence[Tensor], masks: Sequence[Tensor],
+                weight: Tensor, kernel_size: Tuple[int, int],
+                stride: Tuple[int, int], padding: Tuple[int, int],
+                dilation: Tuple[int, int]) -> List[Tensor]:
+    """Deformable conv of one weight over one or several maps of a table.
 
     Args:
         rows (Tensor): Pixel table (R, C_in), see ``pixel_table``.
-        index (Tensor): (B, 4) int64 table rows of each tap's corners.
-        tap_weight (Tensor): (B, 4) bilinear weights times mask.
-        weight (Tensor): Kernel (C_out, C_in, kh, kw).
-        shapes (Sequence[tuple[int, int, int]]): (N, H_out, W_out) of each
-            output map, in the order their taps appear in ``index``;
-            ``B = K * sum(N * H_out * W_out)``.
+        terms (Sequence[SampledMap]): Per output map, where it reads.
+        offsets (Sequence[Tensor]): Per term, (N, 2K, H_out, W_out).
+        masks (Sequence[Tensor]): Per term, (N, K, H_out, W_out).
+        weight (Tensor): Kernel (C_out, C_in, kh, kw), in ``rows``' dtype.
+        kernel_size, stride, padding, dilation (tuple[int, int]): Geometry.
 
     Returns:
-        list[Tensor]: One (N, C_out, H_out, W_out) map per entry of
-        ``shapes`` (no bias).
+        list[Tensor]: One (N, C_out, H_out, W_out) map per term (no bias).
     """
-    weight = weight.to(rows.dtype)
     # Plain ints: under torch.jit.trace, sizes read off tensors are traced
     # values, which an autograd function cannot take as constants.
-    shapes = tuple(tuple(int(v) for v in shape) for shape in shapes)
-    return list(GatherConvFunction.apply(rows, index, tap_weight.to(rows.dtype),
-                                         weight, shapes))
+    terms = tuple(SampledMap(int(t.row_base), tuple(int(v) for v in t.in_size),
+                             tuple(int(v) for v in t.out_size)) for t in terms)
+    geometry = tuple(tuple(int(v) for v in g)
+                     for g in (kernel_size, stride, padding, dilation))
+    flat = [o.reshape(o.shape[0], o.shape[1], -1) for o in (*offsets, *masks)]
+    return list(GatherConvFunction.apply(rows, weight, terms, geometry, *flat))
 
 
 def apply_bias(outs: List[Tensor], bias: Optional[Tensor]) -> List[Tensor]:

@@ -57,13 +57,20 @@ def mmcv_deform_conv_flop_jit(weight_index: int):
 def native_deform_conv_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """Handle for :class:`~mmdet_dyhead.ops.gather_conv.GatherConvFunction`.
 
-    Inputs are (rows, index, tap_weight, weight, shapes): ``index`` has one
-    row per (output pixel, kernel tap) over every output map of the call,
-    so rows(index) * C_out * C_in is the MAC count of all of them.
+    Inputs start with (rows, weight, ...); the outputs are the
+    (N, C_out, H_out, W_out) maps of every term of the call, so
+    sum(N * C_out * H_out * W_out) * C_in * kh * kw is their MAC count.
     """
-    taps_total = get_shape(inputs[1])[0]
-    co, ci = get_shape(inputs[3])[:2]
-    return taps_total * co * ci
+    w_shape = get_shape(inputs[1])
+    out_shapes = []
+    for out in outputs:
+        kind = out.type()
+        # The traced op returns its maps as one tuple value.
+        if hasattr(kind, 'elements'):
+            out_shapes.extend(e.sizes() for e in kind.elements())
+        else:
+            out_shapes.append(get_shape(out))
+    return sum(_prod(shape) for shape in out_shapes) * _prod(w_shape[1:])
 
 
 FLOP_HANDLES = {

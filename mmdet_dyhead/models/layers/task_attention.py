@@ -2,9 +2,53 @@
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mmdet_dyhead.registry import MODELS
 from .hard_sigmoid import build_hard_sigmoid
+
+
+class TwoPieceMaxFunction(torch.autograd.Function):
+    """``max(a1 * x + b1, a2 * x + b2)`` (Eq. 5) that saves only its inputs.
+
+    Autograd of the plain expression keeps both pieces (two maps the size
+    of ``x``) for ``maximum``'s backward and allocates several more in it;
+    here the backward recomputes the pieces from ``x`` and the (N, C, 1, 1)
+    coefficients. Gradients equal ``torch.maximum``'s, ties included (each
+    piece gets half).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor,
+                b2: Tensor) -> Tensor:
+        ctx.save_for_backward(x, a1, b1, a2, b2)
+        out = torch.addcmul(b1, x, a1)
+        return torch.maximum(out, torch.addcmul(b2, x, a2), out=out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, a1, b1, a2, b2 = ctx.saved_tensors
+        piece1 = torch.addcmul(b1, x, a1)
+        piece2 = torch.addcmul(b2, x, a2)
+        # Share of the gradient that goes to piece 1: all, half on ties, none.
+        grad1 = torch.where(piece1 > piece2, grad, 0.0)
+        ties = piece1 == piece2
+        del piece1, piece2
+        if ties.any():
+            grad1 = torch.where(ties, grad * 0.5, grad1)
+        del ties
+        grad2 = grad - grad1
+        need = ctx.needs_input_grad
+        grad_x = (grad1 * a1).addcmul_(grad2, a2).to(x.dtype) if need[0] else None
+
+        def reduce(t, like):
+            return t.sum_to_size(like.shape).to(like.dtype)
+        return (grad_x,
+                reduce(grad1 * x, a1) if need[1] else None,
+                reduce(grad1, b1) if need[2] else None,
+                reduce(grad2 * x, a2) if need[3] else None,
+                reduce(grad2, b2) if need[4] else None)
 
 
 @MODELS.register_module()
@@ -52,9 +96,13 @@ class TaskAwareAttention(nn.Module):
     @staticmethod
     def apply_coefficients(x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor,
                            b2: Tensor) -> Tensor:
-        """Eq. 5: the larger of two learned linear pieces, per channel."""
-        # addcmul: one pass per piece instead of a multiply and an add.
-        return torch.maximum(torch.addcmul(b1, x, a1), torch.addcmul(b2, x, a2))
+        """Eq. 5: the larger of two learned linear pieces, per channel.
+
+        Args:
+            x (Tensor): (N, C, H, W).
+            a1, b1, a2, b2 (Tensor): (N, C, 1, 1) each.
+        """
+        return TwoPieceMaxFunction.apply(x, a1, b1, a2, b2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.apply_coefficients(x, *self.coefficients(x))
