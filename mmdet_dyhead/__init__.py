@@ -7,8 +7,9 @@ Importing the package (configs do it through ``custom_imports``):
   ``weights_only`` loader (:mod:`mmdet_dyhead.utils.safe_load`);
 - routes mmengine's checkpoint loading through hash-checked, weights-only
   loaders with a grouped key report (:mod:`mmdet_dyhead.utils.checkpoint`);
-- lets mmengine's ``--launcher pytorch`` run on CPU-only machines with gloo
-  (:mod:`mmdet_dyhead.engine`; a no-op where an accelerator exists).
+- lets mmengine's ``--launcher pytorch`` (gloo) and ``--amp`` (bfloat16) run
+  on CPU-only machines (:mod:`mmdet_dyhead.engine`; a no-op where an
+  accelerator exists).
 """
 from .version import __version__
 from .utils.safe_load import register_mmengine_safe_globals
@@ -21,6 +22,6 @@ enable_checked_loading()
 
 from . import models  # noqa: E402,F401  (registers the modules)
 from .utils import flops  # noqa: E402,F401  (DCN FLOP rules for mmengine's analyzer)
-from . import engine  # noqa: E402,F401  (CPU path of mmengine's pytorch launcher)
+from . import engine  # noqa: E402,F401  (CPU paths of --launcher pytorch and --amp)
 
 __all__ = ['__version__', 'register_mmengine_safe_globals']

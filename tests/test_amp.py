@@ -73,17 +73,16 @@ def batch():
                           num_classes=3)
 
 
-def amp_wrapper(model, dtype, monkeypatch):
-    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp_mod
-    from mmengine.optim import AmpOptimWrapper
-    if not torch.cuda.is_available():
-        # mmengine 0.10.x refuses to build AmpOptimWrapper without an
-        # accelerator, although its autocast() supports CPU bfloat16. Only
-        # that guard is lifted; the wrapper, its GradScaler (disabled
-        # without CUDA, as bf16 needs no scaling) and autocast are real.
-        monkeypatch.setattr(amp_mod, 'is_cuda_available', lambda: True)
+def amp_wrapper(model, dtype):
+    # Built by name, as `tools/train.py --amp` does: on a machine without an
+    # accelerator importing mmdet_dyhead registered the CPU (bfloat16)
+    # variant under this name; on CUDA it is mmengine's own class.
+    from mmengine.registry import OPTIM_WRAPPERS
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return AmpOptimWrapper(optimizer=optimizer, dtype=dtype)
+    wrapper = OPTIM_WRAPPERS.get('AmpOptimWrapper')(optimizer=optimizer, dtype=dtype)
+    expected = 'AmpOptimWrapper' if torch.cuda.is_available() else 'CPUAmpOptimWrapper'
+    assert type(wrapper).__name__ == expected
+    return wrapper
 
 
 def l2_rel(a, ref):
@@ -91,10 +90,10 @@ def l2_rel(a, ref):
     return ((a.float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def run_amp_training(backend, device, dtype, monkeypatch, steps=2):
+def run_amp_training(backend, device, dtype, steps=2):
     model = tiny_detector(backend).to(device)
     data = batch()
-    wrapper = amp_wrapper(model, dtype, monkeypatch)
+    wrapper = amp_wrapper(model, dtype)
     res = dict(model=model)
 
     # Inference outputs (eval mode), float32 vs the wrapper's autocast.
@@ -152,8 +151,8 @@ def check_amp_run(res, out_tol, loss_tol):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_bf16_amp_training_on_cpu(backend, monkeypatch):
-    res = run_amp_training(backend, 'cpu', torch.bfloat16, monkeypatch)
+def test_bf16_amp_training_on_cpu(backend):
+    res = run_amp_training(backend, 'cpu', torch.bfloat16)
     # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through
     # ~30 layers of a randomly initialised network the outputs drift by a
     # few times that (measured: 1.7-2.1% here, 1.2% without DyHead). The
@@ -163,7 +162,44 @@ def test_bf16_amp_training_on_cpu(backend, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_fp16_amp_training_on_cuda(backend, monkeypatch):
-    res = run_amp_training(backend, 'cuda', torch.float16, monkeypatch)
+def test_fp16_amp_training_on_cuda(backend):
+    res = run_amp_training(backend, 'cuda', torch.float16)
     # float16 has 11 mantissa bits: 8x finer than bfloat16.
     check_amp_run(res, out_tol=1e-2, loss_tol=2e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU wrapper')
+def test_cpu_amp_wrapper_refuses_float16_with_the_fix():
+    from mmengine.registry import OPTIM_WRAPPERS
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="dtype='bfloat16'"):
+        OPTIM_WRAPPERS.get('AmpOptimWrapper')(optimizer=optimizer, dtype='float16')
+
+
+@pytest.mark.slow
+def test_mmdet_train_script_with_amp_flag_trains_on_cpu(tmp_path):
+    """`tools/train.py CONFIG --amp`, unchanged mmdet script, no accelerator."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+    from test_distributed import BASE_CONFIG, TRAIN_CONFIG
+
+    from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
+    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=4,
+                                   num_val=2, image_size=64)
+    config = tmp_path / 'amp_cfg.py'
+    config.write_text(TRAIN_CONFIG.format(
+        base=BASE_CONFIG, data_root=data['data_root'] + '/',
+        classes=tuple(SYNTHETIC_CLASSES)))
+    proc = subprocess.run(
+        [sys.executable, f'{REPO_ROOT}/tools/train.py', str(config), '--amp',
+         '--work-dir', str(tmp_path / 'work')],
+        env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "type='AmpOptimWrapper'" in log or 'AmpOptimWrapper' in log
+    losses = [float(v) for v in re.findall(r'Iter\(train\) \[\d/3\].*? loss: ([-\d.eE+naif]+)', log)]
+    assert len(losses) == 3, log[-3000:]
+    assert all(torch.isfinite(torch.tensor(losses))), losses

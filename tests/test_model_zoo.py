@@ -325,3 +325,33 @@ def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(http_root,
     from mmengine.runner.checkpoint import _load_checkpoint
     with pytest.raises(ckpt.CheckpointHashError, match=entry['Metadata']['Weights SHA256 Prefix']):
         _load_checkpoint(str(dest / name))
+
+
+@pytest.mark.slow
+def test_mim_train_then_mim_test_run_a_config_of_this_package(tmp_path):
+    """`mim train mmdet_dyhead CFG` and `mim test mmdet_dyhead CFG
+    --checkpoint ...` run the wheel's .mim/tools scripts (mmdet's, with the
+    plugin imported) on a tiny ATSS+DyHead config; the test ends with
+    CocoMetric numbers."""
+    from test_detectors_e2e import IMAGE, ITERS, _tiny_cfg
+
+    from mmdet_dyhead.datasets import generate_synthetic_coco
+    _, env = installed_package_dir(tmp_path)
+    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=2, num_val=2,
+                                   image_size=IMAGE, seed=0)
+    work = tmp_path / 'work'
+    cfg = _tiny_cfg('atss/atss_r50_fpn_dyhead-6b_1x_coco.py', data, str(work))
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False,
+                                        interval=ITERS)
+    cfg_file = tmp_path / 'tiny_atss_dyhead.py'
+    cfg.dump(str(cfg_file))
+    out = mim(['train', 'mmdet_dyhead', str(cfg_file), '--work-dir', str(work)],
+              env, tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    ckpt_file = work / f'iter_{ITERS}.pth'
+    assert ckpt_file.is_file(), (out.stdout + out.stderr)[-3000:]
+    out = mim(['test', 'mmdet_dyhead', str(cfg_file), '--checkpoint', str(ckpt_file),
+               '--work-dir', str(work)], env, tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert re.search(r'coco/bbox_mAP: [-\d.]+', log), log[-3000:]

@@ -11,11 +11,11 @@ ratio to mmdet's DyHead from the same run. Also timed:
 - one DCN layer at the finest level against the equal-FLOP dense conv;
 - scaling of our neck with image size and number of blocks.
 
-Peak memory on CPU is the growth of the process's peak resident set
-(``VmHWM`` from ``/proc/self/status``, reset through ``/proc/self/clear_refs``
-after ``malloc_trim`` returned free heap pages) over the resident set just
-before the run: it counts every byte the run touched at its peak,
-whichever allocator produced it. On CUDA it is
+Peak memory on CPU is the peak of the bytes held by live tensors during one
+call, over those held before it: every allocation and free the CPU
+allocator reports to ``torch.profiler`` (``profile_memory=True``), replayed
+in order. (The process's resident set is too coarse for this: glibc keeps
+freed pages, so mmdet's and our necks showed the same figure.) On CUDA it is
 ``torch.cuda.max_memory_allocated`` over the allocation before the run.
 
 Examples::
@@ -25,7 +25,6 @@ Examples::
     python tools/benchmark_dyhead.py --sizes 800x1344 --batches 1 --repeats 5
 """
 import argparse
-import ctypes
 import os
 import os.path as osp
 import platform
@@ -75,24 +74,13 @@ def load_average() -> str:
 
 # ----------------------------------------------------------------- memory
 class PeakMemory:
-    """Peak extra memory of one call, see the module docstring."""
+    """Peak extra tensor memory of one call, see the module docstring."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._libc = None
-        if device.type == 'cpu':
-            try:
-                self._libc = ctypes.CDLL('libc.so.6')
-            except OSError:
-                self._libc = None
-
-    @staticmethod
-    def _status_mb(key: str) -> float:
-        with open('/proc/self/status') as f:
-            return int(re.search(key + r':\s+(\d+)', f.read()).group(1)) / 1024
 
     def measure(self, fn: Callable[[], None]) -> float:
-        """MB; NaN where the platform offers no sound measurement."""
+        """MB; NaN where the profiler reports no allocation events."""
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -100,16 +88,24 @@ class PeakMemory:
             fn()
             torch.cuda.synchronize(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-        try:
-            if self._libc is not None:
-                self._libc.malloc_trim(0)
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')
-            base = self._status_mb('VmRSS')
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-            return self._status_mb('VmHWM') - base
-        except (OSError, AttributeError):
+        events = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.tag == _EventType.Allocation:
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        if not events:
             return float('nan')
+        live = peak = 0
+        for _, size in sorted(events):
+            live += size
+            peak = max(peak, live)
+        return peak / 2**20
 
 
 # ----------------------------------------------------------------- timing
@@ -422,8 +418,9 @@ def main(argv=None):
              f'Machine: {machine_info(device)}', '',
              'Times are medians of the repeats after warm-up, wall clock '
              '(CUDA events on GPU); speed-up = mmdet time / our time, both '
-             'from this run. Peak memory: growth of peak resident memory '
-             'during one call (CUDA: max_memory_allocated). Written by '
+             'from this run. Peak memory: peak of live tensor bytes '
+             'during one call, over those held before it (CPU: torch.profiler '
+             'allocation events; CUDA: max_memory_allocated). Written by '
              '`tools/benchmark_dyhead.py`.', '']
     for threads in args.threads:
         torch.set_num_threads(threads)
