@@ -22,11 +22,21 @@ class PixelTable(NamedTuple):
     """Feature maps stored as one (R, C) table of pixel rows.
 
     Map ``i`` (N, C, H, W) occupies rows ``bases[i] + n * H * W + y * W + x``.
+    ``rows`` is built outside autograd: the deformable conv keeps ``maps``
+    (which the graph holds anyway) instead of this copy, rebuilds the table
+    in its backward and returns the gradients of ``maps`` directly.
     """
     rows: Tensor
     bases: List[int]
     sizes: List[Tuple[int, int]]
     batch: int
+    maps: Tuple[Tensor, ...]
+
+
+def table_rows(feats: Sequence[Tensor]) -> Tensor:
+    """The (sum_i N * H_i * W_i, C) channels-last rows of ``feats``."""
+    parts = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
 
 
 def pixel_table(feats: Sequence[Tensor]) -> PixelTable:
@@ -41,17 +51,17 @@ def pixel_table(feats: Sequence[Tensor]) -> PixelTable:
     Returns:
         PixelTable: ``rows`` of shape (sum_i N * H_i * W_i, C).
     """
-    bases, sizes, parts, total = [], [], [], 0
+    bases, sizes, total = [], [], 0
     for f in feats:
         # ints, not the traced sizes torch.jit.trace hands out (a traced
         # ``total += ...`` would update every base in place).
-        n, c, h, w = (int(v) for v in f.shape)
+        n, _, h, w = (int(v) for v in f.shape)
         bases.append(total)
         sizes.append((h, w))
-        parts.append(f.permute(0, 2, 3, 1).reshape(n * h * w, c))
         total += n * h * w
-    rows = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
-    return PixelTable(rows, bases, sizes, feats[0].shape[0])
+    with torch.no_grad():
+        rows = table_rows(feats)
+    return PixelTable(rows, bases, sizes, feats[0].shape[0], tuple(feats))
 
 
 def bilinear_taps(offset: Tensor, mask: Tensor, first_pixel: int,

@@ -147,7 +147,7 @@ def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
     return out.view(n, co, ho, wo)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Whether an exporter or compiler, which needs standard ops, is running.
 
     Plain ``torch.jit.trace`` (mmengine's FLOP counter) keeps the fast path:
@@ -209,10 +209,10 @@ def deform_conv2d_on_table(table: PixelTable, sources: Sequence[int],
     device_type = table.rows.device.type
     if _autocast_enabled(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
-            outs = gather_conv(table.rows.to(dtype), terms, offsets, masks,
-                               weight.to(dtype), *geometry)
+            outs = gather_conv(table.rows.to(dtype), table.maps, terms, offsets,
+                               masks, weight.to(dtype), *geometry)
     else:
-        outs = gather_conv(table.rows, terms, offsets, masks,
+        outs = gather_conv(table.rows, table.maps, terms, offsets, masks,
                            weight.to(table.rows.dtype), *geometry)
     return apply_bias(outs, bias)
 
@@ -224,14 +224,14 @@ def native_path_active(backend: str, input: Tensor) -> bool:
     :func:`deform_conv2d_on_table` call use this to know when batching is
     possible (not for mmcv's kernel, nor while tracing).
     """
-    return resolve_dcn_backend(backend, input.device) == 'torch' and not _exporting()
+    return resolve_dcn_backend(backend, input.device) == 'torch' and not exporting()
 
 
 def _native_modulated_deform_conv2d(input: Tensor, offset: Tensor,
                                     mask: Tensor, weight: Tensor,
                                     bias: Optional[Tensor], stride, padding,
                                     dilation) -> Tensor:
-    if _exporting():
+    if exporting():
         return _grid_sample_deform_conv2d(input, offset, mask, weight, bias,
                                           stride, padding, dilation)
     return deform_conv2d_on_table(pixel_table([input]), [0], [offset], [mask],

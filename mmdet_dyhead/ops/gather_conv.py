@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .bilinear_taps import bilinear_taps
+from .bilinear_taps import bilinear_taps, table_rows
 
 # Output pixels per chunk on CPU. 1024 pixels x 9 taps x 256 channels of
 # float32 columns is 9.4 MB: it stays in L3 between the gather and the
@@ -100,18 +100,21 @@ def _scatter_rows(grad_rows: Tensor, index: Tensor, tap_weight: Tensor,
 class GatherConvFunction(torch.autograd.Function):
     """Autograd function behind :func:`gather_conv`; see the module doc.
 
-    Inputs: ``rows`` (R, C_in), ``weight`` (C_out, C_in, kh, kw), the
-    ``terms`` and ``geometry`` constants, then the T offsets
+    Inputs: ``rows`` (R, C_in, no gradient), ``weight`` (C_out, C_in, kh,
+    kw), the ``terms``, ``geometry`` and ``num_maps`` constants, then the
+    ``num_maps`` maps the table was built from, the T offsets
     (N, 2K, H_out * W_out) and the T masks (N, K, H_out * W_out).
     """
 
     @staticmethod
     def forward(ctx, rows: Tensor, weight: Tensor,
-                terms: Tuple[SampledMap, ...], geometry, *offsets_masks: Tensor):
+                terms: Tuple[SampledMap, ...], geometry, num_maps: int,
+                *tensors: Tensor):
         co, ci, kh, kw = weight.shape
         taps = kh * kw
         num = len(terms)
-        offsets, masks = offsets_masks[:num], offsets_masks[num:]
+        offsets = tensors[num_maps:num_maps + num]
+        masks = tensors[num_maps + num:]
         batch = offsets[0].shape[0]
         kernel = weight.permute(0, 2, 3, 1).reshape(co, taps * ci)
         outs = [rows.new_empty(batch, co, t.out_size[0] * t.out_size[1]) for t in terms]
@@ -121,25 +124,34 @@ class GatherConvFunction(torch.autograd.Function):
             cols = F.embedding_bag(index, rows, per_sample_weights=tap_weight,
                                    mode='sum').view(p1 - p0, taps * ci)
             torch.mm(kernel, cols.t(), out=outs[t][s, :, p0:p1])
-        # The weight, not its (C_out, K * C_in) copy: it is kept alive anyway.
-        ctx.save_for_backward(rows, weight, *offsets_masks)
+        # Neither the table nor the (C_out, K * C_in) kernel copy is kept:
+        # the maps and the weight are alive anyway; backward rebuilds both.
+        ctx.save_for_backward(weight, *tensors)
         ctx.terms = terms
         ctx.geometry = geometry
+        ctx.num_maps = num_maps
+        ctx.rows_dtype = rows.dtype
         return tuple(o.view(batch, co, *t.out_size) for o, t in zip(outs, terms))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outs):
-        rows, weight, *offsets_masks = ctx.saved_tensors
-        terms, geometry = ctx.terms, ctx.geometry
+        weight, *tensors = ctx.saved_tensors
+        terms, geometry, num_maps = ctx.terms, ctx.geometry, ctx.num_maps
         num = len(terms)
-        offsets, masks = offsets_masks[:num], offsets_masks[num:]
+        maps = tensors[:num_maps]
+        offsets = tensors[num_maps:num_maps + num]
+        masks = tensors[num_maps + num:]
         need = ctx.needs_input_grad
-        need_rows, need_weight = need[0], need[1]
-        need_off, need_mask = need[4:4 + num], need[4 + num:]
+        need_weight = need[1]
+        need_maps = need[5:5 + num_maps]
+        need_off = need[5 + num_maps:5 + num_maps + num]
+        need_mask = need[5 + num_maps + num:]
+        need_rows = any(need_maps)
+        rows = table_rows(maps).to(ctx.rows_dtype)
         co, ci, kh, kw = weight.shape
         taps = kh * kw
-        kernel = weight.permute(0, 2, 3, 1).reshape(co, taps * ci)
+        kernel = weight.to(rows.dtype).permute(0, 2, 3, 1).reshape(co, taps * ci)
         batch = offsets[0].shape[0]
         on_cpu = rows.device.type == 'cpu'
         grad_rows = torch.zeros_like(rows) if need_rows else None
@@ -149,7 +161,7 @@ class GatherConvFunction(torch.autograd.Function):
         grads = [None if g is None else g.reshape(batch, co, -1) for g in grad_outs]
         # Rows get their gradient from the sorted scatter on CPU, from
         # embedding_bag's own (atomic) backward elsewhere.
-        rows_leaf = rows.detach().requires_grad_(need_rows and not on_cpu)
+        rows_leaf = rows.requires_grad_(need_rows and not on_cpu)
         for t, s, p0, p1 in _chunks(terms, batch, rows.device):
             if grads[t] is None:
                 continue
@@ -182,10 +194,20 @@ class GatherConvFunction(torch.autograd.Function):
         grad_weight = None
         if need_weight:
             grad_weight = grad_kernel.view(co, kh, kw, ci).permute(0, 3, 1, 2).contiguous()
-        return (grad_rows, grad_weight, None, None, *grad_offsets, *grad_masks)
+        grad_maps, row0 = [], 0
+        for m, n in zip(maps, need_maps):
+            b, c, h, w = m.shape
+            if n:
+                grad_maps.append(grad_rows[row0:row0 + b * h * w].view(b, h, w, c)
+                                 .permute(0, 3, 1, 2).to(m.dtype))
+            else:
+                grad_maps.append(None)
+            row0 += b * h * w
+        return (None, grad_weight, None, None, None, *grad_maps, *grad_offsets,
+                *grad_masks)
 
 
-def gather_conv(rows: Tensor, terms: Sequence[SampledMap],
+def gather_conv(rows: Tensor, maps: Sequence[Tensor], terms: Sequence[SampledMap],
                 offsets: Sequence[Tensor], masks: Sequence[Tensor],
                 weight: Tensor, kernel_size: Tuple[int, int],
                 stride: Tuple[int, int], padding: Tuple[int, int],
@@ -193,7 +215,10 @@ def gather_conv(rows: Tensor, terms: Sequence[SampledMap],
     """Deformable conv of one weight over one or several maps of a table.
 
     Args:
-        rows (Tensor): Pixel table (R, C_in), see ``pixel_table``.
+        rows (Tensor): Pixel table (R, C_in) of ``maps`` (``pixel_table``),
+            possibly cast to the compute dtype; no gradient flows through it.
+        maps (Sequence[Tensor]): The (N, C_in, H, W) maps ``rows`` holds, in
+            table order; their gradients are returned directly.
         terms (Sequence[SampledMap]): Per output map, where it reads.
         offsets (Sequence[Tensor]): Per term, (N, 2K, H_out, W_out).
         masks (Sequence[Tensor]): Per term, (N, K, H_out, W_out).
@@ -210,7 +235,8 @@ def gather_conv(rows: Tensor, terms: Sequence[SampledMap],
     geometry = tuple(tuple(int(v) for v in g)
                      for g in (kernel_size, stride, padding, dilation))
     flat = [o.reshape(o.shape[0], o.shape[1], -1) for o in (*offsets, *masks)]
-    return list(GatherConvFunction.apply(rows, weight, terms, geometry, *flat))
+    return list(GatherConvFunction.apply(rows.detach(), weight, terms, geometry,
+                                         len(maps), *maps, *flat))
 
 
 def apply_bias(outs: List[Tensor], bias: Optional[Tensor]) -> List[Tensor]:

@@ -4,6 +4,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mmdet_dyhead.ops.deform_conv import exporting
 from mmdet_dyhead.registry import MODELS
 from .hard_sigmoid import build_hard_sigmoid
 
@@ -102,6 +103,10 @@ class TaskAwareAttention(nn.Module):
             x (Tensor): (N, C, H, W).
             a1, b1, a2, b2 (Tensor): (N, C, 1, 1) each.
         """
+        if exporting():
+            # Exporters trace plain ops; the function's maximum(out=) and
+            # addcmul have no ONNX symbolic.
+            return torch.maximum(x * a1 + b1, x * a2 + b2)
         return TwoPieceMaxFunction.apply(x, a1, b1, a2, b2)
 
     def forward(self, x: Tensor) -> Tensor:
