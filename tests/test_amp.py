@@ -184,15 +184,8 @@ def test_mmdet_train_script_with_amp_flag_trains_on_cpu(tmp_path):
     import sys
 
     from conftest import REPO_ROOT, subprocess_env
-    from test_distributed import BASE_CONFIG, TRAIN_CONFIG
-
-    from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
-    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=4,
-                                   num_val=2, image_size=64)
-    config = tmp_path / 'amp_cfg.py'
-    config.write_text(TRAIN_CONFIG.format(
-        base=BASE_CONFIG, data_root=data['data_root'] + '/',
-        classes=tuple(SYNTHETIC_CLASSES)))
+    from test_distributed import write_train_config
+    config = write_train_config(tmp_path, num_train=4)
     proc = subprocess.run(
         [sys.executable, f'{REPO_ROOT}/tools/train.py', str(config), '--amp',
          '--work-dir', str(tmp_path / 'work')],

@@ -54,6 +54,18 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
 """
 
 
+def write_train_config(tmp_path, num_train=8):
+    """Synthetic data in tmp_path/data and a 3-iteration config for it."""
+    from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
+    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=num_train,
+                                   num_val=2, image_size=64)
+    config = tmp_path / 'train_cfg.py'
+    config.write_text(TRAIN_CONFIG.format(
+        base=BASE_CONFIG, data_root=data['data_root'] + '/',
+        classes=tuple(SYNTHETIC_CLASSES)))
+    return config
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -62,13 +74,7 @@ def free_port():
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(tmp_path):
-    from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
-    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=8,
-                                   num_val=2, image_size=64)
-    config = tmp_path / 'dist_cfg.py'
-    config.write_text(TRAIN_CONFIG.format(
-        base=BASE_CONFIG, data_root=data['data_root'] + '/',
-        classes=tuple(SYNTHETIC_CLASSES)))
+    config = write_train_config(tmp_path)
     work_dir = tmp_path / 'work'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1',
            '--nproc_per_node=2', '--master_addr=127.0.0.1',

@@ -19,8 +19,9 @@ Why this shape (measured in docs/design.md):
   in cache and are consumed by the matrix product right away, so neither
   the K-times larger column matrix nor the 4K (index, weight) pairs per
   pixel ever exist for a whole map.
-- Backward keeps only what the forward was given (table, kernel, offsets,
-  masks), like mmcv: per chunk it rebuilds the taps and the columns, takes
+- Backward keeps only what the forward was given (the maps the table was
+  built from, the weight, offsets and masks), like mmcv: it rebuilds the
+  table once, then per chunk the taps and the columns, takes
   the weight gradient and the column gradient with two matrix products,
   the offset and mask gradients by autograd through the chunk's gather and
   tap weights, and scatters the column gradient to the rows with a second
