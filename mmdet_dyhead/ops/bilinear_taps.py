@@ -64,54 +64,47 @@ def pixel_table(feats: Sequence[Tensor]) -> PixelTable:
     return PixelTable(rows, bases, sizes, feats[0].shape[0], tuple(feats))
 
 
-def bilinear_taps(offset: Tensor, mask: Tensor, first_pixel: int,
-                  out_width: int, in_size: Tuple[int, int], row_base: int,
-                  kernel_size: Tuple[int, int], stride: Tuple[int, int],
-                  padding: Tuple[int, int], dilation: Tuple[int, int],
+def bilinear_taps(offset: Tensor, mask: Tensor, in_size: Tuple[int, int],
+                  row_base: int, kernel_size: Tuple[int, int],
+                  stride: Tuple[int, int], padding: Tuple[int, int],
+                  dilation: Tuple[int, int],
                   weight_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Row indices and weights of every tap of a run of output pixels.
+    """Row indices and weights of every tap of every output pixel.
 
-    The run is ``P`` consecutive output pixels (row-major over the output
-    grid, starting at ``first_pixel``) of one sample, so the deformable conv
-    can build its taps chunk by chunk, in the forward and again in the
-    backward, instead of keeping them for the whole map. Taps are ordered
-    output pixel first, kernel tap second: ``b = p * K + k``. A corner
-    outside the map gets weight 0 (its index is clamped to a valid row),
-    which is mmcv's rule: a sample is the sum of its in-map corners only.
+    Taps are ordered output pixel first, kernel tap second:
+    ``b = ((n * H_out + i) * W_out + j) * K + k``. A corner outside the map
+    gets weight 0 (its index is clamped to a valid row), which is mmcv's
+    rule: a sample is the sum of its in-map corners only.
 
     Args:
-        offset (Tensor): (2K, P), (dy, dx) per tap, mmcv's channel order.
-        mask (Tensor): (K, P).
-        first_pixel (int): Output-grid index ``i * W_out + j`` of the run's
-            first pixel.
-        out_width (int): W_out.
+        offset (Tensor): (N, 2K, H_out, W_out), (dy, dx) per tap.
+        mask (Tensor): (N, K, H_out, W_out).
         in_size (tuple[int, int]): (H, W) of the sampled map.
-        row_base (int): Table row of this sample's pixel (0, 0).
+        row_base (int): Table row of the map's pixel (0, 0) of sample 0.
         kernel_size, stride, padding, dilation (tuple[int, int]): Conv
             geometry.
         weight_dtype (torch.dtype): dtype of the returned weights (the
             table's); positions are computed in float32 or float64.
 
     Returns:
-        tuple[Tensor, Tensor]: ``index`` (P * K, 4) int64 and ``weight``
-        (P * K, 4), corners ordered (y0, x0), (y0, x1), (y1, x0), (y1, x1).
+        tuple[Tensor, Tensor]: ``index`` (B, 4) int64 and ``weight`` (B, 4),
+        B = N * H_out * W_out * K, corners ordered (y0, x0), (y0, x1),
+        (y1, x0), (y1, x1).
     """
+    n, _, ho, wo = (int(v) for v in offset.shape)
     kh, kw = kernel_size
     taps = kh * kw
-    pixels = int(offset.shape[-1])
     h, w = (int(v) for v in in_size)
+    row_base = int(row_base)
     coord_dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
     dev = dict(dtype=coord_dtype, device=offset.device)
-    out_idx = torch.arange(first_pixel, first_pixel + pixels, device=offset.device)
-    out_y = torch.div(out_idx, out_width, rounding_mode='floor')
-    out_x = out_idx - out_y * out_width
-    # (P, K) undeformed tap positions.
+    # (H_out, W_out, K) grid of undeformed tap positions.
     tap_y = (torch.arange(kh, **dev) * dilation[0]).repeat_interleave(kw)
     tap_x = (torch.arange(kw, **dev) * dilation[1]).repeat(kh)
-    base_y = (out_y.to(coord_dtype) * stride[0] - padding[0]).view(pixels, 1) + tap_y
-    base_x = (out_x.to(coord_dtype) * stride[1] - padding[1]).view(pixels, 1) + tap_x
-    off = offset.to(coord_dtype).view(taps, 2, pixels).permute(2, 0, 1)
-    pos_y = base_y + off[..., 0]  # (P, K)
+    base_y = (torch.arange(ho, **dev) * stride[0] - padding[0]).view(ho, 1, 1) + tap_y
+    base_x = (torch.arange(wo, **dev) * stride[1] - padding[1]).view(1, wo, 1) + tap_x
+    off = offset.to(coord_dtype).view(n, taps, 2, ho, wo).permute(0, 3, 4, 1, 2)
+    pos_y = base_y + off[..., 0]  # (N, H_out, W_out, K)
     pos_x = base_x + off[..., 1]
     y0 = pos_y.detach().floor()
     x0 = pos_x.detach().floor()
@@ -119,14 +112,15 @@ def bilinear_taps(offset: Tensor, mask: Tensor, first_pixel: int,
     lx = pos_x - x0
     y0 = y0.long()
     x0 = x0.long()
-    ys = torch.stack((y0, y0 + 1), -1)  # (P, K, 2)
+    ys = torch.stack((y0, y0 + 1), -1)  # (N, H_out, W_out, K, 2)
     xs = torch.stack((x0, x0 + 1), -1)
     in_y = (ys >= 0) & (ys < h)
     in_x = (xs >= 0) & (xs < w)
     wy = torch.stack((1 - ly, ly), -1) * in_y
     wx = torch.stack((1 - lx, lx), -1) * in_x
-    m = mask.to(coord_dtype).t()  # (P, K)
+    m = mask.to(coord_dtype).permute(0, 2, 3, 1)
     weight = (wy * m.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)
-    row = ys.clamp_(0, h - 1) * w + int(row_base)
+    sample_base = (torch.arange(n, device=offset.device) * (h * w) + row_base).view(n, 1, 1, 1, 1)
+    row = sample_base + ys.clamp_(0, h - 1) * w
     index = row.unsqueeze(-1) + xs.clamp_(0, w - 1).unsqueeze(-2)
     return index.view(-1, 4), weight.to(weight_dtype).view(-1, 4)

@@ -15,18 +15,20 @@ Why this shape (measured in docs/design.md):
 - ``embedding_bag(mode='sum', per_sample_weights=...)`` does the four-corner
   gather and the weighted sum in one multithreaded pass over contiguous
   C-channel rows; no (N, C, K*H*W) grid_sample output, no mask multiply.
-- The work is cut into chunks of output pixels whose taps and columns fit
-  in cache and are consumed by the matrix product right away, so neither
-  the K-times larger column matrix nor the 4K (index, weight) pairs per
-  pixel ever exist for a whole map.
+- The work is cut into chunks of output pixels whose columns fit in cache
+  and are consumed by the matrix product right away, so the K-times larger
+  column matrix never exists for a whole map.
 - Backward keeps only what the forward was given (the maps the table was
-  built from, the weight, offsets and masks), like mmcv: it rebuilds the
-  table once, then per chunk the taps and the columns, takes
+  built from, the weight, offsets and masks), like mmcv; the taps (4K row
+  indices and weights per output pixel) are built for the whole call in
+  one vectorised pass in the forward, used and dropped, then built again
+  in the backward together with the table. Per chunk the backward takes
   the weight gradient and the column gradient with two matrix products,
-  the offset and mask gradients by autograd through the chunk's gather and
-  tap weights, and scatters the column gradient to the rows with a second
-  ``embedding_bag`` over the sorted row indices (a gather is much faster
-  than ``index_add_`` of 4*K rows per pixel on CPU).
+  the tap-weight gradient from ``embedding_bag``'s own backward, and
+  scatters the column gradient to the rows with a second ``embedding_bag``
+  over the sorted row indices (a gather is much faster than ``index_add_``
+  of 4*K rows per pixel on CPU); one autograd pass through the tap
+  construction then gives the offset and mask gradients.
 - Several maps can share one call when they share the weight (one DyHead
   branch on every pyramid level).
 """
@@ -61,22 +63,32 @@ class SampledMap(NamedTuple):
 
 
 def _chunks(terms: Sequence[SampledMap], batch: int, device: torch.device):
-    """Yield (term, sample, p0, p1) over all output pixels of all terms."""
+    """Yield (term, sample, p0, p1, tap_row0) over all output pixels."""
+    pixel = 0
     for t, term in enumerate(terms):
         hw = term.out_size[0] * term.out_size[1]
         step = CPU_CHUNK_PIXELS if device.type == 'cpu' else hw
         for s in range(batch):
             for p0 in range(0, hw, step):
-                yield t, s, p0, min(hw, p0 + step)
+                p1 = min(hw, p0 + step)
+                yield t, s, p0, p1, pixel + s * hw + p0
+        pixel += batch * hw
 
 
-def _chunk_taps(term: SampledMap, sample: int, p0: int, offset: Tensor,
-                mask: Tensor, geometry, dtype: torch.dtype):
-    """Taps of one chunk; ``offset`` (2K, P) and ``mask`` (K, P) are its."""
-    h, w = term.in_size
-    return bilinear_taps(offset, mask, p0, term.out_size[1], term.in_size,
-                         term.row_base + sample * h * w, *geometry,
-                         weight_dtype=dtype)
+def _all_taps(terms: Sequence[SampledMap], offsets: Sequence[Tensor],
+              masks: Sequence[Tensor], geometry,
+              dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(B, 4) row indices and weights of every tap of every term."""
+    indices, weights = [], []
+    for term, off, msk in zip(terms, offsets, masks):
+        shape = (off.shape[0], -1, *term.out_size)
+        idx, tw = bilinear_taps(off.reshape(shape), msk.reshape(shape), term.in_size,
+                                term.row_base, *geometry, weight_dtype=dtype)
+        indices.append(idx)
+        weights.append(tw)
+    if len(indices) == 1:
+        return indices[0], weights[0]
+    return torch.cat(indices), torch.cat(weights)
 
 
 def _scatter_rows(grad_rows: Tensor, index: Tensor, tap_weight: Tensor,
@@ -118,15 +130,15 @@ class GatherConvFunction(torch.autograd.Function):
         masks = tensors[num_maps + num:]
         batch = offsets[0].shape[0]
         kernel = weight.permute(0, 2, 3, 1).reshape(co, taps * ci)
+        index, tap_weight = _all_taps(terms, offsets, masks, geometry, rows.dtype)
         outs = [rows.new_empty(batch, co, t.out_size[0] * t.out_size[1]) for t in terms]
-        for t, s, p0, p1 in _chunks(terms, batch, rows.device):
-            index, tap_weight = _chunk_taps(terms[t], s, p0, offsets[t][s, :, p0:p1],
-                                            masks[t][s, :, p0:p1], geometry, rows.dtype)
-            cols = F.embedding_bag(index, rows, per_sample_weights=tap_weight,
+        for t, s, p0, p1, t0 in _chunks(terms, batch, rows.device):
+            b0, b1 = t0 * taps, (t0 + p1 - p0) * taps
+            cols = F.embedding_bag(index[b0:b1], rows, per_sample_weights=tap_weight[b0:b1],
                                    mode='sum').view(p1 - p0, taps * ci)
             torch.mm(kernel, cols.t(), out=outs[t][s, :, p0:p1])
-        # Neither the table nor the (C_out, K * C_in) kernel copy is kept:
-        # the maps and the weight are alive anyway; backward rebuilds both.
+        # Neither the taps, the table nor the (C_out, K * C_in) kernel copy
+        # is kept: backward rebuilds them from what the graph holds anyway.
         ctx.save_for_backward(weight, *tensors)
         ctx.terms = terms
         ctx.geometry = geometry
@@ -149,49 +161,58 @@ class GatherConvFunction(torch.autograd.Function):
         need_off = need[5 + num_maps:5 + num_maps + num]
         need_mask = need[5 + num_maps + num:]
         need_rows = any(need_maps)
+        need_tap = any(need_off) or any(need_mask)
         rows = table_rows(maps).to(ctx.rows_dtype)
         co, ci, kh, kw = weight.shape
         taps = kh * kw
         kernel = weight.to(rows.dtype).permute(0, 2, 3, 1).reshape(co, taps * ci)
         batch = offsets[0].shape[0]
         on_cpu = rows.device.type == 'cpu'
+        off_leaves = [o.detach().requires_grad_(n) for o, n in zip(offsets, need_off)]
+        mask_leaves = [m.detach().requires_grad_(n) for m, n in zip(masks, need_mask)]
+        with torch.enable_grad():
+            index, tap_weight = _all_taps(terms, off_leaves, mask_leaves, geometry, rows.dtype)
         grad_rows = torch.zeros_like(rows) if need_rows else None
+        grad_tap = torch.zeros_like(tap_weight) if need_tap else None
         grad_kernel = kernel.new_zeros(kernel.shape) if need_weight else None
-        grad_offsets = [torch.zeros_like(o) if n else None for o, n in zip(offsets, need_off)]
-        grad_masks = [torch.zeros_like(m) if n else None for m, n in zip(masks, need_mask)]
         grads = [None if g is None else g.reshape(batch, co, -1) for g in grad_outs]
         # Rows get their gradient from the sorted scatter on CPU, from
         # embedding_bag's own (atomic) backward elsewhere.
         rows_leaf = rows.requires_grad_(need_rows and not on_cpu)
-        for t, s, p0, p1 in _chunks(terms, batch, rows.device):
+        for t, s, p0, p1, t0 in _chunks(terms, batch, rows.device):
             if grads[t] is None:
                 continue
+            b0, b1 = t0 * taps, (t0 + p1 - p0) * taps
             go = grads[t][s, :, p0:p1]  # (C_out, P)
-            off_leaf = offsets[t][s, :, p0:p1].detach().requires_grad_(need_off[t])
-            mask_leaf = masks[t][s, :, p0:p1].detach().requires_grad_(need_mask[t])
+            idx = index[b0:b1]
+            tap_leaf = tap_weight[b0:b1].detach().requires_grad_(need_tap)
             with torch.enable_grad():
-                index, tap_weight = _chunk_taps(terms[t], s, p0, off_leaf, mask_leaf,
-                                                geometry, rows.dtype)
-                cols = F.embedding_bag(index, rows_leaf, per_sample_weights=tap_weight,
+                cols = F.embedding_bag(idx, rows_leaf, per_sample_weights=tap_leaf,
                                        mode='sum')
             if need_weight:
                 grad_kernel.addmm_(go, cols.detach().view(p1 - p0, taps * ci))
-            grad_cols = None
-            leaves = [(leaf, dst) for leaf, dst in (
-                (off_leaf, grad_offsets[t]), (mask_leaf, grad_masks[t]),
-                (rows_leaf, grad_rows)) if leaf.requires_grad]
+            if not (need_rows or need_tap):
+                continue
+            grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
+            leaves = [leaf for leaf in (tap_leaf, rows_leaf) if leaf.requires_grad]
             if leaves:
-                grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
-                got = torch.autograd.grad(cols, [leaf for leaf, _ in leaves], grad_cols)
-                for (leaf, dst), g in zip(leaves, got):
-                    if leaf is rows_leaf:
-                        dst += g
-                    else:
-                        dst[s, :, p0:p1] = g
+                got = torch.autograd.grad(cols, leaves, grad_cols)
+                if need_tap:
+                    grad_tap[b0:b1] = got[0]
+                if rows_leaf.requires_grad:
+                    grad_rows += got[-1]
             if need_rows and on_cpu:
-                if grad_cols is None:
-                    grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
-                _scatter_rows(grad_rows, index, tap_weight.detach(), grad_cols)
+                _scatter_rows(grad_rows, idx, tap_weight[b0:b1].detach(), grad_cols)
+        grad_offsets, grad_masks = [None] * num, [None] * num
+        if need_tap:
+            wanted = [(i, leaf) for i, leaf in enumerate(off_leaves + mask_leaves)
+                      if leaf.requires_grad]
+            got = torch.autograd.grad(tap_weight, [leaf for _, leaf in wanted], grad_tap)
+            for (i, _), g in zip(wanted, got):
+                if i < num:
+                    grad_offsets[i] = g
+                else:
+                    grad_masks[i - num] = g
         grad_weight = None
         if need_weight:
             grad_weight = grad_kernel.view(co, kh, kw, ci).permute(0, 3, 1, 2).contiguous()
