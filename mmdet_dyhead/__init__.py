@@ -1,27 +1,14 @@
 """mmdet-dyhead: Dynamic Head (CVPR 2021) for MMDetection 3.x.
 
-Importing the package (configs do it through ``custom_imports``):
-
-- registers every module in mmdet's registries;
-- allow-lists the classes mmengine stores in its checkpoints for torch's
-  ``weights_only`` loader (:mod:`mmdet_dyhead.utils.safe_load`);
-- routes mmengine's checkpoint loading through hash-checked, weights-only
-  loaders with a grouped key report (:mod:`mmdet_dyhead.utils.checkpoint`);
-- lets mmengine's ``--launcher pytorch`` (gloo) and ``--amp`` (bfloat16) run
-  on CPU-only machines (:mod:`mmdet_dyhead.engine`; a no-op where an
-  accelerator exists).
+Importing the package (configs do it through ``custom_imports``) registers
+its modules in mmdet's registries under names mmdet does not use, and the
+``dyhead://`` checkpoint scheme in mmengine's ``CheckpointLoader``. Nothing
+else in the process changes; each extra behaviour is opt-in (see
+``docs/user_guide.md``, "What importing does").
 """
 from .version import __version__
-from .utils.safe_load import register_mmengine_safe_globals
+from . import models  # noqa: F401  (DyHeadNeck, TaskAttnBBoxHead)
+from . import engine  # noqa: F401  (hook, optimizer and model wrappers)
+from .utils import checkpoint  # noqa: F401  (the dyhead:// scheme)
 
-register_mmengine_safe_globals()
-
-from .utils.checkpoint import enable_checked_loading  # noqa: E402
-
-enable_checked_loading()
-
-from . import models  # noqa: E402,F401  (registers the modules)
-from .utils import flops  # noqa: E402,F401  (DCN FLOP rules for mmengine's analyzer)
-from . import engine  # noqa: E402,F401  (CPU paths of --launcher pytorch and --amp)
-
-__all__ = ['__version__', 'register_mmengine_safe_globals']
+__all__ = ['__version__']

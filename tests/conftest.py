@@ -1,5 +1,8 @@
+import functools
+import http.server
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -39,3 +42,40 @@ def subprocess_env():
     env = dict(os.environ)
     env['PYTHONPATH'] = REPO_ROOT + os.pathsep + env.get('PYTHONPATH', '')
     return env
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests_seen = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.requests_seen.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """Serve ``tmp_path/www`` on 127.0.0.1 (random port) for one test.
+
+    Yields ``(www folder, base URL, list of requested paths)``.
+    """
+    www = tmp_path / 'www'
+    www.mkdir()
+    seen = []
+    handler = type('Handler', (_QuietHandler, ), {'requests_seen': seen})
+    server = http.server.ThreadingHTTPServer(
+        ('127.0.0.1', 0), functools.partial(handler, directory=str(www)))
+    server.timeout = 5
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={'poll_interval': 0.1},
+        daemon=True)
+    thread.start()
+    try:
+        yield www, f'http://127.0.0.1:{server.server_address[1]}', seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

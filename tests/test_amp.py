@@ -1,13 +1,13 @@
-"""Mixed-precision training of ATSS + DyHead with mmengine's AmpOptimWrapper.
+"""Mixed-precision training of ATSS + DyHead.
 
-CPU autocast runs in bfloat16 (the only dtype CPU autocast has); on CUDA the
-same test runs in float16 with loss scaling. Both DCN backends are covered:
-the native one runs inside autocast, mmcv's kernel is run in float32 by the
-dispatcher (its CPU kernel has no bfloat16).
+On CPU through the package's ``CPUAmpOptimWrapper`` (bfloat16, and float16
+with loss scaling); on CUDA through mmengine's ``AmpOptimWrapper`` in
+float16. Both DCN backends are covered: the native one runs inside autocast,
+mmcv's kernel is run in float32 by the dispatcher (its CPU kernel has no
+half types).
 """
 import pytest
 import torch
-from conftest import rel_err
 
 from mmdet_dyhead.ops import mmcv_ops_available
 
@@ -73,16 +73,13 @@ def batch():
                           num_classes=3)
 
 
-def amp_wrapper(model, dtype):
-    # Built by name, as `tools/train.py --amp` does: on a machine without an
-    # accelerator importing mmdet_dyhead registered the CPU (bfloat16)
-    # variant under this name; on CUDA it is mmengine's own class.
-    from mmengine.registry import OPTIM_WRAPPERS
+def amp_wrapper(model, device, dtype):
+    # Built by name, as the package's `tools/train.py --amp` chooses it.
+    from mmdet.registry import OPTIM_WRAPPERS
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    wrapper = OPTIM_WRAPPERS.get('AmpOptimWrapper')(optimizer=optimizer, dtype=dtype)
-    expected = 'AmpOptimWrapper' if torch.cuda.is_available() else 'CPUAmpOptimWrapper'
-    assert type(wrapper).__name__ == expected
-    return wrapper
+    name = 'AmpOptimWrapper' if device == 'cuda' else 'CPUAmpOptimWrapper'
+    return OPTIM_WRAPPERS.build(
+        dict(type=name, optimizer=optimizer, dtype=str(dtype).split('.')[-1]))
 
 
 def l2_rel(a, ref):
@@ -93,8 +90,8 @@ def l2_rel(a, ref):
 def run_amp_training(backend, device, dtype, steps=2):
     model = tiny_detector(backend).to(device)
     data = batch()
-    wrapper = amp_wrapper(model, dtype)
-    res = dict(model=model)
+    wrapper = amp_wrapper(model, device, dtype)
+    res = dict(model=model, wrapper=wrapper)
 
     # Inference outputs (eval mode), float32 vs the wrapper's autocast.
     model.eval()
@@ -168,17 +165,26 @@ def test_fp16_amp_training_on_cuda(backend):
     check_amp_run(res, out_tol=1e-2, loss_tol=2e-3)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU wrapper')
-def test_cpu_amp_wrapper_refuses_float16_with_the_fix():
-    from mmengine.registry import OPTIM_WRAPPERS
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_fp16_amp_training_on_cpu(backend):
+    res = run_amp_training(backend, 'cpu', torch.float16)
+    assert res['wrapper'].loss_scaler.is_enabled()  # dynamic by default
+    check_amp_run(res, out_tol=1e-2, loss_tol=2e-3)
+
+
+def test_cpu_amp_wrapper_names_the_dtypes_it_runs():
+    from mmdet_dyhead.engine import CPUAmpOptimWrapper
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="dtype='bfloat16'"):
-        OPTIM_WRAPPERS.get('AmpOptimWrapper')(optimizer=optimizer, dtype='float16')
+    with pytest.raises(ValueError, match=r"\['bfloat16', 'float16'\]"):
+        CPUAmpOptimWrapper(optimizer=optimizer, dtype='float64')
+    with pytest.raises(ValueError, match='needs GPUs'):
+        CPUAmpOptimWrapper(optimizer=optimizer, use_fsdp=True)
 
 
 @pytest.mark.slow
-def test_mmdet_train_script_with_amp_flag_trains_on_cpu(tmp_path):
-    """`tools/train.py CONFIG --amp`, unchanged mmdet script, no accelerator."""
+def test_train_tool_with_amp_flag_trains_dyhead(tmp_path):
+    """The package's `tools/train.py CONFIG --amp` (mmdet's script inside):
+    CPUAmpOptimWrapper without an accelerator, mmengine's wrapper with one."""
     import re
     import subprocess
     import sys
@@ -192,7 +198,9 @@ def test_mmdet_train_script_with_amp_flag_trains_on_cpu(tmp_path):
         env=subprocess_env(), capture_output=True, text=True, timeout=240)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert "type='AmpOptimWrapper'" in log or 'AmpOptimWrapper' in log
+    wrapper = ('AmpOptimWrapper' if torch.cuda.is_available() else
+               'CPUAmpOptimWrapper')
+    assert f"type='{wrapper}'" in log
     losses = [float(v) for v in re.findall(r'Iter\(train\) \[\d/3\].*? loss: ([-\d.eE+naif]+)', log)]
     assert len(losses) == 3, log[-3000:]
     assert all(torch.isfinite(torch.tensor(losses))), losses

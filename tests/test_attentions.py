@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from conftest import pyramid, rel_err
 
-from mmdet_dyhead.models import (DyHeadBlock, ScaleAwareAttention,
+from mmdet_dyhead.models import (DynamicHeadBlock, ScaleAwareAttention,
                                  SpatialAwareAttention, TaskAwareAttention)
 
 
@@ -122,7 +122,7 @@ def test_spatial_attention_terms_follow_eq4_aligned():
 
 
 def test_block_is_the_composition_of_its_attentions():
-    block = DyHeadBlock(8, 8, norm_cfg=dict(type='GN', num_groups=4), dcn_backend='torch')
+    block = DynamicHeadBlock(8, 8, norm_cfg=dict(type='GN', num_groups=4), dcn_backend='torch')
     _randomize(block, 0.1)
     feats = pyramid(2, 8, (12, 10), levels=3)
     out = block(feats)
@@ -135,7 +135,7 @@ def test_block_is_the_composition_of_its_attentions():
 
 
 def test_scale_first_uses_one_weight_per_input_level():
-    block = DyHeadBlock(8, 8, attention_order='scale_first',
+    block = DynamicHeadBlock(8, 8, attention_order='scale_first',
                         norm_cfg=dict(type='GN', num_groups=4), dcn_backend='torch')
     _randomize(block, 0.1)
     feats = pyramid(1, 8, (8, 8), levels=3)

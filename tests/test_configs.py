@@ -1,6 +1,7 @@
 """Every shipped config loads and builds; the paper's rows differ from their
-baselines only where the paper says; miswired DyHead detectors fail at build
-time with a message naming the setting to change."""
+baselines only where the paper says; miswired DyHead detectors are stopped
+by DyHeadCheckHook before they run, with a message naming the setting to
+change."""
 import copy
 import functools
 import glob
@@ -13,10 +14,10 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS as ROOT_MODELS
 from mmengine.registry import init_default_scope
+from mmengine.runner import Runner
 
 from conftest import REPO_ROOT
-from mmdet_dyhead.models.detector_checks import (DyHeadConfigError,
-                                                 check_dyhead_detector)
+from mmdet_dyhead.engine import DyHeadConfigError, check_dyhead_detector
 from mmdet_dyhead.models.necks import DyHeadNeck
 from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
 from mmdet_dyhead.registry import MODELS
@@ -114,9 +115,12 @@ def test_config_loads_and_builds(rel_path):
               'spatial': block.spatial_attn.deformable,
               'task': block.task_attn is not None}
         assert {k for k, v in on.items() if v} == wanted
+    hooks = [h for h in cfg.get('custom_hooks', [])
+             if h['type'] == 'DyHeadCheckHook']
+    assert len(hooks) == 1, 'a DyHead config enables DyHeadCheckHook'
+    towers_allowed = hooks[0].get('allow_head_towers', False)
+    check_dyhead_detector(model, towers_allowed)
     head = getattr(model, 'bbox_head', None)
-    towers_allowed = cfg.model.get('dyhead_checks', {}).get(
-        'allow_head_towers', False)
     if head is not None:
         assert (head.stacked_convs > 0) == towers_allowed
     roi_head = getattr(model, 'roi_head', None)
@@ -147,7 +151,7 @@ def _differences(a: str, b: str):
 
 
 DYHEAD_HEAD = ('model.neck', 'model.bbox_head.stacked_convs',
-               'model.bbox_head.feat_channels', 'model.dyhead_checks')
+               'model.bbox_head.feat_channels', 'custom_hooks')
 # (reference config, config, setting prefixes allowed to differ)
 COMPARISONS = [
     # Table 3: each +DyHead row differs from its baseline only in the neck
@@ -162,16 +166,17 @@ COMPARISONS = [
      'retinanet/retinanet_r50_fpn_dyhead-6b_1x_coco.py', DYHEAD_HEAD),
     ('retinanet/retinanet_r50_fpn_1x_coco.py',
      'retinanet/retinanet_r50_fpn_dyhead-6b-towers_1x_coco.py',
-     ('model.neck', 'model.dyhead_checks')),
+     ('model.neck', 'custom_hooks')),
     ('reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py',
      'reppoints/reppoints-moment_r50_fpn-gn_dyhead-6b_1x_coco.py',
      DYHEAD_HEAD),
     ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
      'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
      'task-attn-roi-head_1x_coco.py',
-     ('model.neck', 'model.roi_head.bbox_head')),
+     ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks')),
     ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
-     'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py', ('model.neck', )),
+     'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
+     ('model.neck', 'custom_hooks')),
     # Table 4: backbone and schedule only.
     ('atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
      'atss/atss_r50_fpn_dyhead-6b_2x_coco.py',
@@ -245,21 +250,32 @@ def test_docs_table_lists_every_config_and_only_existing_ones():
 DY_ATSS = 'atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
 
 
-@pytest.mark.parametrize('registry', [ROOT_MODELS, MODELS],
-                         ids=['runner-registry', 'mmdet-registry'])
-def test_head_with_conv_towers_is_refused_at_build(registry):
-    cfg = _load(DY_ATSS)
+def test_head_with_conv_towers_is_stopped_before_training(tmp_path):
+    """Through mmengine's Runner, as tools/train.py runs it: the hook of the
+    shipped config stops the run before the first iteration."""
+    from mmdet_dyhead.testing import generate_synthetic_coco, tiny_detector_cfg
+    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=2,
+                                   num_val=1, image_size=64,
+                                   objects_per_image=(2, 3))
+    cfg = tiny_detector_cfg(osp.join(CONFIG_ROOT, DY_ATSS), data,
+                            str(tmp_path / 'work'), iters=1)
     cfg.model.bbox_head.stacked_convs = 4
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.experiment_name = 'towers'
+    runner = Runner.from_cfg(copy.deepcopy(cfg))
     with pytest.raises(DyHeadConfigError) as err:
-        _build(cfg.model, registry)
+        runner.train()
+    assert runner.iter == 0
     assert 'model.bbox_head.stacked_convs=4' in str(err.value)
     assert 'stacked_convs=0' in str(err.value)
-    assert 'dyhead_checks=dict(allow_head_towers=True)' in str(err.value)
-    # The documented opt-out; the key never reaches mmdet's detector.
-    cfg.model.dyhead_checks = dict(allow_head_towers=True)
-    model = _build(cfg.model, registry)
-    assert model.bbox_head.stacked_convs == 4
-    assert 'dyhead_checks' in cfg.model  # the user's config is not mutated
+    assert ("dict(type='DyHeadCheckHook', allow_head_towers=True)"
+            in str(err.value))
+    # The documented opt-out.
+    cfg.custom_hooks = [dict(type='DyHeadCheckHook', allow_head_towers=True)]
+    cfg.experiment_name = 'towers_allowed'
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert runner.iter == 1
 
 
 @pytest.mark.parametrize('change,message', [
@@ -272,15 +288,13 @@ def test_head_with_conv_towers_is_refused_at_build(registry):
      'model.bbox_head.feat_channels=256'),
     (lambda m: m.bbox_head.anchor_generator.update(strides=[8, 16, 32, 64]),
      'predicts on 4 levels'),
-    (lambda m: m.update(dyhead_checks=dict(allow_towers=True)),
-     "unknown keys ['allow_towers']"),
 ], ids=['fpn-vs-dyhead-channels', 'levels', 'head-channels', 'feat-channels',
-        'head-strides', 'unknown-option'])
+        'head-strides'])
 def test_mismatched_dyhead_detector_names_the_setting(change, message):
     cfg = _load(DY_ATSS)
     change(cfg.model)
     with pytest.raises(DyHeadConfigError, match=re.escape(message)):
-        _build(cfg.model)
+        check_dyhead_detector(_build(cfg.model))
 
 
 def test_two_stage_roi_channels_are_checked():
@@ -290,21 +304,17 @@ def test_two_stage_roi_channels_are_checked():
     with pytest.raises(
             DyHeadConfigError,
             match=re.escape('bbox_roi_extractor.out_channels=128')):
-        _build(cfg.model)
+        check_dyhead_detector(_build(cfg.model))
 
 
 def test_models_without_dyheadneck_are_not_checked():
-    # mmdet's own detectors, towers and all, build as before; so does mmdet's
-    # DyHead recipe (its neck is mmdet's DyHead, not ours).
+    # mmdet's own detectors, towers and all, pass; so does mmdet's DyHead
+    # recipe (its neck is mmdet's DyHead, not ours).
     mmdet_configs = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
     for path in ('atss/atss_r50_fpn_1x_coco.py',
                  'dyhead/atss_r50_fpn_dyhead_1x_coco.py'):
         cfg = Config.fromfile(osp.join(mmdet_configs, path))
         cfg.model.bbox_head.stacked_convs = 2
-        model = _build(cfg.model)
+        model = _build(cfg.model, MODELS)
         check_dyhead_detector(model)
         assert model.bbox_head.stacked_convs == 2
-    # Non-detectors pass straight through the wrapped build function.
-    conv = MODELS.build(dict(type='Conv2d', in_channels=3, out_channels=4,
-                             kernel_size=1))
-    assert isinstance(conv, torch.nn.Conv2d)

@@ -6,8 +6,8 @@ release (detectron2 ResNet-50 ``bottom_up``, FPN ``fpn_lateral/output``,
 converter, and one converted block is checked against the official block's
 equations written out with mmcv's DCN op.
 """
-import importlib.util
 import os.path as osp
+import re
 
 import pytest
 import torch
@@ -15,19 +15,10 @@ import torch.nn.functional as F
 
 from conftest import REPO_ROOT, rel_err
 
+from mmdet_dyhead.cli import convert_official_dyhead as tool
+
 CONFIG = osp.join(REPO_ROOT, 'configs/atss/atss_r50-caffe_fpn_dyhead-6b_official_1x_coco.py')
 CAFFE_MEAN = (103.53, 116.28, 123.675)
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'convert_official_dyhead', osp.join(REPO_ROOT, 'tools/convert_official_dyhead.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
 
 
 def official_atss_r50_state_dict(num_blocks=6, num_classes=80, c=256):
@@ -195,7 +186,7 @@ def official_block(feats, sd, t):
 
 def test_converted_block_computes_the_official_block(official, converted, model):
     state, _ = converted
-    from mmdet_dyhead.utils.checkpoint import load_state_dict
+    from mmdet_dyhead.utils import load_state_dict
     load_state_dict(model, state, strict=True)
     feats = [torch.randn(1, 256, h, w) for h, w in ((16, 20), (8, 10), (4, 5), (2, 3), (1, 2))]
     with torch.no_grad():
@@ -208,12 +199,13 @@ def test_converted_block_computes_the_official_block(official, converted, model)
 def test_cli_writes_a_hash_named_checkpoint_the_model_loads_and_runs(official, model, tmp_path):
     from mmdet.structures import DetDataSample
 
-    from mmdet_dyhead.utils.checkpoint import hash_prefix_from_name, load_checkpoint, sha256_of
+    from mmdet_dyhead.utils import load_checkpoint, sha256_of
     src = tmp_path / 'dyhead_r50_atss_fpn_1x.pth'
     torch.save({'model': official, 'iteration': 89999, '__author__': 'test'}, src)
     assert tool.main([str(src), str(tmp_path / 'converted.pth'), '--hash-name']) == 0
     (out,) = [p for p in tmp_path.iterdir() if p.name.startswith('converted-')]
-    assert sha256_of(str(out)).startswith(hash_prefix_from_name(str(out)))
+    prefix = re.fullmatch(r'converted-([0-9a-f]{8})\.pth', out.name)
+    assert prefix and sha256_of(str(out)).startswith(prefix.group(1))
     report = load_checkpoint(model, str(out), strict=True)
     assert report.ok
     img = torch.randint(0, 255, (3, 60, 90), dtype=torch.uint8)

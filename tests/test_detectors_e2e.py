@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import REPO_ROOT
-from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
+from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
 from mmdet_dyhead.models.necks import DyHeadNeck
 from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
 

@@ -1,4 +1,6 @@
-"""Two-process CPU training through torchrun + mmengine's pytorch launcher."""
+"""Two-process CPU training through torchrun + the package's tools/train.py
+(mmdet's script, mmengine's pytorch launcher; the tool starts the gloo
+process group and picks the CPU DDP wrapper)."""
 import os.path as osp
 import re
 import socket
@@ -9,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, subprocess_env
 
-from mmdet_dyhead.engine.cpu_distributed import (_cpu_ddp_class,
-                                                 _init_dist_pytorch_cpu)
+from mmdet_dyhead.engine import (CPUDistributedDataParallel,
+                                 init_cpu_process_group)
 
 BASE_CONFIG = osp.join(REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py')
 
@@ -56,7 +58,7 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
 
 def write_train_config(tmp_path, num_train=8):
     """Synthetic data in tmp_path/data and a 3-iteration config for it."""
-    from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
+    from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
     data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=num_train,
                                    num_val=2, image_size=64)
     config = tmp_path / 'train_cfg.py'
@@ -87,6 +89,7 @@ def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(tmp_pat
     # torchrun exits 0 only if every rank did.
     assert proc.returncode == 0, log[-4000:]
     assert 'Distributed training: True' in log
+    assert "type='CPUDistributedDataParallel'" in log
     assert len(re.findall(r'Iter\(train\) \[3/3\]', log)) >= 1, log[-3000:]
 
     from mmengine.config import Config
@@ -94,7 +97,9 @@ def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(tmp_pat
     from mmdet_dyhead.deploy import build_detector
     ckpt = work_dir / 'iter_3.pth'
     assert ckpt.is_file()
-    loaded = torch.load(ckpt, map_location='cpu')  # weights_only default
+    from mmdet_dyhead.utils import mmengine_safe_globals
+    with mmengine_safe_globals():  # weights_only default, scoped allow-list
+        loaded = torch.load(ckpt, map_location='cpu')
     assert loaded['meta']['iter'] == 3
     # Strict load into the same architecture: no key or shape mismatch.
     model = build_detector(Config.fromfile(str(config)))
@@ -107,7 +112,14 @@ def test_nccl_on_cpu_explains_the_gloo_setting(monkeypatch):
     monkeypatch.setenv('RANK', '0')
     monkeypatch.setenv('WORLD_SIZE', '1')
     with pytest.raises(RuntimeError, match='env_cfg.dist_cfg.backend=gloo'):
-        _init_dist_pytorch_cpu('nccl')
+        init_cpu_process_group('nccl')
+
+
+def test_without_torchrun_variables_the_launcher_says_so(monkeypatch):
+    for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match='torchrun --nproc_per_node'):
+        init_cpu_process_group('gloo')
 
 
 def test_cpu_ddp_accepts_mmengines_device_ids_and_syncs_gradients(tmp_path):
@@ -131,7 +143,10 @@ def test_cpu_ddp_accepts_mmengines_device_ids_and_syncs_gradients(tmp_path):
         # DDP refuses that for a CPU module.
         with pytest.raises(ValueError, match='device_ids'):
             torch.nn.parallel.DistributedDataParallel(Tiny(), device_ids=[0])
-        model = _cpu_ddp_class()(Tiny(), device_ids=[0])
+        from mmengine.registry import MODEL_WRAPPERS
+        model = MODEL_WRAPPERS.build(dict(type='CPUDistributedDataParallel',
+                                          module=Tiny(), device_ids=[0]))
+        assert isinstance(model, CPUDistributedDataParallel)
         model(torch.ones(2, 3)).sum().backward()
         assert torch.allclose(model.module.fc.weight.grad, torch.full((1, 3), 2.0))
     finally:

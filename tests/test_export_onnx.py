@@ -166,12 +166,8 @@ def test_built_model_with_mmcv_dcn_is_refused(assets):
 
 def run_tool(*args):
     """tools/export_onnx.py's main() in this process (no interpreter start-up)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'export_onnx_tool', osp.join(REPO_ROOT, 'tools/export_onnx.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main(list(args))
+    from mmdet_dyhead.cli.export_onnx import main
+    return main(list(args))
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from conftest import pyramid
 
 from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.ops import ModulatedDeformConv, mmcv_ops_available
+from mmdet_dyhead.utils.flops import FLOP_HANDLES
 
 BACKENDS = ['torch', pytest.param('mmcv', marks=pytest.mark.skipif(
     not mmcv_ops_available(), reason='mmcv built without ops'))]
@@ -34,6 +35,7 @@ class _Neck(torch.nn.Module):
 def _analyze(model, inputs):
     from mmengine.analysis import FlopAnalyzer
     fa = FlopAnalyzer(model.eval(), inputs)
+    fa.set_op_handle(**FLOP_HANDLES)  # explicit: importing registers nothing
     fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return fa
 
@@ -90,6 +92,38 @@ def test_mmdet_dyhead_and_ours_count_the_same_convs():
                     feats).by_operator()
     assert theirs['PythonOp.ModulatedDeformConv2dFunction'] == ours['PythonOp.GatherConvFunction']
     assert theirs['conv'] == ours['conv']
+
+
+def test_get_flops_registers_the_dcn_rules_itself(tmp_path, capsys,
+                                                 monkeypatch):
+    from mmengine.analysis import complexity_analysis
+
+    from mmdet_dyhead.cli import get_flops
+    # mmengine's defaults without the DCN rules, whatever ran before.
+    defaults = {
+        k: v for k, v in complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.items()
+        if k not in FLOP_HANDLES}
+    monkeypatch.setattr(complexity_analysis, '_DEFAULT_SUPPORTED_FLOP_OPS',
+                        dict(defaults))
+    out = tmp_path / 'table2.md'
+    get_flops.main(['table2', '--shape', '128', '192', '--blocks', '1', '2',
+                    '--out', str(out)])
+    # Registered only while counting: mmengine's defaults are left as found.
+    assert complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS == defaults
+    gflops = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.endswith(' GFLOPs'):
+            name, value = line.rsplit(': ', 1)
+            gflops[name] = float(value.split()[0])
+    assert list(gflops) == ['ATSS baseline (4-conv towers)',
+                            'ATSS + 1 DyHead block', 'ATSS + 2 DyHead blocks']
+    # One more block adds at least its three DCN branches (256 -> 256, 3x3)
+    # over the P3-P7 output pixels of a 128x192 image: 16x24 .. 1x2, i.e.
+    # mid on all 512 pixels, low and high on the 128 of P4-P7 each.
+    dcn = (512 + 2 * 128) * 256 * 256 * 9 / 1e9
+    delta = gflops['ATSS + 2 DyHead blocks'] - gflops['ATSS + 1 DyHead block']
+    assert dcn <= delta < 1.2 * dcn
+    assert len(out.read_text().splitlines()) == 5  # header, rule, 3 models
 
 
 def test_benchmark_quick_mode_writes_a_table(tmp_path):

@@ -1,15 +1,12 @@
 """Model zoo: metafiles, mmdet's released checkpoints, checked loading, mim."""
 import filecmp
-import functools
 import glob
-import http.server
 import os
 import os.path as osp
 import re
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -17,7 +14,11 @@ import torch.nn as nn
 import yaml
 from conftest import REPO_ROOT, pyramid, rel_err
 
-from mmdet_dyhead.utils import checkpoint as ckpt
+from torch.hub import HASH_REGEX
+
+from mmdet_dyhead.utils import (CheckpointHashError, CheckpointKeyError,
+                                load_state_dict)
+from mmdet_dyhead.utils.checkpoint import default_cache_dir
 
 
 def mmdet_mim_dir():
@@ -52,7 +53,8 @@ def test_model_index_imports_every_metafile_and_entries_are_consistent():
         for result in m.get('Results', []):
             assert 30 < result['Metrics']['box AP'] < 65
         if 'Weights' in m:
-            assert m['Metadata']['Weights SHA256 Prefix'] == ckpt.hash_prefix_from_name(m['Weights'])
+            assert m['Metadata']['Weights SHA256 Prefix'] == HASH_REGEX.search(
+                osp.basename(m['Weights'])).group(1)
 
 
 def test_released_weights_and_ap_are_mmdets():
@@ -105,7 +107,6 @@ def test_mmdet_checkpoint_loads_unchanged_with_same_outputs(ours, theirs, shrink
     path = tmp_path / f'{theirs}.pth'
     torch.save({'meta': {'note': 'random init'}, 'state_dict': ref.state_dict()}, path)
     model = build(osp.join(REPO_ROOT, f'configs/atss/{ours}.py'), shrink)
-    ckpt.enable_checked_loading()
     # mmengine's own entry point (what load_from uses); strict raises on any
     # missing, unexpected or mis-shaped key
     load_checkpoint(model, str(path), strict=True)
@@ -119,130 +120,37 @@ def test_mmdet_checkpoint_loads_unchanged_with_same_outputs(ours, theirs, shrink
                 assert rel_err(a, b) < 1e-4
 
 
-# ----------------------------------------------------------------------------
-# hash-checked downloads over a loopback HTTP server
-# ----------------------------------------------------------------------------
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    requests_seen = None
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.requests_seen.append(self.path)
-        super().do_GET()
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    """Serve ``tmp_path/www`` on 127.0.0.1 (random port) for one test."""
-    www = tmp_path / 'www'
-    www.mkdir()
-    seen = []
-    handler = type('Handler', (_QuietHandler,), {'requests_seen': seen})
-    server = http.server.ThreadingHTTPServer(
-        ('127.0.0.1', 0), functools.partial(handler, directory=str(www)))
-    server.timeout = 5
-    thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.1},
-                              daemon=True)
-    thread.start()
-    try:
-        yield www, f'http://127.0.0.1:{server.server_address[1]}', seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 def tiny_checkpoint(path):
     model = nn.Conv2d(3, 4, 3)
     torch.save({'meta': {}, 'state_dict': model.state_dict()}, path)
     return model
 
 
-def test_url_checkpoint_is_hash_checked_and_weights_only(http_root, tmp_path, monkeypatch):
-    from mmengine.runner.checkpoint import load_checkpoint
-    www, base, seen = http_root
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    ckpt.enable_checked_loading()
-    tiny_checkpoint(www / 'good.pth')
-    good = f'good_20250101-{ckpt.sha256_of(str(www / "good.pth"))[:8]}.pth'
-    os.rename(www / 'good.pth', www / good)
-    target = nn.Conv2d(3, 4, 3)
-    load_checkpoint(target, f'{base}/{good}', strict=True)
-    assert torch.equal(target.weight, torch.load(www / good)['state_dict']['weight'])
-    cached = osp.join(ckpt.default_cache_dir(), good)
-    assert osp.isfile(cached) and seen == [f'/{good}']
-
-    # a file that is not what its name promises is refused and not cached
-    tiny_checkpoint(www / 'bad_20250101-0123abcd.pth')
-    with pytest.raises(ckpt.CheckpointHashError, match='sha256 is .* published as 0123abcd'):
-        load_checkpoint(target, f'{base}/bad_20250101-0123abcd.pth')
-    assert not [p for p in os.listdir(ckpt.default_cache_dir()) if p.startswith('bad')]
-
-    # a cached copy that changed after download is refused too
-    with open(cached, 'ab') as f:
-        f.write(b'tampered')
-    with pytest.raises(ckpt.CheckpointHashError, match='delete it and download it again'):
-        load_checkpoint(target, f'{base}/{good}')
-
-    # objects other than tensors are not unpickled
-    import argparse
-    torch.save({'state_dict': {}, 'args': argparse.Namespace(lr=0.1)}, www / 'code.pth')
-    with pytest.raises(ckpt.CheckpointError, match='argparse.Namespace.*weights-only'):
-        load_checkpoint(target, f'{base}/code.pth')
-
-
-def test_corrupt_and_foreign_local_files_get_clear_errors(tmp_path):
-    ckpt.enable_checked_loading()
-    from mmengine.runner.checkpoint import _load_checkpoint
-    tiny_checkpoint(tmp_path / 'full.pth')
-    data = (tmp_path / 'full.pth').read_bytes()
-    (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
-    with pytest.raises(ckpt.CheckpointError, match='truncated or corrupt.*download or copy it again'):
-        _load_checkpoint(str(tmp_path / 'cut.pth'))
-    (tmp_path / 'page.pth').write_text('<!DOCTYPE html><html>Not found</html>')
-    with pytest.raises(ckpt.CheckpointError, match='HTML'):
-        _load_checkpoint(str(tmp_path / 'page.pth'))
-    with pytest.raises(FileNotFoundError):
-        _load_checkpoint(str(tmp_path / 'missing.pth'))
-
-
 # ----------------------------------------------------------------------------
 # grouped key report
 # ----------------------------------------------------------------------------
 def test_key_mismatch_is_reported_grouped_by_module():
-    from mmengine.runner import checkpoint as mm_ckpt
-
     from mmdet_dyhead.models import DyHeadNeck
-    ckpt.enable_checked_loading()
     official = DyHeadNeck(32, 32, num_blocks=6, preset='official', dcn_backend='torch')
     mmdet_like = DyHeadNeck(32, 32, num_blocks=6, preset='mmdet', dcn_backend='torch')
     state = dict(mmdet_like.state_dict())
     state['extra_head.0.weight'] = torch.zeros(1)
     state['extra_head.1.weight'] = torch.zeros(1)
-    with pytest.raises(ckpt.CheckpointKeyError) as info:
-        mm_ckpt.load_state_dict(official, state, strict=True)
+    with pytest.raises(CheckpointKeyError) as info:
+        load_state_dict(official, state, strict=True)
     text = str(info.value)
     # 18 missing biases (3 branches x 6 blocks) in 3 lines, 2 extras in 1
     assert re.search(r'dyhead_blocks\.\{0-5\}\.spatial_attn\.high_branch\.conv: bias \(6 keys\)', text)
     assert 'extra_head.{0-1}: weight (2 keys)' in text
     assert "preset='mmdet'" in text
     assert len(text.splitlines()) < 10
-    report = mm_ckpt.load_state_dict(official, state, strict=False)
+    report = load_state_dict(official, state, strict=False)
     assert len(report.missing) == 18 and len(report.unexpected) == 2
     # what did match was loaded
     torch.testing.assert_close(official.dyhead_blocks[5].task_attn.fc2.weight,
                                mmdet_like.dyhead_blocks[5].task_attn.fc2.weight)
     out = official(pyramid(1, 32, (16, 16), 5))
     assert len(out) == 5
-
-
-def test_shape_mismatch_is_reported_not_raised_when_not_strict():
-    a, b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 5, 3)
-    report = ckpt.load_state_dict(a, b.state_dict(), strict=False)
-    assert [k for k, _, _ in report.mismatched] == ['weight', 'bias']
-    assert 'checkpoint (5, 3, 3, 3), model (4, 3, 3, 3)' in report.format()
 
 
 # ----------------------------------------------------------------------------
@@ -286,7 +194,8 @@ def test_mim_search_lists_the_zoo(tmp_path):
     assert 'weights_sha256_prefix  162888e6' in out.stdout
 
 
-def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(http_root, tmp_path):
+def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(
+        http_root, tmp_path, monkeypatch):
     """``mim download`` reads the URL from the installed metafile. To serve it
     locally, the test puts an overlay copy of the installed package (its
     dist-info too, so mim's pkg_resources lookup lands there) first on
@@ -321,10 +230,17 @@ def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(http_root,
     dumped = (dest / f'{entry["Name"]}.py').read_text()
     assert "type='DyHeadNeck'" in dumped and "'mmdet_dyhead'" in dumped
 
-    ckpt.enable_checked_loading()
-    from mmengine.runner.checkpoint import _load_checkpoint
-    with pytest.raises(ckpt.CheckpointHashError, match=entry['Metadata']['Weights SHA256 Prefix']):
-        _load_checkpoint(str(dest / name))
+    # Placed in torch's hub cache, the file is what dyhead://<name> uses
+    # without downloading; it is not the published one, so it is refused.
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    cache = osp.join(default_cache_dir())
+    os.makedirs(cache)
+    shutil.copy(dest / name, cache)
+    from mmengine.runner.checkpoint import CheckpointLoader
+    with pytest.raises(CheckpointHashError,
+                       match=entry['Metadata']['Weights SHA256 Prefix']):
+        CheckpointLoader.load_checkpoint(f'dyhead://{entry["Name"]}')
+    assert seen == [url_path]  # no second download
 
 
 @pytest.mark.slow
@@ -333,16 +249,16 @@ def test_mim_train_then_mim_test_run_a_config_of_this_package(tmp_path):
     --checkpoint ...` run the wheel's .mim/tools scripts (mmdet's, with the
     plugin imported) on a tiny ATSS+DyHead config; the test ends with
     CocoMetric's COCO summary."""
-    from test_detectors_e2e import IMAGE, ITERS, _tiny_cfg
-
-    from mmdet_dyhead.datasets import generate_synthetic_coco
+    from mmdet_dyhead.testing import generate_synthetic_coco, tiny_detector_cfg
     _, env = installed_package_dir(tmp_path)
     data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=2, num_val=2,
-                                   image_size=IMAGE, seed=0)
+                                   image_size=64, seed=0)
     work = tmp_path / 'work'
-    cfg = _tiny_cfg('atss/atss_r50_fpn_dyhead-6b_1x_coco.py', data, str(work))
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False,
-                                        interval=ITERS)
+    ITERS = 6
+    cfg = tiny_detector_cfg(
+        osp.join(REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'),
+        data, str(work), iters=ITERS, checkpoint_interval=ITERS)
+    cfg.log_level = 'WARNING'
     cfg_file = tmp_path / 'tiny_atss_dyhead.py'
     cfg.dump(str(cfg_file))
     out = mim(['train', 'mmdet_dyhead', str(cfg_file), '--work-dir', str(work)],

@@ -1,6 +1,5 @@
 """The quickstart: its configs, its output-folder guard, and a very short run
 whose table is checked against pycocotools' own evaluation."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -14,23 +13,25 @@ from mmengine.config import Config
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mmdet_dyhead.datasets import SYNTHETIC_CLASSES, generate_synthetic_coco
+from mmdet_dyhead.cli import quickstart as quickstart_module
+from mmdet_dyhead.cli import study_ablation as study
+from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
 from conftest import REPO_ROOT, subprocess_env
 
 CONFIG_DIR = osp.join(REPO_ROOT, 'configs', 'quickstart')
 QUICKSTART = osp.join(REPO_ROOT, 'tools', 'quickstart.py')
 
 
-def _load_quickstart():
-    spec = importlib.util.spec_from_file_location('quickstart', QUICKSTART)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def quickstart():
-    return _load_quickstart()
+    return quickstart_module
+
+
+def test_tools_find_the_checkouts_configs_and_docs(quickstart):
+    # The tools' logic lives in mmdet_dyhead/cli/; paths stay repo-relative.
+    assert quickstart.config_dir() == CONFIG_DIR
+    assert study.parse_args([]).doc == osp.join(REPO_ROOT, 'docs',
+                                                'ablation_synthetic.md')
 
 
 def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
@@ -135,7 +136,7 @@ def test_quick_run_trains_both_and_writes_the_table(tmp_path):
         # The AP numbers are mmdet's CocoMetric; recompute them with
         # pycocotools from the detections it saved.
         work = out / 'work_dirs' / osp.splitext(
-            _load_quickstart().MODELS[name])[0]
+            quickstart_module.MODELS[name])[0]
         gt = COCO(str(out / 'data' / 'annotations' / 'instances_val.json'))
         dets = json.load(open(work / 'val_predictions.bbox.json'))
         assert dets, 'score_thr 0 in --quick must leave detections'
@@ -160,10 +161,6 @@ def test_ablation_study_switches_reach_the_blocks(tmp_path, quickstart):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules()
-    spec = importlib.util.spec_from_file_location(
-        'study', osp.join(REPO_ROOT, 'tools', 'study_ablation.py'))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
     data = dict(data_root=str(tmp_path), val_ann=str(tmp_path / 'v.json'))
     qs_args = argparse.Namespace(image_size=None, batch_size=None, iters=7,
                                  seed=1, quick=False)

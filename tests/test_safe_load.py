@@ -1,4 +1,5 @@
-"""mmengine checkpoints load with torch's weights_only=True kept on."""
+"""mmengine checkpoints load with torch's weights_only=True kept on, inside
+the scoped allow-list the package's tools use."""
 import os
 import pickle
 
@@ -8,7 +9,7 @@ import torch.nn as nn
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
 
-import mmdet_dyhead  # noqa: F401  (allow-lists mmengine's classes)
+from mmdet_dyhead.utils import mmengine_safe_globals
 
 
 class ToyModel(BaseModel):
@@ -50,14 +51,18 @@ def _runner(work_dir, **kw):
 def test_runner_checkpoint_loads_weights_only_and_resumes(tmp_path):
     _runner(tmp_path / 'a').train()
     ckpt = tmp_path / 'a' / 'epoch_1.pth'
-    loaded = torch.load(ckpt, map_location='cpu', weights_only=True)
-    assert 'message_hub' in loaded and 'optimizer' in loaded
-    runner = _runner(tmp_path / 'b', resume=True, load_from=str(ckpt))
-    runner._train_loop = runner.build_train_loop(runner._train_loop)
-    runner.load_or_resume()
+    with mmengine_safe_globals():
+        loaded = torch.load(ckpt, map_location='cpu', weights_only=True)
+        assert 'message_hub' in loaded and 'optimizer' in loaded
+        runner = _runner(tmp_path / 'b', resume=True, load_from=str(ckpt))
+        runner._train_loop = runner.build_train_loop(runner._train_loop)
+        runner.load_or_resume()
     assert runner.iter == 2 and runner.epoch == 1
     hist = runner.message_hub.get_scalar('train/loss')
     assert len(hist.data[0]) > 0
+    # the allow-list ends with the block
+    with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
+        torch.load(ckpt, map_location='cpu', weights_only=True)
 
 
 class _Exploit:
@@ -69,7 +74,7 @@ def test_a_pickle_that_runs_code_is_still_refused(tmp_path):
     path = tmp_path / 'evil.pth'
     with open(path, 'wb') as f:
         pickle.dump({'state_dict': {}, 'x': _Exploit()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with mmengine_safe_globals(), pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
     assert 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD' not in os.environ
 
@@ -84,5 +89,6 @@ class _AttrProbe:
 def test_getattr_is_limited_to_history_buffer_statistics(tmp_path):
     path = tmp_path / 'probe.pth'
     torch.save({'x': _AttrProbe()}, path)
-    with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer statistics'):
+    with mmengine_safe_globals(), pytest.raises(
+            pickle.UnpicklingError, match='HistoryBuffer statistics'):
         torch.load(path, weights_only=True)

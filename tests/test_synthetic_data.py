@@ -1,7 +1,6 @@
 """The synthetic COCO-format dataset: valid for pycocotools, deterministic,
 scale-diverse, class balance as asked, clear errors on bad input."""
 import filecmp
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -13,18 +12,9 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from mmdet_dyhead.datasets import (SYNTHETIC_CLASSES, generate_synthetic_coco,
-                                   read_synthetic_meta)
-
-REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def _load_tool():
-    path = osp.join(REPO_ROOT, 'tools', 'generate_synthetic_coco.py')
-    spec = importlib.util.spec_from_file_location('gen_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from mmdet_dyhead.cli import generate_synthetic_coco as tool
+from mmdet_dyhead.testing import (SYNTHETIC_CLASSES, generate_synthetic_coco,
+                                  read_synthetic_meta)
 
 
 @pytest.fixture(scope='module')
@@ -198,7 +188,6 @@ def test_bad_input_is_named(tmp_path, kwargs, match):
 
 
 def test_command_line_tool(tmp_path, capsys):
-    tool = _load_tool()
     out = str(tmp_path / 'cli')
     tool.main([out, '--num-train', '2', '--num-val', '1', '--image-size',
                '64', '80', '--seed', '5'])

@@ -138,7 +138,8 @@ test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 
 @pytest.mark.slow
 def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
-    from mmdet_dyhead.datasets import generate_synthetic_coco
+    from mmdet_dyhead.cli import visualize_attention as tool
+    from mmdet_dyhead.testing import generate_synthetic_coco
     from mmdet_dyhead.deploy import build_detector
     data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=1,
                                    num_val=4, image_size=(80, 96))
@@ -152,11 +153,6 @@ def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
     first = osp.join(val_dir, sorted(os.listdir(val_dir))[0])
     out_dir = tmp_path / 'vis'
     # The tool's main() in this process: no interpreter start-up per call.
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'visualize_attention_tool', osp.join(REPO_ROOT, 'tools/visualize_attention.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     common = [str(config), str(ckpt), '--images', first, '--out-dir', str(out_dir)]
 
     assert tool.main(common + ['--ratio-images', val_dir]) == 0

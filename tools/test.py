@@ -1,8 +1,9 @@
-"""mmdet's tools/test.py, unchanged, with mmdet-dyhead registered.
+"""mmdet's tools/test.py with mmdet-dyhead's checks and CPU options.
 
-Usage is exactly mmdet's: python tools/test.py CONFIG ... (see --help).
+Usage is exactly mmdet's: python tools/test.py CONFIG CHECKPOINT ... (see
+--help).
 """
-from mmdet_dyhead.utils.mmdet_tools import run_mmdet_tool
+from mmdet_dyhead.cli.test import main
 
 if __name__ == '__main__':
-    run_mmdet_tool('test.py')
+    main()

@@ -1,8 +1,8 @@
-"""mmdet's tools/train.py, unchanged, with mmdet-dyhead registered.
+"""mmdet's tools/train.py with mmdet-dyhead's checks and CPU options.
 
 Usage is exactly mmdet's: python tools/train.py CONFIG ... (see --help).
 """
-from mmdet_dyhead.utils.mmdet_tools import run_mmdet_tool
+from mmdet_dyhead.cli.train import main
 
 if __name__ == '__main__':
-    run_mmdet_tool('train.py')
+    main()

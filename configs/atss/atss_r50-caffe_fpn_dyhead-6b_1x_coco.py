@@ -24,3 +24,6 @@ model = dict(neck=[
         # mmdet's recipe starts the offsets from N(0, 0.01), not from zero
         zero_init_offset=False),
 ])
+
+# Checks the FPN/DyHead/head wiring before training and testing.
+custom_hooks = [dict(type='DyHeadCheckHook')]

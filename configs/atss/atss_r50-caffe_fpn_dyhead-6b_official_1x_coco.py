@@ -40,3 +40,6 @@ param_scheduler = [
     dict(type='MultiStepLR', begin=0, end=12, by_epoch=True,
          milestones=[8, 11], gamma=0.1),
 ]
+
+# Checks the FPN/DyHead/head wiring before training and testing.
+custom_hooks = [dict(type='DyHeadCheckHook')]

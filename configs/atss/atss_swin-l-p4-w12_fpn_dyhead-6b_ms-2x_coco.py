@@ -22,3 +22,6 @@ model = dict(neck=[
         preset='mmdet',
         zero_init_offset=False),
 ])
+
+# Checks the FPN/DyHead/head wiring before training and testing.
+custom_hooks = [dict(type='DyHeadCheckHook')]

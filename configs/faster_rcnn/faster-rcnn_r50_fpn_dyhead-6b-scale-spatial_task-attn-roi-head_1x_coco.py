@@ -38,3 +38,6 @@ model = dict(
             loss_cls=dict(
                 type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
             loss_bbox=dict(type='L1Loss', loss_weight=1.0))))
+
+# Checks the FPN/DyHead/head wiring before training and testing.
+custom_hooks = [dict(type='DyHeadCheckHook')]

@@ -18,3 +18,6 @@ model = dict(neck=[
         num_levels=5,
         preset='mmdet'),
 ])
+
+# Checks the FPN/DyHead/head wiring before training and testing.
+custom_hooks = [dict(type='DyHeadCheckHook')]

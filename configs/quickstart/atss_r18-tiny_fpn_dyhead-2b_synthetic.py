@@ -31,3 +31,6 @@ model = dict(
 # (docs/quickstart.md, "Tuning"). COCO configs keep SGD and mmdet's setting.
 optim_wrapper = dict(
     paramwise_cfg=dict(custom_keys=dict(offset_conv=dict(lr_mult=0.1))))
+
+# Checks the FPN/DyHead/head wiring before training and testing.
+custom_hooks = [dict(type='DyHeadCheckHook')]

@@ -23,3 +23,6 @@ model = dict(
             preset='mmdet'),
     ],
     bbox_head=dict(stacked_convs=0, feat_channels=256))
+
+# Checks the FPN/DyHead/head wiring before training and testing.
+custom_hooks = [dict(type='DyHeadCheckHook')]

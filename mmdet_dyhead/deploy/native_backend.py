@@ -11,7 +11,7 @@ from typing import Any, List, Tuple
 import torch.nn as nn
 
 # Config types that build our DCN layers and take ``dcn_backend``.
-DYHEAD_TYPES = ('DyHeadNeck', 'DyHeadBlock', 'SpatialAwareAttention')
+DYHEAD_TYPES = ('DyHeadNeck', )
 
 
 class NativeBackendError(ValueError):

@@ -1,4 +1,3 @@
 from .layers import *  # noqa: F401,F403
 from .necks import *  # noqa: F401,F403
 from .roi_heads import *  # noqa: F401,F403
-from . import detector_checks  # noqa: F401,E402  (build-time DyHead checks)

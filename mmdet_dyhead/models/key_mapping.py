@@ -4,7 +4,7 @@ Block-relative prefixes; a checkpoint of mmdet's neck loads into ours (the
 blocks convert on load) and :func:`to_mmdet_keys` writes ours for mmdet.
 
 =================================  ===================================
-mmdet ``DyHeadBlock``              mmdet-dyhead ``DyHeadBlock``
+mmdet ``DyHeadBlock``              mmdet-dyhead ``DynamicHeadBlock``
 =================================  ===================================
 ``spatial_conv_offset.*``          ``spatial_attn.offset_conv.*``
 ``spatial_conv_high.{conv,norm}``  ``spatial_attn.high_branch.{conv,norm}``

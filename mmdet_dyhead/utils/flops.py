@@ -19,11 +19,14 @@ conv's im2col is not. Handles are registered for:
 - ``GatherConvFunction``: this package's native DCN (``dcn_backend='torch'``
   or ``'auto'`` on CPU), which may cover several pyramid levels per call.
 
-Importing this module (which importing :mod:`mmdet_dyhead` does) registers
-them (:func:`register_flop_handles`), so every analyzer built afterwards
-counts DyHead.
+Nothing is registered on import. Either set the handles on an analyzer of
+your own (``FlopAnalyzer(model, inputs).set_op_handle(**FLOP_HANDLES)``),
+or let :func:`flop_handles_registered` add them to mmengine's defaults for
+the duration of a ``with`` block (what ``tools/get_flops.py`` does around
+``get_model_complexity_info`` and mmdet's ``get_flops.py``).
 """
-from typing import Any, List
+import contextlib
+from typing import Any, Iterator, List
 
 from mmengine.analysis.jit_handles import get_shape
 
@@ -80,17 +83,21 @@ FLOP_HANDLES = {
 }
 
 
-def register_flop_handles() -> None:
-    """Add the handles to mmengine's defaults (idempotent).
+@contextlib.contextmanager
+def flop_handles_registered() -> Iterator[None]:
+    """Count deformable convs in every analyzer built inside the block.
 
-    ``FlopAnalyzer.__init__`` copies ``_DEFAULT_SUPPORTED_FLOP_OPS``, which is
-    also what ``get_model_complexity_info`` starts from.
+    ``FlopAnalyzer.__init__`` (and so ``get_model_complexity_info``) copies
+    mmengine's default handle table, which has no entry for these ops. The
+    table is extended on entry and restored on exit, so analyzers outside
+    the block behave as mmengine ships them.
     """
+    from mmengine.analysis import complexity_analysis
+    table = complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS
+    saved = dict(table)
+    table.update(FLOP_HANDLES)
     try:
-        from mmengine.analysis import complexity_analysis
-    except ImportError:  # an mmengine without the analysis package
-        return
-    complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.update(FLOP_HANDLES)
-
-
-register_flop_handles()
+        yield
+    finally:
+        table.clear()
+        table.update(saved)

@@ -1,15 +1,18 @@
-"""Let torch's ``weights_only`` loader read mmengine checkpoints.
+"""Let torch's ``weights_only`` loader read mmengine checkpoints, in a scope.
 
 torch >= 2.6 loads with ``weights_only=True``: only tensors, containers and
 allow-listed classes are unpickled. mmengine 0.10.7's Runner stores its
 ``message_hub`` (``HistoryBuffer`` objects holding numpy arrays) in every
-checkpoint, so ``tools/test.py`` and ``--resume`` fail on self-trained
-checkpoints. Instead of switching the check off (``weights_only=False`` or
-``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), we allow-list exactly the data
-classes those checkpoints contain. None of them runs code on unpickling:
-``HistoryBuffer`` is restored by setting its ``__dict__``, and the numpy
-entries rebuild arrays, dtypes and scalars from raw bytes. Any other global
-(``os.system``, ``eval``, arbitrary classes) is still refused.
+checkpoint, so mmdet's ``tools/test.py`` and ``--resume`` fail on
+self-trained checkpoints. Instead of switching the check off
+(``weights_only=False`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``),
+:func:`mmengine_safe_globals` allow-lists exactly the data classes those
+checkpoints contain, for the duration of a ``with`` block (the package's
+``tools/train.py`` and ``tools/test.py`` run mmdet's scripts inside it).
+None of them runs code on unpickling: ``HistoryBuffer`` is restored by
+setting its ``__dict__``, and the numpy entries rebuild arrays, dtypes and
+scalars from raw bytes. Any other global (``os.system``, ``eval``,
+arbitrary classes) is still refused.
 
 One entry needs care: a ``HistoryBuffer`` pickles its statistics methods as
 ``getattr(HistoryBuffer, 'min')``. Allow-listing ``builtins.getattr`` itself
@@ -17,20 +20,20 @@ would let a checkpoint read any attribute of any loadable object, so the name
 ``builtins.getattr`` is bound to :func:`history_buffer_getattr`, which only
 returns HistoryBuffer's registered statistics methods.
 """
+import contextlib
 import pickle
-from typing import List
+from typing import ContextManager, List
 
 import torch
-
-_REGISTERED = False
 
 
 def history_buffer_getattr(obj, name: str):
     """``getattr`` as seen by the weights-only unpickler: statistics only."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
-        return getattr(HistoryBuffer, name)
-    if obj is HistoryBuffer and name in ('min', 'max', 'current', 'mean'):
+    allowed = set(HistoryBuffer._statistics_methods) | {
+        'min', 'max', 'current', 'mean'
+    }
+    if obj is HistoryBuffer and name in allowed:
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(
         f'checkpoint asks for getattr({obj!r}, {name!r}); only '
@@ -45,28 +48,29 @@ def mmengine_checkpoint_globals() -> List[object]:
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar
-    safe = [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype,
-            (history_buffer_getattr, 'builtins.getattr')]
+    safe = [
+        HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype,
+        (history_buffer_getattr, 'builtins.getattr')
+    ]
     # numpy >= 1.25 pickles dtypes by their class (numpy.dtypes.Float64DType).
     dtypes = getattr(np, 'dtypes', None)
     if dtypes is not None:
-        safe += [getattr(dtypes, name) for name in dir(dtypes)
-                 if name.endswith('DType') and isinstance(getattr(dtypes, name), type)]
+        safe += [
+            getattr(dtypes, name) for name in dir(dtypes)
+            if name.endswith('DType')
+            and isinstance(getattr(dtypes, name), type)
+        ]
     return safe
 
 
-def register_mmengine_safe_globals() -> bool:
-    """Allow-list :func:`mmengine_checkpoint_globals` once per process.
+def mmengine_safe_globals() -> ContextManager[None]:
+    """``with mmengine_safe_globals(): ...`` loads mmengine checkpoints
+    weights-only; the allow-list is gone when the block ends.
 
-    Returns False on torch without ``add_safe_globals`` (< 2.4), where
-    ``torch.load`` does not default to ``weights_only=True`` anyway.
+    On torch < 2.5 (no ``torch.serialization.safe_globals``, and
+    ``weights_only`` is not the default there) it does nothing.
     """
-    global _REGISTERED
-    if _REGISTERED:
-        return True
-    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
-    if add_safe_globals is None:
-        return False
-    add_safe_globals(mmengine_checkpoint_globals())
-    _REGISTERED = True
-    return True
+    scoped = getattr(torch.serialization, 'safe_globals', None)
+    if scoped is None:
+        return contextlib.nullcontext()
+    return scoped(mmengine_checkpoint_globals())

@@ -15,7 +15,7 @@ from torch import Tensor
 def find_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """Modules the visualisation tools can attach to, by qualified name.
 
-    Returns every ``DyHeadNeck`` and every ``DyHeadBlock`` of ``model``
+    Returns every ``DyHeadNeck`` and every ``DynamicHeadBlock`` of ``model``
     (e.g. ``'neck.1'``, ``'neck.1.dyhead_blocks.0'``).
 
     Args:
@@ -24,10 +24,10 @@ def find_layers(model: nn.Module) -> Dict[str, nn.Module]:
     Returns:
         dict[str, nn.Module]: Name -> module, in definition order.
     """
-    from mmdet_dyhead.models.layers import DyHeadBlock
+    from mmdet_dyhead.models.layers import DynamicHeadBlock
     from mmdet_dyhead.models.necks import DyHeadNeck
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (DyHeadNeck, DyHeadBlock))}
+            if isinstance(m, (DyHeadNeck, DynamicHeadBlock))}
 
 
 def resolve_layer(model: nn.Module, name: Optional[str] = None) -> Tuple[str, nn.Module]:
@@ -74,7 +74,7 @@ class BlockFeatureCollector:
 
     Args:
         module (nn.Module): A ``DyHeadNeck`` (all its blocks) or one
-            ``DyHeadBlock``.
+            ``DynamicHeadBlock``.
 
     Attributes:
         stages (dict[int, list[Tensor]]): Stage -> L tensors (N, C, H_l, W_l)
@@ -114,7 +114,7 @@ def fusion_order(num_levels: int) -> List[Tuple[int, int]]:
 
     The order of ``SpatialAwareAttention.level_terms`` (mid, then the finer
     neighbour, then the coarser one), level by level, which is the order in
-    which ``DyHeadBlock.forward`` weighs the terms.
+    which ``DynamicHeadBlock.forward`` weighs the terms.
     """
     order = []
     for level in range(num_levels):
@@ -141,7 +141,7 @@ class ScaleWeightCollector:
     input level and that weight is shared by every term read from it.
 
     Args:
-        module (nn.Module): A ``DyHeadNeck`` or one ``DyHeadBlock``.
+        module (nn.Module): A ``DyHeadNeck`` or one ``DynamicHeadBlock``.
 
     Attributes:
         weights (dict): ``weights[block][(out_level, src_level)]`` is a list
@@ -178,7 +178,7 @@ class ScaleWeightCollector:
         st = self._state[k]
         if not st['pending']:
             raise RuntimeError(f'block {k} computed more scale weights than '
-                               f'it has terms; DyHeadBlock.forward no longer '
+                               f'it has terms; DynamicHeadBlock.forward no longer '
                                f'matches ScaleWeightCollector.')
         item = st['pending'].popleft()
         w = out.detach().float().cpu().flatten()
@@ -187,7 +187,7 @@ class ScaleWeightCollector:
             raise RuntimeError(
                 f'block {k}: scale weight for {item} was computed from a '
                 f'{tuple(source.shape[-2:])} map, expected level {size_level} '
-                f'{st["sizes"][size_level]}; DyHeadBlock.forward no longer '
+                f'{st["sizes"][size_level]}; DynamicHeadBlock.forward no longer '
                 f'matches ScaleWeightCollector.')
         if st['scale_first']:
             for level, src in st['order']:

@@ -2,11 +2,9 @@
 import torch.nn as nn
 from torch import Tensor
 
-from mmdet_dyhead.registry import MODELS
 from .hard_sigmoid import build_hard_sigmoid, check_hsigmoid_style
 
 
-@MODELS.register_module()
 class ScaleAwareAttention(nn.Module):
     """Scale-aware attention, Eq. 3: ``pi_L(F) = sigma(f(mean_S F))``.
 

@@ -9,7 +9,6 @@ from torch import Tensor
 from mmdet_dyhead.ops import ModulatedDeformConv
 from mmdet_dyhead.ops.deform_conv import (deform_conv2d_on_table,
                                           native_path_active, pixel_table)
-from mmdet_dyhead.registry import MODELS
 
 OFFSET_MODES = ('legacy', 'aligned')
 
@@ -50,7 +49,6 @@ class DeformConvNorm(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-@MODELS.register_module()
 class SpatialAwareAttention(nn.Module):
     """Spatial-aware attention, Eq. 4, over a window of neighbouring levels.
 
@@ -66,7 +64,7 @@ class SpatialAwareAttention(nn.Module):
     As in both reference implementations the sum over l' spans these (up to)
     three neighbours rather than all L levels, so the pyramid keeps its
     levels and blocks can be stacked. The 1/L average and the scale weights
-    are applied by :class:`DyHeadBlock`.
+    are applied by :class:`DynamicHeadBlock`.
 
     The high branch needs offsets on level l+1's grid, but they are predicted
     on level l's. ``offset_mode`` decides how they get there:

@@ -5,7 +5,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mmdet_dyhead.ops.deform_conv import exporting
-from mmdet_dyhead.registry import MODELS
 from .hard_sigmoid import build_hard_sigmoid
 
 
@@ -52,7 +51,6 @@ class TwoPieceMaxFunction(torch.autograd.Function):
                 reduce(grad2, b2) if need[4] else None)
 
 
-@MODELS.register_module()
 class TaskAwareAttention(nn.Module):
     """Task-aware attention, Eq. 5: a dynamic ReLU per channel.
 

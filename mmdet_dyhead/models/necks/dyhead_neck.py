@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mmdet_dyhead.registry import MODELS
-from ..layers import DyHeadBlock
+from ..layers import DynamicHeadBlock
 
 # Named settings. Every key can still be overridden one by one.
 DYHEAD_PRESETS = {
@@ -61,7 +61,7 @@ class DyHeadNeck(BaseModule):
         init_cfg (dict, optional): mmengine init config.
         **block_overrides: ``attention_order``, ``hsigmoid``, ``offset_mode``,
             ``dcn_bias``, ``init_style``, ``zero_init_offset``, ``norm_cfg``,
-            ``task_attn_ratio``; see :class:`DyHeadBlock`.
+            ``task_attn_ratio``; see :class:`DynamicHeadBlock`.
 
     Shapes:
         input: tuple of L tensors (N, C_in, H_l, W_l), H_{l+1} = ceil(H_l / 2);
@@ -113,7 +113,7 @@ class DyHeadNeck(BaseModule):
         block_cfg = dict(DYHEAD_PRESETS[preset], **block_overrides)
         self.block_cfg = block_cfg
         self.dyhead_blocks = nn.Sequential(*[
-            DyHeadBlock(in_channels if i == 0 else out_channels, out_channels,
+            DynamicHeadBlock(in_channels if i == 0 else out_channels, out_channels,
                         use_scale_attn=use_scale_attn,
                         use_spatial_attn=use_spatial_attn,
                         use_task_attn=use_task_attn, dcn_backend=dcn_backend,

@@ -1,53 +1,32 @@
-"""Build-time checks for detectors that contain a ``DyHeadNeck``.
+"""A hook that checks how a DyHead detector is wired, before it runs.
 
 A DyHead detector that is wired wrongly (FPN and DyHead channels that do not
 match, a pyramid with more or fewer levels than the head has strides, a
 dense head that still stacks its own conv towers after DyHead) would
-otherwise build fine and fail, or silently train something else, later. The
-checks run right after a detector is built, by whichever registry builds it:
-mmdet's ``MODELS`` (``MODELS.build(cfg.model)`` in mmdet's APIs and inside
-detectors) and mmengine's root ``MODELS`` (what ``Runner`` uses). Detectors
-without a ``DyHeadNeck`` are returned untouched.
+otherwise build fine and fail, or silently train something else, later.
+Like mmdet's ``NumClassCheckHook``, :class:`DyHeadCheckHook` is enabled in
+the config and runs before training, validation and testing; the package's
+configs enable it::
 
-Opting out of the tower check (for example to reproduce the official
-RetinaNet+DyHead, which kept RetinaNet's four-conv towers)::
+    custom_hooks = [dict(type='DyHeadCheckHook')]
 
-    model = dict(..., dyhead_checks=dict(allow_head_towers=True))
-
-``dyhead_checks`` is removed from the config before the detector is built,
-so mmdet never sees it.
+To keep a dense head's conv towers after DyHead on purpose (the official
+RetinaNet+DyHead did), pass ``allow_head_towers=True``. Detectors without a
+``DyHeadNeck`` pass unchecked. :func:`check_dyhead_detector` is the same
+check for a model built by hand (``init_detector``, ``MODELS.build``).
 """
-import copy
-import functools
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch.nn as nn
-from mmengine.registry import MODELS as ROOT_MODELS
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 
-from mmdet_dyhead.registry import MODELS
-from .necks.dyhead_neck import DyHeadNeck
-
-CHECKS_KEY = 'dyhead_checks'
-CHECK_OPTIONS = dict(allow_head_towers=False)
+from mmdet_dyhead.models.necks.dyhead_neck import DyHeadNeck
+from mmdet_dyhead.registry import HOOKS
 
 
 class DyHeadConfigError(ValueError):
     """A DyHead detector config whose parts do not fit together."""
-
-
-def _parse_options(options) -> dict:
-    if options is None:
-        return dict(CHECK_OPTIONS)
-    if not isinstance(options, dict):
-        raise DyHeadConfigError(
-            f'model.{CHECKS_KEY} must be a dict such as '
-            f'dict(allow_head_towers=True), got {options!r}.')
-    unknown = set(options) - set(CHECK_OPTIONS)
-    if unknown:
-        raise DyHeadConfigError(
-            f'model.{CHECKS_KEY} has unknown keys {sorted(unknown)}; the '
-            f'options are {sorted(CHECK_OPTIONS)}.')
-    return dict(CHECK_OPTIONS, **options)
 
 
 def _neck_modules(neck: nn.Module) -> List[nn.Module]:
@@ -64,8 +43,8 @@ def _fail(problems: List[str]) -> None:
 
 
 def _check_dense_head(head: nn.Module, name: str, channels: int,
-                      levels: Optional[int], options: dict,
-                      check_towers: bool) -> List[str]:
+                      levels: Optional[int],
+                      allow_head_towers: bool, check_towers: bool) -> List[str]:
     problems = []
     in_channels = getattr(head, 'in_channels', None)
     if isinstance(in_channels, int) and in_channels != channels:
@@ -85,13 +64,13 @@ def _check_dense_head(head: nn.Module, name: str, channels: int,
             f'num_levels.')
     stacked = getattr(head, 'stacked_convs', None)
     if check_towers and isinstance(stacked, int):
-        if stacked > 0 and not options['allow_head_towers']:
+        if stacked > 0 and not allow_head_towers:
             problems.append(
                 f'model.{name}.stacked_convs={stacked}: DyHead replaces the '
                 f'per-task conv towers with one unified branch (paper Fig. '
-                f'2b). Set model.{name}.stacked_convs=0, or set model.'
-                f'{CHECKS_KEY}=dict(allow_head_towers=True) to keep them on '
-                f'purpose.')
+                f'2b). Set model.{name}.stacked_convs=0, or use '
+                f"dict(type='DyHeadCheckHook', allow_head_towers=True) in "
+                f'custom_hooks to keep them on purpose.')
         feat = getattr(head, 'feat_channels', None)
         if (stacked == 0 and isinstance(feat, int)
                 and isinstance(in_channels, int) and feat != in_channels):
@@ -132,17 +111,16 @@ def _check_roi_head(roi_head: nn.Module, channels: int,
 
 
 def check_dyhead_detector(model: nn.Module,
-                          options: Optional[dict] = None) -> None:
+                          allow_head_towers: bool = False) -> None:
     """Raise :class:`DyHeadConfigError` if a DyHead detector is miswired.
 
     Does nothing for models without a ``DyHeadNeck`` in ``model.neck``.
 
     Args:
         model (nn.Module): A built mmdet detector (any ``nn.Module``).
-        options (dict, optional): ``allow_head_towers`` (bool): accept a
-            dense head with ``stacked_convs > 0`` after DyHead.
+        allow_head_towers (bool): Accept a dense head with
+            ``stacked_convs > 0`` after DyHead.
     """
-    options = _parse_options(options)
     neck = getattr(model, 'neck', None)
     if not isinstance(neck, nn.Module):
         return
@@ -183,41 +161,40 @@ def check_dyhead_detector(model: nn.Module,
             head = getattr(model, name, None)
             if isinstance(head, nn.Module):
                 problems += _check_dense_head(head, name, channels, levels,
-                                              options, check_towers)
+                                              allow_head_towers, check_towers)
         roi_head = getattr(model, 'roi_head', None)
         if isinstance(roi_head, nn.Module):
             problems += _check_roi_head(roi_head, channels, levels)
     _fail(problems)
 
 
-def _with_dyhead_checks(build_func: Callable) -> Callable:
-    if getattr(build_func, '_dyhead_checks', False):
-        return build_func
+@HOOKS.register_module()
+class DyHeadCheckHook(Hook):
+    """Run :func:`check_dyhead_detector` before train, val and test.
 
-    @functools.wraps(build_func)
-    def build(cfg, *args, **kwargs):
-        options = None
-        if isinstance(cfg, dict) and CHECKS_KEY in cfg:
-            cfg = copy.copy(cfg)
-            options = _parse_options(cfg.pop(CHECKS_KEY))
-        model = build_func(cfg, *args, **kwargs)
-        check_dyhead_detector(model, options)
-        return model
-
-    build._dyhead_checks = True
-    return build
-
-
-def install_build_checks() -> None:
-    """Run :func:`check_dyhead_detector` after every model build.
-
-    Wraps ``build_func`` of mmdet's and of mmengine's root ``MODELS``
-    registries (idempotent). The original build runs unchanged; only models
-    with a ``DyHeadNeck`` are inspected.
+    Args:
+        allow_head_towers (bool): Accept a dense head with
+            ``stacked_convs > 0`` after DyHead. Default False.
     """
-    registries = {id(MODELS): MODELS, id(ROOT_MODELS): ROOT_MODELS}
-    for registry in registries.values():
-        registry.build_func = _with_dyhead_checks(registry.build_func)
 
+    priority = 'VERY_HIGH'
 
-install_build_checks()
+    def __init__(self, allow_head_towers: bool = False) -> None:
+        self.allow_head_towers = allow_head_towers
+
+    def _check(self, runner) -> None:
+        model = runner.model
+        if is_model_wrapper(model):
+            model = model.module
+        # mmdet's TTA wrapper keeps the detector as .module as well.
+        model = getattr(model, 'module', model)
+        check_dyhead_detector(model, self.allow_head_towers)
+
+    def before_train(self, runner) -> None:
+        self._check(runner)
+
+    def before_val(self, runner) -> None:
+        self._check(runner)
+
+    def before_test(self, runner) -> None:
+        self._check(runner)

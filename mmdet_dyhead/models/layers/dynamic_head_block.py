@@ -6,7 +6,6 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule, constant_init, normal_init
 from torch import Tensor
 
-from mmdet_dyhead.registry import MODELS
 from ..key_mapping import MMDET_TO_OURS, has_mmdet_keys
 from .hard_sigmoid import check_hsigmoid_style
 from .scale_attention import ScaleAwareAttention
@@ -21,8 +20,7 @@ def _hooked(module: Optional[nn.Module]) -> bool:
 INIT_STYLES = ('mmdet', 'official')
 
 
-@MODELS.register_module()
-class DyHeadBlock(BaseModule):
+class DynamicHeadBlock(BaseModule):
     """A DyHead block on an L-level pyramid; every attention can be switched off.
 
     Per output level l (Eq. 2, nested as in Figure 2a)::

@@ -1,0 +1,16 @@
+"""``tools/train.py``: mmdet's train script with this package's steps.
+
+Same command line as mmdet's ``tools/train.py`` (see ``--help``); what is
+added is described in :mod:`mmdet_dyhead.cli.mmdet_tools`.
+"""
+from typing import List, Optional
+
+from .mmdet_tools import run_mmdet_tool
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_mmdet_tool('train.py', argv)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,290 @@
+"""How a state dict fits a model, grouped by module, and a checked loader.
+
+torch and mmengine print missing and unexpected keys as one comma-separated
+line per kind: thousands of names when a checkpoint does not fit.
+:class:`KeyReport` groups them by module (``neck.1.dyhead_blocks.{0-5}.
+spatial_attn.mid_branch.conv: weight (6 keys)``), lists shape mismatches
+once, and recognises common causes. :func:`load_state_dict` loads with it,
+:func:`load_checkpoint` reads a file first (weights-only, with the errors
+of :mod:`.checkpoint`). The official-weights converter reports with it too.
+"""
+import logging
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+
+from .checkpoint import (SCHEME, CheckpointError, download_checkpoint,
+                         load_weights_only)
+from .safe_load import mmengine_safe_globals
+
+
+class CheckpointKeyError(CheckpointError):
+    """A checkpoint whose keys or shapes do not fit the model (strict load)."""
+
+
+def _ranges(numbers: Iterable[int]) -> str:
+    nums = sorted(set(numbers))
+    parts, start = [], None
+    for i, n in enumerate(nums):
+        if start is None:
+            start = n
+        if i + 1 == len(nums) or nums[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f'{start}-{n}')
+            start = None
+    return parts[0] if len(parts) == 1 and '-' not in parts[0] else '{' + ','.join(parts) + '}'
+
+
+def group_keys(keys: Iterable[str]) -> List[Tuple[str, List[str], int]]:
+    """Group parameter names by module, folding numbered copies together.
+
+    ``neck.1.dyhead_blocks.{0-5}.spatial_attn.mid_branch.conv`` stands for
+    the six blocks' convs. Each group lists its parameter names.
+
+    Args:
+        keys (Iterable[str]): Dotted state-dict keys.
+
+    Returns:
+        list[tuple[str, list[str], int]]: ``(module pattern, param names,
+        number of keys)``, in first-seen order.
+    """
+    groups: 'OrderedDict[Tuple, Dict]' = OrderedDict()
+    for key in keys:
+        parts = key.split('.')
+        module, leaf = parts[:-1], parts[-1]
+        shape = tuple('#' if p.isdigit() else p for p in module)
+        group = groups.setdefault(shape, dict(nums={}, leaves=[], count=0))
+        for pos, part in enumerate(module):
+            if part.isdigit():
+                group['nums'].setdefault(pos, set()).add(int(part))
+        if leaf not in group['leaves']:
+            group['leaves'].append(leaf)
+        group['count'] += 1
+    out = []
+    for shape, group in groups.items():
+        name = '.'.join(_ranges(group['nums'][pos]) if part == '#' else part
+                        for pos, part in enumerate(shape))
+        out.append((name or '<root>', group['leaves'], group['count']))
+    return out
+
+
+class KeyReport:
+    """How a state dict fitted a model.
+
+    Args:
+        missing (Sequence[str]): Model keys the checkpoint lacks.
+        unexpected (Sequence[str]): Checkpoint keys the model lacks.
+        mismatched (Sequence[tuple]): ``(key, checkpoint shape, model shape)``.
+    """
+
+    def __init__(self, missing: Sequence[str] = (),
+                 unexpected: Sequence[str] = (),
+                 mismatched: Sequence[Tuple[str, tuple, tuple]] = ()) -> None:
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+    @property
+    def ok(self) -> bool:
+        """True when every key fitted."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def hints(self) -> List[str]:
+        """Likely causes, recognised from the key names."""
+        hints = []
+        if any('dyhead_tower' in k for k in self.unexpected):
+            hints.append('The checkpoint is an official microsoft/DynamicHead '
+                         '(detectron2) one: convert it first with '
+                         'tools/convert_official_dyhead.py.')
+        if self.unexpected and all(k.startswith('module.') for k in self.unexpected):
+            hints.append("Every unexpected key starts with 'module.': strip it "
+                         "(revise_keys=[(r'^module\\.', '')]).")
+        branch_bias = re.compile(r'(spatial_conv_(high|mid|low)|_branch)\.conv\.bias$')
+        if any(branch_bias.search(k) for k in self.missing):
+            hints.append("The model has DCN biases (preset='official') but the "
+                         "checkpoint does not (mmdet's DyHead): use "
+                         "DyHeadNeck(preset='mmdet') or dcn_bias=False.")
+        if any(branch_bias.search(k) for k in self.unexpected):
+            hints.append("The checkpoint has DCN biases (official DyHead) but "
+                         "the model does not: use DyHeadNeck(preset='official') "
+                         'or dcn_bias=True.')
+        return hints
+
+    def format(self, max_groups: int = 30) -> str:
+        """The report as text, one line per module group.
+
+        Args:
+            max_groups (int): Groups shown per section before eliding.
+        """
+        lines = []
+        sections = (('missing keys (in the model, not in the checkpoint)', self.missing),
+                    ('unexpected keys (in the checkpoint, not in the model)', self.unexpected))
+        for title, keys in sections:
+            if not keys:
+                continue
+            tops = OrderedDict()
+            for k in keys:
+                tops[k.split('.')[0]] = tops.get(k.split('.')[0], 0) + 1
+            groups = group_keys(keys)
+            lines.append(f'{len(keys)} {title}, {len(groups)} module group(s); '
+                         'by top-level module: ' +
+                         ', '.join(f'{t} {n}' for t, n in tops.items()))
+            for name, leaves, count in groups[:max_groups]:
+                lines.append(f'  {name}: {", ".join(leaves)} ({count} key'
+                             f'{"s" if count > 1 else ""})')
+            if len(groups) > max_groups:
+                lines.append(f'  ... and {len(groups) - max_groups} more groups')
+        if self.mismatched:
+            lines.append(f'{len(self.mismatched)} shape mismatch(es) (not loaded):')
+            for key, got, want in self.mismatched[:max_groups]:
+                lines.append(f'  {key}: checkpoint {tuple(got)}, model {tuple(want)}')
+            if len(self.mismatched) > max_groups:
+                lines.append(f'  ... and {len(self.mismatched) - max_groups} more')
+        for hint in self.hints():
+            lines.append(f'hint: {hint}')
+        return '\n'.join(lines) if lines else 'all keys matched'
+
+    __str__ = format
+
+
+def _fit_mmdet_names(state_dict: Dict, own: Dict) -> 'OrderedDict':
+    """Rename mmdet ``DyHead`` keys that the model holds under our names, so
+    shapes can be compared before loading (``DyHeadNeck`` renames them on
+    load anyway)."""
+    from mmdet_dyhead.models.key_mapping import from_mmdet_keys
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        if key not in own:
+            renamed = next(iter(from_mmdet_keys({key: None})))
+            key = renamed if renamed in own else key
+        out[key] = value
+    return out
+
+
+def load_state_dict(module: torch.nn.Module,
+                    state_dict: Dict,
+                    strict: bool = False,
+                    logger=None) -> KeyReport:
+    """Load ``state_dict`` into ``module``, reporting keys grouped by module.
+
+    Same semantics as ``mmengine.runner.checkpoint.load_state_dict``: model
+    wrappers and TTA models are unwrapped, tensors of a different shape are
+    skipped and reported, missing BN ``num_batches_tracked`` counters are
+    not reported (they carry no weights), and a mismatch raises when
+    ``strict``, else is logged as a warning.
+
+    Args:
+        module (nn.Module): The model (or a wrapper such as DDP or a
+            ``BaseTTAModel``).
+        state_dict (dict): Weights.
+        strict (bool): Raise :class:`CheckpointKeyError` on any mismatch.
+        logger: mmengine logger name or object for the warning.
+
+    Returns:
+        KeyReport: What did not fit.
+    """
+    from mmengine.logging import print_log
+    from mmengine.model import BaseTTAModel, is_model_wrapper
+    if is_model_wrapper(module) or isinstance(module, BaseTTAModel):
+        module = module.module
+    metadata = getattr(state_dict, '_metadata', None)
+    own = module.state_dict()
+    state_dict = _fit_mmdet_names(state_dict, own)
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
+                  for k, v in state_dict.items()
+                  if k in own and hasattr(v, 'shape')
+                  and v.shape != own[k].shape]
+    skip = {k for k, _, _ in mismatched}
+    filtered = OrderedDict(
+        (k, v) for k, v in state_dict.items() if k not in skip)
+    if metadata is not None:
+        filtered._metadata = metadata
+    try:
+        result = module.load_state_dict(filtered, strict=False)
+    except RuntimeError as err:
+        # Shapes of keys that a submodule renames while loading, under
+        # names this report does not know, are only checked by torch.
+        raise CheckpointKeyError(
+            f'Checkpoint does not fit the model: {err}') from err
+    missing = [
+        k for k in result.missing_keys
+        if k not in skip and not k.endswith('num_batches_tracked')
+    ]
+    report = KeyReport(missing, result.unexpected_keys, mismatched)
+    if not report.ok:
+        text = 'The checkpoint does not fit the model:\n' + report.format()
+        if strict:
+            raise CheckpointKeyError(text)
+        print_log(text, logger=logger or 'current', level=logging.WARNING)
+    return report
+
+
+def extract_state_dict(checkpoint: object,
+                       source: str = 'checkpoint') -> Dict:
+    """The weights inside a loaded checkpoint (``state_dict`` or ``model``
+    entry, or the dict itself).
+
+    Args:
+        checkpoint: What :func:`torch.load` returned.
+        source (str): Name for the error message.
+    """
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}'
+                              ', not a dict of weights.')
+    for key in ('state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return checkpoint
+    raise CheckpointError(
+        f'{source} has no weights: no "state_dict" or "model" entry and its '
+        f'values are not tensors (top-level keys: {sorted(checkpoint)[:10]}).')
+
+
+def read_checkpoint(filename: str, map_location='cpu') -> object:
+    """Read a local file, ``dyhead://`` name or http(s) URL, weights-only.
+
+    mmengine checkpoints (with their ``message_hub``) are readable; URLs
+    are downloaded with :func:`~.checkpoint.download_checkpoint` (checked
+    against the sha256 prefix in the file name, when it has one).
+    """
+    if filename.startswith(SCHEME):
+        from mmengine.runner.checkpoint import CheckpointLoader
+        return CheckpointLoader.load_checkpoint(filename, map_location)
+    if filename.startswith(('http://', 'https://')):
+        from torch.hub import HASH_REGEX
+        found = HASH_REGEX.search(filename.rsplit('/', 1)[-1])
+        filename = download_checkpoint(filename,
+                                       found.group(1) if found else None)
+    with mmengine_safe_globals():
+        return load_weights_only(filename, map_location)
+
+
+def load_checkpoint(model: torch.nn.Module,
+                    filename: str,
+                    map_location='cpu',
+                    strict: bool = True,
+                    revise_keys: Sequence[Tuple[str, str]] = ((r'^module\.',
+                                                               ''), ),
+                    logger=None) -> KeyReport:
+    """Load a checkpoint into ``model``, checked, with a grouped report.
+
+    Args:
+        model (nn.Module): Target model.
+        filename (str): Local path, ``dyhead://<model name>`` or http(s) URL.
+        map_location: As in :func:`torch.load`. Default 'cpu'.
+        strict (bool): Raise on any key or shape mismatch. Default True.
+        revise_keys (Sequence[tuple[str, str]]): Regex renames applied to
+            the keys first (default strips DDP's ``module.``).
+        logger: mmengine logger for a non-strict warning.
+
+    Returns:
+        KeyReport: What did not fit (empty when strict succeeded).
+    """
+    state_dict = extract_state_dict(
+        read_checkpoint(filename, map_location), filename)
+    for pattern, repl in revise_keys:
+        state_dict = OrderedDict(
+            (re.sub(pattern, repl, k), v) for k, v in state_dict.items())
+    return load_state_dict(model, state_dict, strict=strict, logger=logger)
