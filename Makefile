@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test lint install clean
 
 ## Install everything (builds mmcv 2.1.0 once), then train ATSS vs ATSS+DyHead on synthetic data.
 quickstart: install
@@ -12,6 +12,11 @@ quickstart: install
 ## Install if needed, then run the test suite.
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## Lint (ruff check: flake8 + isort rules) and format check (ruff format), as CI runs them.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 install:
 	VENV=$(VENV) bash scripts/install.sh

@@ -5,6 +5,7 @@ root (one copy, the one users read), and are copied into the build tree here,
 the way OpenMMLab's own setup.py files do for ``bdist_wheel``. Nothing here
 imports torch, so the build needs no isolation tricks.
 """
+
 import os
 import shutil
 
@@ -15,7 +16,6 @@ MIM_ITEMS = ('configs', 'tools', 'model-index.yml')
 
 
 class BuildWithMim(build_py):
-
     def run(self):
         super().run()
         root = os.path.dirname(os.path.abspath(__file__))
@@ -30,8 +30,10 @@ class BuildWithMim(build_py):
                 shutil.rmtree(dst)
             if os.path.isdir(src):
                 shutil.copytree(
-                    src, dst,
-                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+                    src,
+                    dst,
+                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc'),
+                )
             else:
                 shutil.copy2(src, dst)
 

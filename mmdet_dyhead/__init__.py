@@ -6,9 +6,12 @@ its modules in mmdet's registries under names mmdet does not use, and the
 else in the process changes; each extra behaviour is opt-in (see
 ``docs/user_guide.md``, "What importing does").
 """
-from .version import __version__
-from . import models  # noqa: F401  (DyHeadNeck, TaskAttnBBoxHead)
-from . import engine  # noqa: F401  (hook, optimizer and model wrappers)
+
+from . import (
+    engine,  # noqa: F401  (hook, optimizer and model wrappers)
+    models,  # noqa: F401  (DyHeadNeck, TaskAttnBBoxHead)
+)
 from .utils import checkpoint  # noqa: F401  (the dyhead:// scheme)
+from .version import __version__
 
 __all__ = ['__version__']

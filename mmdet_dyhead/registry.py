@@ -6,6 +6,7 @@ Only names mmdet does not use are registered (see ``docs/user_guide.md``).
 The one exception to mmdet's registries is the CPU DDP wrapper, which goes
 into mmengine's root ``MODEL_WRAPPERS`` (see :mod:`.engine.cpu_ddp`).
 """
+
 from mmdet.registry import HOOKS, MODELS, OPTIM_WRAPPERS
 
 __all__ = ['HOOKS', 'MODELS', 'OPTIM_WRAPPERS']

@@ -108,7 +108,7 @@ PYEOF
 
   # --- the rest of the stack -------------------------------------------------------
   log "installing ${STACK[*]} and test/plot/export extras"
-  pip_run install -q "${STACK[@]}" pytest pytest-timeout matplotlib onnx onnxruntime ||
+  pip_run install -q "${STACK[@]}" pytest pytest-timeout matplotlib onnx onnxruntime "ruff==0.17.6" ||
     die "could not install ${STACK[*]} (see above)."
   pip_run install -q --no-deps "openmim==0.3.9" || die "could not install openmim (see above)."
   pip_run install -q "${MIM_DEPS[@]}" || die "could not install mim's dependencies (see above)."

@@ -19,20 +19,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for a module of tiny models: a second thread only
+    adds synchronisation, which costs 10-30x on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
 
 
-def pyramid(batch=2, channels=32, size=(40, 56), levels=5, dtype=torch.float32,
-            requires_grad=False):
+def pyramid(
+    batch=2,
+    channels=32,
+    size=(40, 56),
+    levels=5,
+    dtype=torch.float32,
+    requires_grad=False,
+):
     """A random feature pyramid whose level l+1 is ceil(level l / 2)."""
     feats = []
     h, w = size
     for _ in range(levels):
-        feats.append(torch.randn(batch, channels, h, w, dtype=dtype,
-                                 requires_grad=requires_grad))
+        feats.append(
+            torch.randn(
+                batch, channels, h, w, dtype=dtype, requires_grad=requires_grad
+            )
+        )
         h, w = (h + 1) // 2, (w + 1) // 2
     return feats
 
@@ -64,14 +83,14 @@ def http_root(tmp_path):
     www = tmp_path / 'www'
     www.mkdir()
     seen = []
-    handler = type('Handler', (_QuietHandler, ), {'requests_seen': seen})
+    handler = type('Handler', (_QuietHandler,), {'requests_seen': seen})
     server = http.server.ThreadingHTTPServer(
-        ('127.0.0.1', 0), functools.partial(handler, directory=str(www)))
+        ('127.0.0.1', 0), functools.partial(handler, directory=str(www))
+    )
     server.timeout = 5
     thread = threading.Thread(
-        target=server.serve_forever,
-        kwargs={'poll_interval': 0.1},
-        daemon=True)
+        target=server.serve_forever, kwargs={'poll_interval': 0.1}, daemon=True
+    )
     thread.start()
     try:
         yield www, f'http://127.0.0.1:{server.server_address[1]}', seen

@@ -1,11 +1,16 @@
 """Each attention against the paper's equation written out by hand."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import pyramid, rel_err
 
-from mmdet_dyhead.models import (DynamicHeadBlock, ScaleAwareAttention,
-                                 SpatialAwareAttention, TaskAwareAttention)
+from mmdet_dyhead.models import (
+    DynamicHeadBlock,
+    ScaleAwareAttention,
+    SpatialAwareAttention,
+    TaskAwareAttention,
+)
 
 
 def _randomize(module, std=0.3):
@@ -20,11 +25,11 @@ def test_scale_attention_is_eq3(style):
     attn = _randomize(ScaleAwareAttention(16, hsigmoid=style))
     x = torch.randn(3, 16, 7, 9) + 0.5
     w, b = attn.fc.weight.view(16), attn.fc.bias
-    z = (x.mean(dim=(2, 3)) * w).sum(1) + b          # f(mean_S F), f linear
+    z = (x.mean(dim=(2, 3)) * w).sum(1) + b  # f(mean_S F), f linear
     if style == 'official':
         ref = torch.clamp((torch.relu(z) + 3) / 6, 0, 1)
     else:
-        ref = torch.clamp((z + 1) / 2, 0, 1)         # sigma of Eq. 3
+        ref = torch.clamp((z + 1) / 2, 0, 1)  # sigma of Eq. 3
     assert rel_err(attn(x).view(3), ref) < 1e-6
 
 
@@ -34,21 +39,31 @@ def test_task_attention_is_eq5(style):
     attn = _randomize(TaskAwareAttention(c, ratio=4, hsigmoid=style))
     x = torch.randn(2, c, 5, 6)
     pooled = x.mean(dim=(2, 3))
-    hidden = torch.relu(pooled @ attn.fc1.weight.view(2, c).t() + attn.fc1.bias)
+    hidden = torch.relu(
+        pooled @ attn.fc1.weight.view(2, c).t() + attn.fc1.bias
+    )
     logits = hidden @ attn.fc2.weight.view(4 * c, 2).t() + attn.fc2.bias
     if style == 'official':
         y = torch.clamp((logits + 3) / 6, 0, 1)
     else:
         y = torch.clamp((logits + 1) / 2, 0, 1)
     y = y - 0.5
-    a1, b1, a2, b2 = y[:, :c] * 2 + 1, y[:, c:2 * c], y[:, 2 * c:3 * c] * 2, y[:, 3 * c:]
-    ref = torch.maximum(x * a1[..., None, None] + b1[..., None, None],
-                        x * a2[..., None, None] + b2[..., None, None])
+    a1, b1, a2, b2 = (
+        y[:, :c] * 2 + 1,
+        y[:, c : 2 * c],
+        y[:, 2 * c : 3 * c] * 2,
+        y[:, 3 * c :],
+    )
+    ref = torch.maximum(
+        x * a1[..., None, None] + b1[..., None, None],
+        x * a2[..., None, None] + b2[..., None, None],
+    )
     assert rel_err(attn(x), ref) < 1e-6
 
 
 def test_task_attention_matches_mmdet_dyrelu():
     from mmdet.models.layers import DyReLU
+
     theirs = _randomize(DyReLU(16))
     ours = TaskAwareAttention(16)
     ours.fc1.load_state_dict(theirs.conv1.conv.state_dict())
@@ -79,8 +94,12 @@ def _dcn_reference(x, offset, mask, weight, stride):
         y0, x0 = int(torch.floor(py)), int(torch.floor(px))
         dy, dx = py - y0, px - x0
         val = torch.zeros(img.shape[0], dtype=img.dtype)
-        for yy, xx, wt in ((y0, x0, (1 - dy) * (1 - dx)), (y0, x0 + 1, (1 - dy) * dx),
-                           (y0 + 1, x0, dy * (1 - dx)), (y0 + 1, x0 + 1, dy * dx)):
+        for yy, xx, wt in (
+            (y0, x0, (1 - dy) * (1 - dx)),
+            (y0, x0 + 1, (1 - dy) * dx),
+            (y0 + 1, x0, dy * (1 - dx)),
+            (y0 + 1, x0 + 1, dy * dx),
+        ):
             if 0 <= yy < h and 0 <= xx < w:
                 val = val + wt * img[:, yy + 1, xx + 1]
         return val
@@ -93,28 +112,42 @@ def _dcn_reference(x, offset, mask, weight, stride):
                     ky, kx = divmod(k, 3)
                     py = i * stride - 1 + ky + offset[b, 2 * k, i, j]
                     px = j * stride - 1 + kx + offset[b, 2 * k + 1, i, j]
-                    acc += weight[:, :, ky, kx] @ bilinear(xp[b], py, px) * mask[b, k, i, j]
+                    acc += (
+                        weight[:, :, ky, kx]
+                        @ bilinear(xp[b], py, px)
+                        * mask[b, k, i, j]
+                    )
                 out[b, :, i, j] = acc
     return out
 
 
 def test_spatial_attention_terms_follow_eq4_aligned():
     torch.manual_seed(1)
-    attn = SpatialAwareAttention(4, 4, offset_mode='aligned', norm_cfg=None,
-                                 dcn_backend='torch').double()
+    attn = SpatialAwareAttention(
+        4, 4, offset_mode='aligned', norm_cfg=None, dcn_backend='torch'
+    ).double()
     _randomize(attn.offset_conv, 0.2)
     feats = pyramid(1, 4, (6, 8), levels=3, dtype=torch.float64)
     offset, mask = attn.offsets_and_masks(feats[1])
     terms = dict(attn.level_terms(feats, 1, offset, mask))
     # mid: level 1 itself, offsets predicted on level 1.
-    ref_mid = _dcn_reference(feats[1], offset, mask, attn.mid_branch.conv.weight, 1)
+    ref_mid = _dcn_reference(
+        feats[1], offset, mask, attn.mid_branch.conv.weight, 1
+    )
     # low: level 0 with stride 2 lands on level 1's grid with the same offsets.
-    ref_low = _dcn_reference(feats[0], offset, mask, attn.low_branch.conv.weight, 2)
+    ref_low = _dcn_reference(
+        feats[0], offset, mask, attn.low_branch.conv.weight, 2
+    )
     # high: level 2 with level-1 offsets taken at (2i, 2j) and halved.
     off_hi, mask_hi = offset[:, :, ::2, ::2] / 2, mask[:, :, ::2, ::2]
     ref_high = F.interpolate(
-        _dcn_reference(feats[2], off_hi, mask_hi, attn.high_branch.conv.weight, 1),
-        size=feats[1].shape[-2:], mode='bilinear', align_corners=True)
+        _dcn_reference(
+            feats[2], off_hi, mask_hi, attn.high_branch.conv.weight, 1
+        ),
+        size=feats[1].shape[-2:],
+        mode='bilinear',
+        align_corners=True,
+    )
     with torch.no_grad():
         assert rel_err(terms[1], ref_mid) < 1e-10
         assert rel_err(terms[0], ref_low) < 1e-10
@@ -122,7 +155,9 @@ def test_spatial_attention_terms_follow_eq4_aligned():
 
 
 def test_block_is_the_composition_of_its_attentions():
-    block = DynamicHeadBlock(8, 8, norm_cfg=dict(type='GN', num_groups=4), dcn_backend='torch')
+    block = DynamicHeadBlock(
+        8, 8, norm_cfg=dict(type='GN', num_groups=4), dcn_backend='torch'
+    )
     _randomize(block, 0.1)
     feats = pyramid(2, 8, (12, 10), levels=3)
     out = block(feats)
@@ -135,8 +170,13 @@ def test_block_is_the_composition_of_its_attentions():
 
 
 def test_scale_first_uses_one_weight_per_input_level():
-    block = DynamicHeadBlock(8, 8, attention_order='scale_first',
-                        norm_cfg=dict(type='GN', num_groups=4), dcn_backend='torch')
+    block = DynamicHeadBlock(
+        8,
+        8,
+        attention_order='scale_first',
+        norm_cfg=dict(type='GN', num_groups=4),
+        dcn_backend='torch',
+    )
     _randomize(block, 0.1)
     feats = pyramid(1, 8, (8, 8), levels=3)
     weights = [block.scale_attn(f) for f in feats]
@@ -149,6 +189,7 @@ def test_scale_first_uses_one_weight_per_input_level():
 
 def test_eq5_two_piece_max_gradients_equal_torch_maximum_including_ties():
     from mmdet_dyhead.models.layers.task_attention import TwoPieceMaxFunction
+
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     x[0, 0, 0, :3] = 0.0  # with b1 == b2 below, both pieces tie at x == 0
     coeffs = [torch.randn(2, 3, 1, 1, dtype=torch.float64) for _ in range(4)]
@@ -166,7 +207,11 @@ def test_eq5_two_piece_max_gradients_equal_torch_maximum_including_ties():
     for got, want in zip(leaves, ref_leaves):
         assert torch.allclose(got.grad, want.grad, rtol=0, atol=1e-12)
     # Away from ties the function is smooth: float64 gradcheck.
-    smooth = [t.clone().requires_grad_() for t in
-              (torch.randn(1, 2, 3, 3, dtype=torch.float64),
-               *[torch.randn(1, 2, 1, 1, dtype=torch.float64) for _ in range(4)])]
+    smooth = [
+        t.clone().requires_grad_()
+        for t in (
+            torch.randn(1, 2, 3, 3, dtype=torch.float64),
+            *[torch.randn(1, 2, 1, 1, dtype=torch.float64) for _ in range(4)],
+        )
+    ]
     assert torch.autograd.gradcheck(TwoPieceMaxFunction.apply, smooth)

@@ -4,6 +4,7 @@ Beside DyHead models, a plain mmdet RetinaNet shows that mmengine's own
 loading is what it is without the package (the package's checks are used
 only where a user names them: ``dyhead://`` and the library functions).
 """
+
 import os
 import pickle
 
@@ -16,9 +17,15 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.runner.checkpoint import load_checkpoint as mmengine_load
 
 from mmdet_dyhead.testing import mmdet_config_path, shrink_model
-from mmdet_dyhead.utils import (CheckpointError, CheckpointHashError,
-                                CheckpointKeyError, load_checkpoint,
-                                load_state_dict, load_weights_only, sha256_of)
+from mmdet_dyhead.utils import (
+    CheckpointError,
+    CheckpointHashError,
+    CheckpointKeyError,
+    load_checkpoint,
+    load_state_dict,
+    load_weights_only,
+    sha256_of,
+)
 from mmdet_dyhead.utils import checkpoint as ckpt_module
 
 
@@ -26,9 +33,11 @@ def plain_retinanet():
     """mmdet's own RetinaNet config, shrunk; no DyHead, no custom_imports."""
     from mmdet.registry import MODELS
     from mmengine.config import Config
+
     init_default_scope('mmdet')
     cfg = Config.fromfile(
-        mmdet_config_path('retinanet/retinanet_r50_fpn_1x_coco.py'))
+        mmdet_config_path('retinanet/retinanet_r50_fpn_1x_coco.py')
+    )
     assert 'custom_imports' not in cfg
     shrink_model(cfg.model)
     return MODELS.build(cfg.model)
@@ -47,7 +56,9 @@ def retinanet_file(tmp_path):
 # ----------------------------------------------------------------------------
 # defect: a hex suffix in a file name is not a published hash
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize('name', ['model-20240517.pth', 'epoch_12-deadbeef.pth'])
+@pytest.mark.parametrize(
+    'name', ['model-20240517.pth', 'epoch_12-deadbeef.pth']
+)
 def test_own_checkpoints_with_hex_like_names_load(retinanet_file, name):
     trained, path = retinanet_file
     renamed = path.with_name(name)
@@ -63,13 +74,20 @@ def test_own_checkpoints_with_hex_like_names_load(retinanet_file, name):
 # defect: files that are not checkpoints are named, payloads are refused
 # ----------------------------------------------------------------------------
 NOT_CHECKPOINTS = {
-    'lfs.pth': (b'version https://git-lfs.github.com/spec/v1\noid sha256:'
-                b'4d7a\nsize 132\n', 'git-LFS pointer'),
-    'notfound.pth': (b'404: Not Found', "text or unknown file starting with "
-                     "'404: Not Found'"),
+    'lfs.pth': (
+        b'version https://git-lfs.github.com/spec/v1\noid sha256:'
+        b'4d7a\nsize 132\n',
+        'git-LFS pointer',
+    ),
+    'notfound.pth': (
+        b'404: Not Found',
+        "text or unknown file starting with '404: Not Found'",
+    ),
     'meta.pth': (b'{"state_dict": {}}', 'JSON'),
-    'bom.pth': (b'\xef\xbb\xbf<!DOCTYPE html><html>Sign in</html>',
-                'HTML/XML page'),
+    'bom.pth': (
+        b'\xef\xbb\xbf<!DOCTYPE html><html>Sign in</html>',
+        'HTML/XML page',
+    ),
     'empty.pth': (b'', 'empty'),
 }
 
@@ -85,19 +103,19 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path, name):
     assert 'weights_only=False' not in str(err.value)
 
 
-def test_numpy_file_and_truncated_checkpoint_are_named(tmp_path,
-                                                       retinanet_file):
+def test_numpy_file_and_truncated_checkpoint_are_named(
+    tmp_path, retinanet_file
+):
     np.save(tmp_path / 'array.npy', np.zeros(3))
     with pytest.raises(CheckpointError, match='numpy .npy array'):
         load_weights_only(str(tmp_path / 'array.npy'))
     data = retinanet_file[1].read_bytes()
-    (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
+    (tmp_path / 'cut.pth').write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match='truncated or corrupt zip'):
         load_weights_only(str(tmp_path / 'cut.pth'))
 
 
 class _Payload:
-
     def __reduce__(self):
         return (os.system, ('echo pwned',))
 
@@ -105,8 +123,11 @@ class _Payload:
 @pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
 def test_a_code_running_payload_is_named_and_refused(tmp_path, legacy):
     path = tmp_path / 'evil.pth'
-    torch.save({'state_dict': {}, 'x': _Payload()}, path,
-               _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        {'state_dict': {}, 'x': _Payload()},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
     with pytest.raises(CheckpointError) as err:
         load_weights_only(str(path))
     text = str(err.value)
@@ -138,6 +159,7 @@ def test_mmengine_loading_of_a_plain_model_is_not_intercepted(tmp_path):
 # ----------------------------------------------------------------------------
 def test_zoo_names_resolve_to_url_and_the_hash_it_is_published_with():
     from torch.hub import HASH_REGEX
+
     zoo = ckpt_module.zoo_weights()
     assert 'atss_r50_fpn_dyhead-6b_1x_coco' in zoo
     for name, (url, sha) in zoo.items():
@@ -166,8 +188,9 @@ def cache_files():
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
-def test_dyhead_scheme_downloads_checks_caches_and_loads(served_zoo,
-                                                         retinanet_file):
+def test_dyhead_scheme_downloads_checks_caches_and_loads(
+    served_zoo, retinanet_file
+):
     www, base, seen, zoo = served_zoo
     trained, _ = retinanet_file
     target = plain_retinanet()
@@ -181,7 +204,8 @@ def test_dyhead_scheme_downloads_checks_caches_and_loads(served_zoo,
 
 
 def test_a_download_that_is_not_the_published_file_is_not_cached(
-        served_zoo, monkeypatch):
+    served_zoo, monkeypatch
+):
     www, base, seen, zoo = served_zoo
     url, sha = zoo['tiny']
     # the server now sends another file under the same name
@@ -191,16 +215,20 @@ def test_a_download_that_is_not_the_published_file_is_not_cached(
     assert cache_files() == []
 
 
-@pytest.mark.parametrize('content', [
-    b'<!DOCTYPE html><html>Please sign in</html>',
-    'truncated',
-])
+@pytest.mark.parametrize(
+    'content',
+    [
+        b'<!DOCTYPE html><html>Please sign in</html>',
+        'truncated',
+    ],
+)
 def test_login_pages_and_cut_downloads_never_reach_the_cache(
-        served_zoo, content, retinanet_file):
+    served_zoo, content, retinanet_file
+):
     www, base, seen, _ = served_zoo
     if content == 'truncated':
         data = (www / os.listdir(www)[0]).read_bytes()
-        content = data[:len(data) // 3]
+        content = data[: len(data) // 3]
     (www / 'nohash.pth').write_bytes(content)
     with pytest.raises(CheckpointError, match='Nothing was cached'):
         ckpt_module.download_checkpoint(f'{base}/nohash.pth')
@@ -233,9 +261,13 @@ def test_shape_mismatch_is_listed_once_and_only_warned_when_not_strict():
         'bbox_head.retina_cls.weight'
     ]
     assert report.missing == [] and report.unexpected == []
-    assert 'bbox_head.retina_cls.weight' not in report.format().split(
-        'shape mismatch')[0]
-    with pytest.raises(CheckpointKeyError, match='checkpoint \\(7, 32, 3, 3\\)'):
+    assert (
+        'bbox_head.retina_cls.weight'
+        not in report.format().split('shape mismatch')[0]
+    )
+    with pytest.raises(
+        CheckpointKeyError, match='checkpoint \\(7, 32, 3, 3\\)'
+    ):
         load_state_dict(model, state, strict=True)
 
 
@@ -243,6 +275,7 @@ def test_mmdet_named_keys_of_another_width_warn_when_not_strict():
     from mmdet.models.necks import DyHead
 
     from mmdet_dyhead.models import DyHeadNeck
+
     theirs = DyHead(16, 16, num_blocks=2)  # mmdet's neck, other width
     ours = DyHeadNeck(32, 32, num_blocks=2, dcn_backend='torch')
     report = load_state_dict(ours, theirs.state_dict(), strict=False)

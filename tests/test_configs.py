@@ -2,6 +2,7 @@
 baselines only where the paper says; miswired DyHead detectors are stopped
 by DyHeadCheckHook before they run, with a message naming the setting to
 change."""
+
 import copy
 import functools
 import glob
@@ -10,41 +11,34 @@ import re
 
 import mmdet
 import pytest
-import torch
+from conftest import REPO_ROOT
 from mmengine.config import Config
 from mmengine.registry import MODELS as ROOT_MODELS
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
-from conftest import REPO_ROOT
 from mmdet_dyhead.engine import DyHeadConfigError, check_dyhead_detector
 from mmdet_dyhead.models.necks import DyHeadNeck
 from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
 from mmdet_dyhead.registry import MODELS
 
+# Building fills large weight tensors; on a loaded 2-core machine a second
+# intra-op thread mostly waits.
+pytestmark = pytest.mark.usefixtures('one_thread')
 CONFIG_ROOT = osp.join(REPO_ROOT, 'configs')
 DOCS = osp.join(REPO_ROOT, 'docs', 'configs.md')
 # The quickstart's configs are tested with the quickstart.
 SHIPPED = sorted(
     osp.relpath(p, CONFIG_ROOT)
     for p in glob.glob(osp.join(CONFIG_ROOT, '**', '*.py'), recursive=True)
-    if not osp.relpath(p, CONFIG_ROOT).startswith(('quickstart', '_base_')))
+    if not osp.relpath(p, CONFIG_ROOT).startswith(('quickstart', '_base_'))
+)
 ATTN_TOKENS = ('scale', 'spatial', 'task')
 
 
 @pytest.fixture(autouse=True)
 def _mmdet_scope():
     init_default_scope('mmdet')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    # Building fills large weight tensors; on a loaded 2-core machine a
-    # second intra-op thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,12 +105,17 @@ def test_config_loads_and_builds(rel_path):
     # A name listing attentions means exactly those are on.
     wanted = tokens & set(ATTN_TOKENS) or set(ATTN_TOKENS)
     for block in dyheads[0].dyhead_blocks:
-        on = {'scale': block.scale_attn is not None,
-              'spatial': block.spatial_attn.deformable,
-              'task': block.task_attn is not None}
+        on = {
+            'scale': block.scale_attn is not None,
+            'spatial': block.spatial_attn.deformable,
+            'task': block.task_attn is not None,
+        }
         assert {k for k, v in on.items() if v} == wanted
-    hooks = [h for h in cfg.get('custom_hooks', [])
-             if h['type'] == 'DyHeadCheckHook']
+    hooks = [
+        h
+        for h in cfg.get('custom_hooks', [])
+        if h['type'] == 'DyHeadCheckHook'
+    ]
     assert len(hooks) == 1, 'a DyHead config enables DyHeadCheckHook'
     towers_allowed = hooks[0].get('allow_head_towers', False)
     check_dyhead_detector(model, towers_allowed)
@@ -127,7 +126,8 @@ def test_config_loads_and_builds(rel_path):
     if roi_head is not None:
         # Fig. 2c: task-aware attention moves from the pyramid to the RoI.
         assert isinstance(roi_head.bbox_head, TaskAttnBBoxHead) == (
-            'task' not in wanted)
+            'task' not in wanted
+        )
 
 
 def _flatten(obj, prefix=''):
@@ -146,64 +146,109 @@ def _flatten(obj, prefix=''):
 
 def _differences(a: str, b: str):
     fa, fb = _flatten(_load(a).to_dict()), _flatten(_load(b).to_dict())
-    return {k for k in set(fa) | set(fb) if fa.get(k, '<unset>') != fb.get(
-        k, '<unset>')}
+    return {
+        k
+        for k in set(fa) | set(fb)
+        if fa.get(k, '<unset>') != fb.get(k, '<unset>')
+    }
 
 
-DYHEAD_HEAD = ('model.neck', 'model.bbox_head.stacked_convs',
-               'model.bbox_head.feat_channels', 'custom_hooks')
+DYHEAD_HEAD = (
+    'model.neck',
+    'model.bbox_head.stacked_convs',
+    'model.bbox_head.feat_channels',
+    'custom_hooks',
+)
 # (reference config, config, setting prefixes allowed to differ)
 COMPARISONS = [
     # Table 3: each +DyHead row differs from its baseline only in the neck
     # and the head's towers (two-stage: the RoI box head).
-    ('atss/atss_r50_fpn_1x_coco.py', 'atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
-     DYHEAD_HEAD),
-    ('fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_'
-     '1x_coco.py',
-     'fcos/fcos_r50-caffe_fpn_dyhead-6b-center-normbbox-centeronreg-giou_'
-     '1x_coco.py', DYHEAD_HEAD),
-    ('retinanet/retinanet_r50_fpn_1x_coco.py',
-     'retinanet/retinanet_r50_fpn_dyhead-6b_1x_coco.py', DYHEAD_HEAD),
-    ('retinanet/retinanet_r50_fpn_1x_coco.py',
-     'retinanet/retinanet_r50_fpn_dyhead-6b-towers_1x_coco.py',
-     ('model.neck', 'custom_hooks')),
-    ('reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py',
-     'reppoints/reppoints-moment_r50_fpn-gn_dyhead-6b_1x_coco.py',
-     DYHEAD_HEAD),
-    ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
-     'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
-     'task-attn-roi-head_1x_coco.py',
-     ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks')),
-    ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
-     'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
-     ('model.neck', 'custom_hooks')),
+    (
+        'atss/atss_r50_fpn_1x_coco.py',
+        'atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
+        DYHEAD_HEAD,
+    ),
+    (
+        'fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_'
+        '1x_coco.py',
+        'fcos/fcos_r50-caffe_fpn_dyhead-6b-center-normbbox-centeronreg-giou_'
+        '1x_coco.py',
+        DYHEAD_HEAD,
+    ),
+    (
+        'retinanet/retinanet_r50_fpn_1x_coco.py',
+        'retinanet/retinanet_r50_fpn_dyhead-6b_1x_coco.py',
+        DYHEAD_HEAD,
+    ),
+    (
+        'retinanet/retinanet_r50_fpn_1x_coco.py',
+        'retinanet/retinanet_r50_fpn_dyhead-6b-towers_1x_coco.py',
+        ('model.neck', 'custom_hooks'),
+    ),
+    (
+        'reppoints/reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py',
+        'reppoints/reppoints-moment_r50_fpn-gn_dyhead-6b_1x_coco.py',
+        DYHEAD_HEAD,
+    ),
+    (
+        'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+        'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+        'task-attn-roi-head_1x_coco.py',
+        ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks'),
+    ),
+    (
+        'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+        'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
+        ('model.neck', 'custom_hooks'),
+    ),
     # Table 4: backbone and schedule only.
-    ('atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
-     'atss/atss_r50_fpn_dyhead-6b_2x_coco.py',
-     ('train_cfg.max_epochs', 'param_scheduler', 'max_epochs')),
-    ('atss/atss_r50_fpn_dyhead-6b_2x_coco.py',
-     'atss/atss_r101_fpn_dyhead-6b_2x_coco.py', ('model.backbone', )),
-    ('atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
-     'atss/atss_x101-64x4d_fpn_dyhead-6b_1x_coco.py', ('model.backbone', )),
+    (
+        'atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
+        'atss/atss_r50_fpn_dyhead-6b_2x_coco.py',
+        ('train_cfg.max_epochs', 'param_scheduler', 'max_epochs'),
+    ),
+    (
+        'atss/atss_r50_fpn_dyhead-6b_2x_coco.py',
+        'atss/atss_r101_fpn_dyhead-6b_2x_coco.py',
+        ('model.backbone',),
+    ),
+    (
+        'atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
+        'atss/atss_x101-64x4d_fpn_dyhead-6b_1x_coco.py',
+        ('model.backbone',),
+    ),
     # Table 5: DCN, then multi-scale training and the TTA settings.
-    ('atss/atss_x101-64x4d_fpn_dyhead-6b_2x_coco.py',
-     'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_2x_coco.py',
-     ('model.backbone.dcn', 'model.backbone.stage_with_dcn')),
-    ('atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_2x_coco.py',
-     'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_coco.py',
-     ('train_dataloader.dataset.pipeline', 'train_pipeline', 'tta_')),
+    (
+        'atss/atss_x101-64x4d_fpn_dyhead-6b_2x_coco.py',
+        'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_2x_coco.py',
+        ('model.backbone.dcn', 'model.backbone.stage_with_dcn'),
+    ),
+    (
+        'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_2x_coco.py',
+        'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_coco.py',
+        ('train_dataloader.dataset.pipeline', 'train_pipeline', 'tta_'),
+    ),
 ]
 # Tables 1 and 2: one DyHeadNeck argument each.
-COMPARISONS += [('atss/atss_r50_fpn_dyhead-6b_1x_coco.py', p,
-                 ('model.neck.1.num_blocks', 'model.neck.1.use_'))
-                for p in SHIPPED if re.search(
-                    r'atss_r50_fpn_dyhead-((?!6b_)\d+b|6b-[a-z-]+)_1x', p)]
+COMPARISONS += [
+    (
+        'atss/atss_r50_fpn_dyhead-6b_1x_coco.py',
+        p,
+        ('model.neck.1.num_blocks', 'model.neck.1.use_'),
+    )
+    for p in SHIPPED
+    if re.search(r'atss_r50_fpn_dyhead-((?!6b_)\d+b|6b-[a-z-]+)_1x', p)
+]
 
 
-@pytest.mark.parametrize('ref,cfg,allowed', COMPARISONS,
-                         ids=[osp.basename(c[1])[:-3] for c in COMPARISONS])
+@pytest.mark.parametrize(
+    'ref,cfg,allowed',
+    COMPARISONS,
+    ids=[osp.basename(c[1])[:-3] for c in COMPARISONS],
+)
 def test_config_differs_from_its_reference_only_where_intended(
-        ref, cfg, allowed):
+    ref, cfg, allowed
+):
     diff = _differences(ref, cfg)
     assert diff, 'the two configs are identical'
     unexpected = {k for k in diff if not k.startswith(allowed)}
@@ -214,13 +259,19 @@ def test_tta_pipeline_gives_every_scale_with_and_without_flip(tmp_path):
     import cv2
     import numpy as np
     from mmcv.transforms import Compose
-    cfg = _load('atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_'
-                'coco.py')
+
+    cfg = _load(
+        'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_coco.py'
+    )
     img = osp.join(str(tmp_path), 'img.png')
     cv2.imwrite(img, np.zeros((48, 64, 3), np.uint8))
-    out = Compose(cfg.tta_pipeline)(dict(
-        img_path=img, img_id=0, instances=[
-            dict(bbox=[1, 2, 30, 40], bbox_label=0, ignore_flag=0)]))
+    out = Compose(cfg.tta_pipeline)(
+        dict(
+            img_path=img,
+            img_id=0,
+            instances=[dict(bbox=[1, 2, 30, 40], bbox_label=0, ignore_flag=0)],
+        )
+    )
     metas = [s.metainfo for s in out['data_samples']]
     assert len(metas) == 2 * len(cfg.tta_scales)
     for scale in cfg.tta_scales:
@@ -229,8 +280,14 @@ def test_tta_pipeline_gives_every_scale_with_and_without_flip(tmp_path):
         got = [m for m in metas if min(m['img_shape']) == min(scale)]
         assert sorted(m['flip'] for m in got) == [False, True], scale
     # The wrapper mmdet's test.py --tta builds around the detector.
-    tta = MODELS.build(dict(cfg.tta_model, module=dict(
-        cfg.model, backbone=dict(cfg.model.backbone, init_cfg=None))))
+    tta = MODELS.build(
+        dict(
+            cfg.tta_model,
+            module=dict(
+                cfg.model, backbone=dict(cfg.model.backbone, init_cfg=None)
+            ),
+        )
+    )
     assert type(tta).__name__ == 'DetTTAModel'
 
 
@@ -240,8 +297,9 @@ def test_docs_table_lists_every_config_and_only_existing_ones():
     listed = set(re.findall(r'`configs/([\w./-]+\.py)`', text))
     missing = sorted(p for p in SHIPPED if p not in listed)
     assert not missing, f'configs not in docs/configs.md: {missing}'
-    stale = sorted(p for p in listed if not osp.exists(
-        osp.join(CONFIG_ROOT, p)))
+    stale = sorted(
+        p for p in listed if not osp.exists(osp.join(CONFIG_ROOT, p))
+    )
     assert not stale, f'docs/configs.md names missing files: {stale}'
 
 
@@ -254,11 +312,17 @@ def test_head_with_conv_towers_is_stopped_before_training(tmp_path):
     """Through mmengine's Runner, as tools/train.py runs it: the hook of the
     shipped config stops the run before the first iteration."""
     from mmdet_dyhead.testing import generate_synthetic_coco, tiny_detector_cfg
-    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=2,
-                                   num_val=1, image_size=64,
-                                   objects_per_image=(2, 3))
-    cfg = tiny_detector_cfg(osp.join(CONFIG_ROOT, DY_ATSS), data,
-                            str(tmp_path / 'work'), iters=1)
+
+    data = generate_synthetic_coco(
+        str(tmp_path / 'data'),
+        num_train=2,
+        num_val=1,
+        image_size=64,
+        objects_per_image=(2, 3),
+    )
+    cfg = tiny_detector_cfg(
+        osp.join(CONFIG_ROOT, DY_ATSS), data, str(tmp_path / 'work'), iters=1
+    )
     cfg.model.bbox_head.stacked_convs = 4
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     cfg.experiment_name = 'towers'
@@ -268,8 +332,9 @@ def test_head_with_conv_towers_is_stopped_before_training(tmp_path):
     assert runner.iter == 0
     assert 'model.bbox_head.stacked_convs=4' in str(err.value)
     assert 'stacked_convs=0' in str(err.value)
-    assert ("dict(type='DyHeadCheckHook', allow_head_towers=True)"
-            in str(err.value))
+    assert "dict(type='DyHeadCheckHook', allow_head_towers=True)" in str(
+        err.value
+    )
     # The documented opt-out.
     cfg.custom_hooks = [dict(type='DyHeadCheckHook', allow_head_towers=True)]
     cfg.experiment_name = 'towers_allowed'
@@ -278,18 +343,40 @@ def test_head_with_conv_towers_is_stopped_before_training(tmp_path):
     assert runner.iter == 1
 
 
-@pytest.mark.parametrize('change,message', [
-    (lambda m: m.neck[1].update(in_channels=128),
-     'model.neck[1].in_channels=256'),
-    (lambda m: m.neck[1].update(num_levels=4), 'model.neck[1].num_levels=5'),
-    (lambda m: m.bbox_head.update(in_channels=128),
-     'model.bbox_head.in_channels=256'),
-    (lambda m: m.bbox_head.update(feat_channels=128),
-     'model.bbox_head.feat_channels=256'),
-    (lambda m: m.bbox_head.anchor_generator.update(strides=[8, 16, 32, 64]),
-     'predicts on 4 levels'),
-], ids=['fpn-vs-dyhead-channels', 'levels', 'head-channels', 'feat-channels',
-        'head-strides'])
+@pytest.mark.parametrize(
+    'change,message',
+    [
+        (
+            lambda m: m.neck[1].update(in_channels=128),
+            'model.neck[1].in_channels=256',
+        ),
+        (
+            lambda m: m.neck[1].update(num_levels=4),
+            'model.neck[1].num_levels=5',
+        ),
+        (
+            lambda m: m.bbox_head.update(in_channels=128),
+            'model.bbox_head.in_channels=256',
+        ),
+        (
+            lambda m: m.bbox_head.update(feat_channels=128),
+            'model.bbox_head.feat_channels=256',
+        ),
+        (
+            lambda m: m.bbox_head.anchor_generator.update(
+                strides=[8, 16, 32, 64]
+            ),
+            'predicts on 4 levels',
+        ),
+    ],
+    ids=[
+        'fpn-vs-dyhead-channels',
+        'levels',
+        'head-channels',
+        'feat-channels',
+        'head-strides',
+    ],
+)
 def test_mismatched_dyhead_detector_names_the_setting(change, message):
     cfg = _load(DY_ATSS)
     change(cfg.model)
@@ -298,12 +385,15 @@ def test_mismatched_dyhead_detector_names_the_setting(change, message):
 
 
 def test_two_stage_roi_channels_are_checked():
-    cfg = _load('faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
-                'task-attn-roi-head_1x_coco.py')
+    cfg = _load(
+        'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+        'task-attn-roi-head_1x_coco.py'
+    )
     cfg.model.roi_head.bbox_roi_extractor.out_channels = 128
     with pytest.raises(
-            DyHeadConfigError,
-            match=re.escape('bbox_roi_extractor.out_channels=128')):
+        DyHeadConfigError,
+        match=re.escape('bbox_roi_extractor.out_channels=128'),
+    ):
         check_dyhead_detector(_build(cfg.model))
 
 
@@ -311,8 +401,10 @@ def test_models_without_dyheadneck_are_not_checked():
     # mmdet's own detectors, towers and all, pass; so does mmdet's DyHead
     # recipe (its neck is mmdet's DyHead, not ours).
     mmdet_configs = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
-    for path in ('atss/atss_r50_fpn_1x_coco.py',
-                 'dyhead/atss_r50_fpn_dyhead_1x_coco.py'):
+    for path in (
+        'atss/atss_r50_fpn_1x_coco.py',
+        'dyhead/atss_r50_fpn_dyhead_1x_coco.py',
+    ):
         cfg = Config.fromfile(osp.join(mmdet_configs, path))
         cfg.model.bbox_head.stacked_convs = 2
         model = _build(cfg.model, MODELS)

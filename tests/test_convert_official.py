@@ -6,18 +6,20 @@ release (detectron2 ResNet-50 ``bottom_up``, FPN ``fpn_lateral/output``,
 converter, and one converted block is checked against the official block's
 equations written out with mmcv's DCN op.
 """
+
 import os.path as osp
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO_ROOT, rel_err
 
 from mmdet_dyhead.cli import convert_official_dyhead as tool
 
-CONFIG = osp.join(REPO_ROOT, 'configs/atss/atss_r50-caffe_fpn_dyhead-6b_official_1x_coco.py')
+CONFIG = osp.join(
+    REPO_ROOT, 'configs/atss/atss_r50-caffe_fpn_dyhead-6b_official_1x_coco.py'
+)
 CAFFE_MEAN = (103.53, 116.28, 123.675)
 
 
@@ -41,7 +43,9 @@ def official_atss_r50_state_dict(num_blocks=6, num_classes=80, c=256):
     frozen_bn(bu + 'stem.conv1.norm', 64)
     in_ch = 64
     for stage, (blocks, mid, out) in zip(
-            (2, 3, 4, 5), ((3, 64, 256), (4, 128, 512), (6, 256, 1024), (3, 512, 2048))):
+        (2, 3, 4, 5),
+        ((3, 64, 256), (4, 128, 512), (6, 256, 1024), (3, 512, 2048)),
+    ):
         for j in range(blocks):
             p = f'{bu}res{stage}.{j}.'
             if j == 0:
@@ -66,9 +70,11 @@ def official_atss_r50_state_dict(num_blocks=6, num_classes=80, c=256):
             sd[f'{t}DyConv.{k}.bn.weight'] = 1 + 0.1 * torch.randn(c)
             sd[f'{t}DyConv.{k}.bn.bias'] = 0.1 * torch.randn(c)
         conv(t + 'AttnConv.1', 1, c, 1, bias=True)
-        sd[t + 'relu.fc.0.weight'] = torch.randn(c // 4, c) / c ** 0.5
+        sd[t + 'relu.fc.0.weight'] = torch.randn(c // 4, c) / c**0.5
         sd[t + 'relu.fc.0.bias'] = 0.1 * torch.randn(c // 4)
-        sd[t + 'relu.fc.2.weight'] = torch.randn(4 * c, c // 4) / (c // 4) ** 0.5
+        sd[t + 'relu.fc.2.weight'] = (
+            torch.randn(4 * c, c // 4) / (c // 4) ** 0.5
+        )
         sd[t + 'relu.fc.2.bias'] = 0.1 * torch.randn(4 * c)
         # large enough offsets that sampling leaves the integer grid
         sd[t + 'offset.weight'] = torch.randn(27, c, 3, 3) * 0.05
@@ -99,19 +105,29 @@ def model():
     return tool.build_model(CONFIG).eval()
 
 
-def test_every_tensor_mapped_once_shapes_fit_nothing_left(official, converted, model):
+def test_every_tensor_mapped_once_shapes_fit_nothing_left(
+    official, converted, model
+):
     state, dropped = converted
     own = model.state_dict()
     assert set(state) == set(own)
-    bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-           if v.shape != own[k].shape}
+    bad = {
+        k: (tuple(v.shape), tuple(own[k].shape))
+        for k, v in state.items()
+        if v.shape != own[k].shape
+    }
     assert not bad
     assert sorted(dropped) == ['pixel_mean', 'pixel_std']
     # Each source tensor lands in exactly one target (views share storage);
     # the only extra targets are BN step counters detectron2 does not keep.
-    src_ptrs = [v.untyped_storage().data_ptr() for k, v in official.items()
-                if k not in dropped]
-    dst = {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}
+    src_ptrs = [
+        v.untyped_storage().data_ptr()
+        for k, v in official.items()
+        if k not in dropped
+    ]
+    dst = {
+        k: v for k, v in state.items() if not k.endswith('num_batches_tracked')
+    }
     dst_ptrs = [v.untyped_storage().data_ptr() for v in dst.values()]
     assert len(src_ptrs) == len(dst_ptrs) == len(set(dst_ptrs))
     assert set(src_ptrs) == set(dst_ptrs)
@@ -123,14 +139,27 @@ def test_documented_correspondences(official, converted):
     state, _ = converted
     blk, tw = 'neck.1.dyhead_blocks.3.', 'backbone.dyhead_tower.3.'
     pairs = {
-        'backbone.backbone.bottom_up.res2.0.shortcut.weight': 'backbone.layer1.0.downsample.0.weight',
-        'backbone.backbone.bottom_up.res5.2.conv2.norm.running_var': 'backbone.layer4.2.bn2.running_var',
-        'backbone.backbone.bottom_up.stem.conv1.norm.bias': 'backbone.bn1.bias',
-        'backbone.backbone.fpn_lateral3.weight': 'neck.0.lateral_convs.0.conv.weight',
+        'backbone.backbone.bottom_up.res2.0.shortcut.weight': (
+            'backbone.layer1.0.downsample.0.weight'
+        ),
+        'backbone.backbone.bottom_up.res5.2.conv2.norm.running_var': (
+            'backbone.layer4.2.bn2.running_var'
+        ),
+        'backbone.backbone.bottom_up.stem.conv1.norm.bias': (
+            'backbone.bn1.bias'
+        ),
+        'backbone.backbone.fpn_lateral3.weight': (
+            'neck.0.lateral_convs.0.conv.weight'
+        ),
         'backbone.backbone.fpn_output5.bias': 'neck.0.fpn_convs.2.conv.bias',
-        'backbone.backbone.top_block.p6.weight': 'neck.0.fpn_convs.3.conv.weight',
-        'backbone.backbone.top_block.p7.weight': 'neck.0.fpn_convs.4.conv.weight',
-        tw + 'DyConv.0.conv.weight': blk + 'spatial_attn.high_branch.conv.weight',
+        'backbone.backbone.top_block.p6.weight': (
+            'neck.0.fpn_convs.3.conv.weight'
+        ),
+        'backbone.backbone.top_block.p7.weight': (
+            'neck.0.fpn_convs.4.conv.weight'
+        ),
+        tw + 'DyConv.0.conv.weight': blk
+        + 'spatial_attn.high_branch.conv.weight',
         tw + 'DyConv.1.conv.bias': blk + 'spatial_attn.mid_branch.conv.bias',
         tw + 'DyConv.2.bn.weight': blk + 'spatial_attn.low_branch.norm.weight',
         tw + 'offset.weight': blk + 'spatial_attn.offset_conv.weight',
@@ -141,8 +170,10 @@ def test_documented_correspondences(official, converted):
     }
     for src, dst in pairs.items():
         assert torch.equal(official[src], state[dst]), (src, dst)
-    assert torch.equal(official[tw + 'relu.fc.2.weight'][:, :, None, None],
-                       state[blk + 'task_attn.fc2.weight'])
+    assert torch.equal(
+        official[tw + 'relu.fc.2.weight'][:, :, None, None],
+        state[blk + 'task_attn.fc2.weight'],
+    )
     assert state['bbox_head.scales.4.scale'].shape == ()
     assert state['bbox_head.scales.4.scale'].item() == pytest.approx(1.4)
 
@@ -156,39 +187,91 @@ def official_block(feats, sd, t):
     from mmcv.ops import modulated_deform_conv2d
 
     def branch(x, k, stride, offset, mask):
-        y = modulated_deform_conv2d(x, offset, mask, sd[f'{t}DyConv.{k}.conv.weight'],
-                                    sd[f'{t}DyConv.{k}.conv.bias'], stride, 1, 1, 1, 1)
-        return F.group_norm(y, 16, sd[f'{t}DyConv.{k}.bn.weight'], sd[f'{t}DyConv.{k}.bn.bias'])
+        y = modulated_deform_conv2d(
+            x,
+            offset,
+            mask,
+            sd[f'{t}DyConv.{k}.conv.weight'],
+            sd[f'{t}DyConv.{k}.conv.bias'],
+            stride,
+            1,
+            1,
+            1,
+            1,
+        )
+        return F.group_norm(
+            y, 16, sd[f'{t}DyConv.{k}.bn.weight'], sd[f'{t}DyConv.{k}.bn.bias']
+        )
 
     outs = []
     for lvl, x in enumerate(feats):
-        om = F.conv2d(x, sd[t + 'offset.weight'], sd[t + 'offset.bias'], padding=1)
-        offset, mask = om[:, :18].contiguous(), om[:, 18:].sigmoid().contiguous()
+        om = F.conv2d(
+            x, sd[t + 'offset.weight'], sd[t + 'offset.bias'], padding=1
+        )
+        offset, mask = (
+            om[:, :18].contiguous(),
+            om[:, 18:].sigmoid().contiguous(),
+        )
         terms = [branch(x, 1, 1, offset, mask)]
         if lvl > 0:
             terms.append(branch(feats[lvl - 1], 2, 2, offset, mask))
         if lvl < len(feats) - 1:
             # level-l offsets handed to the coarser level's conv, as released
-            terms.append(F.interpolate(branch(feats[lvl + 1], 0, 1, offset, mask),
-                                       size=x.shape[-2:], mode='bilinear', align_corners=True))
+            terms.append(
+                F.interpolate(
+                    branch(feats[lvl + 1], 0, 1, offset, mask),
+                    size=x.shape[-2:],
+                    mode='bilinear',
+                    align_corners=True,
+                )
+            )
         weighted = [
-            term * _hsig(F.relu(F.conv2d(term.mean((2, 3), keepdim=True),
-                                         sd[t + 'AttnConv.1.weight'], sd[t + 'AttnConv.1.bias'])))
-            for term in terms]
+            term
+            * _hsig(
+                F.relu(
+                    F.conv2d(
+                        term.mean((2, 3), keepdim=True),
+                        sd[t + 'AttnConv.1.weight'],
+                        sd[t + 'AttnConv.1.bias'],
+                    )
+                )
+            )
+            for term in terms
+        ]
         fused = sum(weighted) / len(weighted)
-        hidden = F.relu(F.linear(fused.mean((2, 3)), sd[t + 'relu.fc.0.weight'], sd[t + 'relu.fc.0.bias']))
-        y = _hsig(F.linear(hidden, sd[t + 'relu.fc.2.weight'], sd[t + 'relu.fc.2.bias']))
-        a1, b1, a2, b2 = (v[:, :, None, None] for v in torch.split(y, fused.shape[1], dim=1))
+        hidden = F.relu(
+            F.linear(
+                fused.mean((2, 3)),
+                sd[t + 'relu.fc.0.weight'],
+                sd[t + 'relu.fc.0.bias'],
+            )
+        )
+        y = _hsig(
+            F.linear(
+                hidden, sd[t + 'relu.fc.2.weight'], sd[t + 'relu.fc.2.bias']
+            )
+        )
+        a1, b1, a2, b2 = (
+            v[:, :, None, None] for v in torch.split(y, fused.shape[1], dim=1)
+        )
         a1, a2 = (a1 - 0.5) * 2 + 1, (a2 - 0.5) * 2
-        outs.append(torch.maximum(fused * a1 + b1 - 0.5, fused * a2 + b2 - 0.5))
+        outs.append(
+            torch.maximum(fused * a1 + b1 - 0.5, fused * a2 + b2 - 0.5)
+        )
     return outs
 
 
-def test_converted_block_computes_the_official_block(official, converted, model):
+def test_converted_block_computes_the_official_block(
+    official, converted, model
+):
     state, _ = converted
     from mmdet_dyhead.utils import load_state_dict
+
     load_state_dict(model, state, strict=True)
-    feats = [torch.randn(1, 256, h, w) for h, w in ((16, 20), (8, 10), (4, 5), (2, 3), (1, 2))]
+    feats = [
+        torch.randn(1, 256, h, w)
+        for h, w in ((16, 20), (8, 10), (4, 5), (2, 3), (1, 2))
+    ]
     with torch.no_grad():
         ours = model.neck[1].dyhead_blocks[2](feats)
         ref = official_block(feats, official, 'backbone.dyhead_tower.2.')
@@ -196,23 +279,39 @@ def test_converted_block_computes_the_official_block(official, converted, model)
         assert rel_err(a, b) < 1e-4, level
 
 
-def test_cli_writes_a_hash_named_checkpoint_the_model_loads_and_runs(official, model, tmp_path):
+def test_cli_writes_a_hash_named_checkpoint_the_model_loads_and_runs(
+    official, model, tmp_path
+):
     from mmdet.structures import DetDataSample
 
     from mmdet_dyhead.utils import load_checkpoint, sha256_of
+
     src = tmp_path / 'dyhead_r50_atss_fpn_1x.pth'
-    torch.save({'model': official, 'iteration': 89999, '__author__': 'test'}, src)
-    assert tool.main([str(src), str(tmp_path / 'converted.pth'), '--hash-name']) == 0
+    torch.save(
+        {'model': official, 'iteration': 89999, '__author__': 'test'}, src
+    )
+    assert (
+        tool.main([str(src), str(tmp_path / 'converted.pth'), '--hash-name'])
+        == 0
+    )
     (out,) = [p for p in tmp_path.iterdir() if p.name.startswith('converted-')]
     prefix = re.fullmatch(r'converted-([0-9a-f]{8})\.pth', out.name)
     assert prefix and sha256_of(str(out)).startswith(prefix.group(1))
     report = load_checkpoint(model, str(out), strict=True)
     assert report.ok
     img = torch.randint(0, 255, (3, 60, 90), dtype=torch.uint8)
-    sample = DetDataSample(metainfo=dict(img_shape=(60, 90), ori_shape=(60, 90),
-                                         scale_factor=(1.0, 1.0)))
-    data = model.data_preprocessor(dict(inputs=[img], data_samples=[sample]), False)
-    assert data['inputs'].shape[-2:] == (128, 128)  # padded to the largest stride
+    sample = DetDataSample(
+        metainfo=dict(
+            img_shape=(60, 90), ori_shape=(60, 90), scale_factor=(1.0, 1.0)
+        )
+    )
+    data = model.data_preprocessor(
+        dict(inputs=[img], data_samples=[sample]), False
+    )
+    assert data['inputs'].shape[-2:] == (
+        128,
+        128,
+    )  # padded to the largest stride
     with torch.no_grad():
         (result,) = model(**data, mode='predict')
     boxes = result.pred_instances.bboxes
@@ -222,7 +321,10 @@ def test_cli_writes_a_hash_named_checkpoint_the_model_loads_and_runs(official, m
 def test_unknown_tensor_is_refused_by_name(official):
     bad = dict(official)
     bad['head.cls_subnet.0.weight'] = torch.zeros(256, 256, 3, 3)
-    with pytest.raises(tool.ConversionError, match=r'(?s)head\.cls_subnet\.0: weight.*RetinaNet'):
+    with pytest.raises(
+        tool.ConversionError,
+        match=r'(?s)head\.cls_subnet\.0: weight.*RetinaNet',
+    ):
         tool.convert_state_dict(bad)
 
 
@@ -235,7 +337,9 @@ def test_wrong_pixel_statistics_are_refused(official):
 
 def test_non_official_checkpoints_are_refused(tmp_path, converted):
     mmdet_style = tmp_path / 'mmdet.pth'
-    torch.save({'state_dict': dict(list(converted[0].items())[:5])}, mmdet_style)
+    torch.save(
+        {'state_dict': dict(list(converted[0].items())[:5])}, mmdet_style
+    )
     with pytest.raises(tool.ConversionError, match='need no conversion'):
         tool.load_official(str(mmdet_style))
     pkl = tmp_path / 'R-50.pkl'

@@ -1,16 +1,24 @@
 """The native DCNv2 against mmcv's compiled kernel, and gradcheck."""
+
 import pytest
 import torch
 from conftest import rel_err
 
-from mmdet_dyhead.ops import (ModulatedDeformConv, modulated_deform_conv2d,
-                              mmcv_ops_available, resolve_dcn_backend)
+from mmdet_dyhead.ops import (
+    ModulatedDeformConv,
+    mmcv_ops_available,
+    modulated_deform_conv2d,
+    resolve_dcn_backend,
+)
 
-needs_mmcv = pytest.mark.skipif(not mmcv_ops_available(),
-                                reason='mmcv built without ops')
+needs_mmcv = pytest.mark.skipif(
+    not mmcv_ops_available(), reason='mmcv built without ops'
+)
 
 
-def _inputs(n=2, c=8, co=6, h=11, w=13, stride=1, dtype=torch.float32, bias=True):
+def _inputs(
+    n=2, c=8, co=6, h=11, w=13, stride=1, dtype=torch.float32, bias=True
+):
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     x = torch.randn(n, c, h, w, dtype=dtype)
     # Offsets of a few pixels, some pointing outside the map, never integer.
@@ -26,10 +34,17 @@ def _inputs(n=2, c=8, co=6, h=11, w=13, stride=1, dtype=torch.float32, bias=True
 @pytest.mark.parametrize('bias', [True, False])
 def test_native_matches_mmcv_forward_and_every_gradient(stride, bias):
     from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+
     args = _inputs(stride=stride, bias=bias)
-    leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
-    ref_leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
-    out = modulated_deform_conv2d(*leaves, stride=stride, padding=1, backend='torch')
+    leaves = [
+        a.clone().requires_grad_() if a is not None else None for a in args
+    ]
+    ref_leaves = [
+        a.clone().requires_grad_() if a is not None else None for a in args
+    ]
+    out = modulated_deform_conv2d(
+        *leaves, stride=stride, padding=1, backend='torch'
+    )
     x, off, m, wt, b = ref_leaves
     ref = mmcv_dcn(x, off, m, wt, b, stride, 1, 1, 1, 1)
     assert out.shape == ref.shape
@@ -37,8 +52,9 @@ def test_native_matches_mmcv_forward_and_every_gradient(stride, bias):
     grad_out = torch.randn_like(ref)
     out.backward(grad_out)
     ref.backward(grad_out)
-    for name, ours, theirs in zip(('input', 'offset', 'mask', 'weight', 'bias'),
-                                  leaves, ref_leaves):
+    for name, ours, theirs in zip(
+        ('input', 'offset', 'mask', 'weight', 'bias'), leaves, ref_leaves
+    ):
         if ours is None:
             continue
         assert rel_err(ours.grad, theirs.grad) < 1e-5, name
@@ -56,8 +72,11 @@ def test_native_gradcheck_float64():
     x, off, m, w, b = _inputs(n=1, c=2, co=2, h=5, w=6, dtype=torch.float64)
     tensors = [t.requires_grad_() for t in (x, off, m, w, b)]
     assert torch.autograd.gradcheck(
-        lambda *t: modulated_deform_conv2d(*t, backend='torch'), tensors,
-        eps=1e-6, atol=1e-5)
+        lambda *t: modulated_deform_conv2d(*t, backend='torch'),
+        tensors,
+        eps=1e-6,
+        atol=1e-5,
+    )
 
 
 def test_zero_offsets_and_unit_mask_is_a_plain_convolution():
@@ -66,19 +85,28 @@ def test_zero_offsets_and_unit_mask_is_a_plain_convolution():
     for stride in (1, 2):
         conv = torch.nn.functional.conv2d(x, w, b, stride=stride, padding=1)
         ho, wo = conv.shape[-2:]
-        out = modulated_deform_conv2d(x, torch.zeros(2, 18, ho, wo),
-                                      torch.ones(2, 9, ho, wo), w, b,
-                                      stride=stride, backend='torch')
+        out = modulated_deform_conv2d(
+            x,
+            torch.zeros(2, 18, ho, wo),
+            torch.ones(2, 9, ho, wo),
+            w,
+            b,
+            stride=stride,
+            backend='torch',
+        )
         assert rel_err(out, conv) < 1e-5
 
 
 def test_integer_offset_is_a_shifted_convolution():
-    # Shifting every tap by (+1 row, -2 cols) equals convolving the shifted map.
+    # Shifting every tap by (+1 row, -2 cols) equals convolving the shifted
+    # map.
     x, _, _, w, _ = _inputs(h=12, w=12, bias=False)
     off = torch.zeros(2, 18, 12, 12)
     off[:, 0::2] = 1.0
     off[:, 1::2] = -2.0
-    out = modulated_deform_conv2d(x, off, torch.ones(2, 9, 12, 12), w, backend='torch')
+    out = modulated_deform_conv2d(
+        x, off, torch.ones(2, 9, 12, 12), w, backend='torch'
+    )
     shifted = torch.zeros_like(x)
     shifted[:, :, :-1, 2:] = x[:, :, 1:, :-2]
     ref = torch.nn.functional.conv2d(shifted, w, padding=1)
@@ -104,17 +132,22 @@ def test_auto_backend_is_native_on_cpu():
 
 def test_module_parameters_match_mmcv_names():
     from mmcv.ops import ModulatedDeformConv2d
+
     ours = ModulatedDeformConv(8, 4, bias=True).state_dict()
     theirs = ModulatedDeformConv2d(8, 4, 3, padding=1, bias=True).state_dict()
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert {k: v.shape for k, v in ours.items()} == {
+        k: v.shape for k, v in theirs.items()
+    }
 
 
 @needs_mmcv
 @pytest.mark.parametrize('stride', [1, 2])
 def test_chunked_native_path_matches_mmcv(stride, monkeypatch):
     # Tiny chunks so every tensor is cut across chunk (and sample) borders.
-    import mmdet_dyhead.ops.gather_conv as gather_conv
     from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+
+    import mmdet_dyhead.ops.gather_conv as gather_conv
+
     monkeypatch.setattr(gather_conv, 'CPU_CHUNK_PIXELS', 7)
     args = _inputs(n=2, h=13, w=10, stride=stride)
     leaves = [a.clone().requires_grad_() for a in args]
@@ -125,13 +158,23 @@ def test_chunked_native_path_matches_mmcv(stride, monkeypatch):
     g = torch.randn_like(ref)
     out.backward(g)
     ref.backward(g)
-    for name, a, b in zip(('input', 'offset', 'mask', 'weight', 'bias'), leaves, ref_leaves):
+    for name, a, b in zip(
+        ('input', 'offset', 'mask', 'weight', 'bias'), leaves, ref_leaves
+    ):
         assert rel_err(a.grad, b.grad) < 1e-5, name
 
 
 def test_one_call_on_several_maps_equals_separate_calls():
-    from mmdet_dyhead.ops.deform_conv import deform_conv2d_on_table, pixel_table
-    maps = [torch.randn(2, 4, 12, 9), torch.randn(2, 4, 6, 5), torch.randn(2, 4, 3, 3)]
+    from mmdet_dyhead.ops.deform_conv import (
+        deform_conv2d_on_table,
+        pixel_table,
+    )
+
+    maps = [
+        torch.randn(2, 4, 12, 9),
+        torch.randn(2, 4, 6, 5),
+        torch.randn(2, 4, 3, 3),
+    ]
     w = torch.randn(3, 4, 3, 3)
     offs = [torch.randn(2, 18, h, wd) for h, wd in ((6, 5), (3, 3), (2, 2))]
     masks = [torch.rand(2, 9, h, wd) for h, wd in ((6, 5), (3, 3), (2, 2))]

@@ -7,22 +7,26 @@ down) and a test pass whose CocoMetric result is checked against
 pycocotools run directly on the dumped detections. Also unit tests of
 TaskAttnBBoxHead (paper Fig. 2c) against Eq. 5 written out.
 """
+
 import json
 import os.path as osp
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import REPO_ROOT
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import REPO_ROOT
-from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
 from mmdet_dyhead.models.necks import DyHeadNeck
 from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
+from mmdet_dyhead.testing import (
+    generate_synthetic_coco,
+    tiny_detector_cfg,
+)
 
 CFG = osp.join(REPO_ROOT, 'configs')
 # Table 3 of the paper: (family, baseline config, +DyHead config(s)).
@@ -54,19 +58,10 @@ TABLE3 = {
 E2E_CONFIGS = [c for pair in TABLE3.values() for c in pair]
 
 IMAGE = 64
-CHANNELS = 32
 ITERS = 6
-NUM_CLASSES = len(SYNTHETIC_CLASSES)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    # These tensors are tiny: a second intra-op thread only adds
-    # synchronisation, which costs 10-30x on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
@@ -74,89 +69,20 @@ def data(tmp_path_factory):
     # Two training images = one fixed batch: the loss must fall when the
     # same batch is seen again, which makes a short run a reliable check.
     return generate_synthetic_coco(
-        str(tmp_path_factory.mktemp('synthetic')), num_train=2, num_val=2,
-        image_size=IMAGE, seed=0, objects_per_image=(2, 3),
-        size_range=(0.25, 0.7))
-
-
-def _shrink_model(model, dyhead: bool):
-    """Tiny backbone and pyramid; everything else as the config says."""
-    model.backbone.update(depth=18, base_channels=8, init_cfg=None)
-    necks = model.neck if isinstance(model.neck, list) else [model.neck]
-    necks[0].update(in_channels=[8, 16, 32, 64], out_channels=CHANNELS)
-    for neck in necks[1:]:
-        neck.update(in_channels=CHANNELS, out_channels=CHANNELS)
-    assert any(n.type == 'DyHeadNeck' for n in necks) == dyhead
-    if 'bbox_head' in model:
-        model.bbox_head.update(num_classes=NUM_CLASSES, in_channels=CHANNELS,
-                               feat_channels=CHANNELS)
-        if model.bbox_head.type == 'RepPointsHead':
-            model.bbox_head.point_feat_channels = CHANNELS
-        model.test_cfg.score_thr = 0.0
-    else:
-        model.rpn_head.update(in_channels=CHANNELS, feat_channels=CHANNELS)
-        roi = model.roi_head
-        roi.bbox_roi_extractor.out_channels = CHANNELS
-        roi.bbox_head.update(num_classes=NUM_CLASSES, in_channels=CHANNELS)
-        if 'fc_out_channels' in roi.bbox_head:
-            roi.bbox_head.fc_out_channels = 64
-        model.test_cfg.rcnn.score_thr = 0.0
+        str(tmp_path_factory.mktemp('synthetic')),
+        num_train=2,
+        num_val=2,
+        image_size=IMAGE,
+        seed=0,
+        objects_per_image=(2, 3),
+        size_range=(0.25, 0.7),
+    )
 
 
 def _tiny_cfg(rel_path: str, data: dict, work_dir: str) -> Config:
-    cfg = Config.fromfile(osp.join(CFG, rel_path))
-    _shrink_model(cfg.model, dyhead='dyhead' in rel_path)
-    pipeline_train = [
-        dict(type='LoadImageFromFile'),
-        dict(type='LoadAnnotations', with_bbox=True),
-        dict(type='Resize', scale=(IMAGE, IMAGE), keep_ratio=True),
-        dict(type='PackDetInputs'),
-    ]
-    pipeline_test = [
-        dict(type='LoadImageFromFile'),
-        dict(type='Resize', scale=(IMAGE, IMAGE), keep_ratio=True),
-        dict(type='LoadAnnotations', with_bbox=True),
-        dict(type='PackDetInputs',
-             meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                        'scale_factor')),
-    ]
-
-    def loader(split, pipeline, batch):
-        # InfiniteSampler: the iteration loop would otherwise sleep 2 s at
-        # every restart of this one-batch loader.
-        sampler = 'InfiniteSampler' if split == 'train' else 'DefaultSampler'
-        return dict(
-            batch_size=batch, num_workers=0, persistent_workers=False,
-            sampler=dict(type=sampler, shuffle=False),
-            batch_sampler=None,
-            dataset=dict(
-                type='CocoDataset', data_root=data['data_root'],
-                ann_file=data[f'{split}_ann'],
-                data_prefix=dict(img=data[f'{split}_img_dir'] + '/'),
-                metainfo=dict(classes=SYNTHETIC_CLASSES),
-                filter_cfg=dict(filter_empty_gt=split == 'train'),
-                test_mode=split != 'train', pipeline=pipeline))
-
-    cfg.train_dataloader = loader('train', pipeline_train, 2)
-    cfg.val_dataloader = cfg.test_dataloader = loader('val', pipeline_test,
-                                                      2)
-    cfg.val_evaluator = cfg.test_evaluator = dict(
-        type='CocoMetric', ann_file=data['val_ann'], metric='bbox',
-        outfile_prefix=osp.join(work_dir, 'dets'))
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=ITERS,
-                         val_interval=ITERS + 1)
-    # Keep the family's optimizer; drop the 500-iteration warmup, which
-    # would hold the LR near zero for the whole run.
-    cfg.param_scheduler = []
-    cfg.optim_wrapper.optimizer.lr = 0.05
-    cfg.optim_wrapper.clip_grad = dict(max_norm=10, norm_type=2)
-    cfg.default_hooks.checkpoint = None
-    cfg.default_hooks.logger.interval = ITERS
-    cfg.log_level = 'WARNING'
-    cfg.work_dir = work_dir
-    cfg.randomness = dict(seed=0)
-    cfg.visualizer.vis_backends = []
-    return cfg
+    return tiny_detector_cfg(
+        osp.join(CFG, rel_path), data, work_dir, iters=ITERS, image=IMAGE
+    )
 
 
 class _LossRecorder(Hook):
@@ -165,8 +91,9 @@ class _LossRecorder(Hook):
     def __init__(self):
         self.losses = []
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None):
+    def after_train_iter(
+        self, runner, batch_idx, data_batch=None, outputs=None
+    ):
         self.losses.append(float(outputs['loss']))
 
 
@@ -182,21 +109,24 @@ def _pycocotools_ap(ann_file: str, det_file: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('config', E2E_CONFIGS,
-                         ids=[osp.basename(c)[:-3] for c in E2E_CONFIGS])
+@pytest.mark.parametrize(
+    'config', E2E_CONFIGS, ids=[osp.basename(c)[:-3] for c in E2E_CONFIGS]
+)
 def test_train_step_and_coco_evaluation(config, data, tmp_path):
     cfg = _tiny_cfg(config, data, str(tmp_path))
     runner = Runner.from_cfg(cfg)
     model = runner.model
     assert any(isinstance(m, DyHeadNeck) for m in model.modules()) == (
-        'dyhead' in config)
+        'dyhead' in config
+    )
     recorder = _LossRecorder()
     runner.register_hook(recorder)
     runner.train()
 
     losses = recorder.losses
-    assert len(losses) == ITERS and all(map(torch.isfinite,
-                                            torch.tensor(losses)))
+    assert len(losses) == ITERS and all(
+        map(torch.isfinite, torch.tensor(losses))
+    )
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < 0.97 * first, f'loss did not decrease: {losses}'
 
@@ -212,10 +142,15 @@ def test_train_step_and_coco_evaluation(config, data, tmp_path):
 def test_table5_test_time_augmentation_runs_through_mmdet_tta(data, tmp_path):
     """The Table 5 config's tta_model / tta_pipeline, wrapped the way mmdet's
     ``tools/test.py --tta`` does, on a tiny ATSS + DyHead (scales / 10)."""
-    tta_src = Config.fromfile(osp.join(
-        CFG, 'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_coco.py'))
-    cfg = _tiny_cfg('atss/atss_r50_fpn_dyhead-6b_1x_coco.py', data,
-                    str(tmp_path))
+    tta_src = Config.fromfile(
+        osp.join(
+            CFG,
+            'atss/atss_x101-64x4d-mdconv-c3-c5_fpn_dyhead-6b_ms-2x_coco.py',
+        )
+    )
+    cfg = _tiny_cfg(
+        'atss/atss_r50_fpn_dyhead-6b_1x_coco.py', data, str(tmp_path)
+    )
     pipeline = tta_src.tta_pipeline
     resizes = pipeline[1].transforms[0]
     assert len(resizes) == len(tta_src.tta_scales)
@@ -232,6 +167,7 @@ def test_table5_test_time_augmentation_runs_through_mmdet_tta(data, tmp_path):
 
 # ------------------------------------------------ TaskAttnBBoxHead (Fig. 2c)
 
+
 def _hsig(x):
     return torch.clamp(x + 3, 0, 6) / 6
 
@@ -242,13 +178,18 @@ def _task_attention_eq5(x, fc1, fc2):
     pooled = x.mean(dim=(2, 3))
     hidden = torch.relu(pooled @ fc1.weight.flatten(1).t() + fc1.bias)
     y = _hsig(hidden @ fc2.weight.flatten(1).t() + fc2.bias) - 0.5
-    a1, b1, a2, b2 = (y[:, i * c:(i + 1) * c, None, None] for i in range(4))
+    a1, b1, a2, b2 = (y[:, i * c : (i + 1) * c, None, None] for i in range(4))
     return torch.maximum(x * (2 * a1 + 1) + b1, x * (2 * a2) + b2)
 
 
 def test_task_attn_bbox_head_matches_eq5_then_linear_predictors():
-    head = TaskAttnBBoxHead(in_channels=16, roi_feat_size=5, num_classes=3,
-                            num_task_attn=2, task_attn_ratio=4)
+    head = TaskAttnBBoxHead(
+        in_channels=16,
+        roi_feat_size=5,
+        num_classes=3,
+        num_task_attn=2,
+        task_attn_ratio=4,
+    )
     head.init_weights()
     for attn in head.task_attns:  # away from the near-identity init
         for fc in (attn.fc1, attn.fc2):
@@ -279,9 +220,16 @@ def test_task_attn_bbox_head_matches_eq5_then_linear_predictors():
 
 def test_task_attn_bbox_head_starts_near_relu_and_builds_from_config():
     from mmdet_dyhead.registry import MODELS
-    head = MODELS.build(dict(type='TaskAttnBBoxHead', in_channels=16,
-                             roi_feat_size=7, num_classes=5,
-                             reg_class_agnostic=True))
+
+    head = MODELS.build(
+        dict(
+            type='TaskAttnBBoxHead',
+            in_channels=16,
+            roi_feat_size=7,
+            num_classes=5,
+            reg_class_agnostic=True,
+        )
+    )
     head.init_weights()
     rois = torch.randn(3, 16, 7, 7)
     x = rois
@@ -293,10 +241,13 @@ def test_task_attn_bbox_head_starts_near_relu_and_builds_from_config():
     assert cls_score.shape == (3, 6) and bbox_pred.shape == (3, 4)
 
 
-@pytest.mark.parametrize('kwargs,message', [
-    (dict(num_task_attn=0), 'num_task_attn must be an integer >= 1'),
-    (dict(task_attn_ratio=3), 'not divisible by task_attn_ratio=3'),
-])
+@pytest.mark.parametrize(
+    'kwargs,message',
+    [
+        (dict(num_task_attn=0), 'num_task_attn must be an integer >= 1'),
+        (dict(task_attn_ratio=3), 'not divisible by task_attn_ratio=3'),
+    ],
+)
 def test_task_attn_bbox_head_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TaskAttnBBoxHead(in_channels=16, num_classes=3, **kwargs)

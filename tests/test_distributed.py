@@ -1,6 +1,7 @@
 """Two-process CPU training through torchrun + the package's tools/train.py
 (mmdet's script, mmengine's pytorch launcher; the tool starts the gloo
 process group and picks the CPU DDP wrapper)."""
+
 import os.path as osp
 import re
 import socket
@@ -11,10 +12,14 @@ import pytest
 import torch
 from conftest import REPO_ROOT, subprocess_env
 
-from mmdet_dyhead.engine import (CPUDistributedDataParallel,
-                                 init_cpu_process_group)
+from mmdet_dyhead.engine import (
+    CPUDistributedDataParallel,
+    init_cpu_process_group,
+)
 
-BASE_CONFIG = osp.join(REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py')
+BASE_CONFIG = osp.join(
+    REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
+)
 
 TRAIN_CONFIG = """
 _base_ = {base!r}
@@ -59,12 +64,18 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
 def write_train_config(tmp_path, num_train=8):
     """Synthetic data in tmp_path/data and a 3-iteration config for it."""
     from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
-    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=num_train,
-                                   num_val=2, image_size=64)
+
+    data = generate_synthetic_coco(
+        str(tmp_path / 'data'), num_train=num_train, num_val=2, image_size=64
+    )
     config = tmp_path / 'train_cfg.py'
-    config.write_text(TRAIN_CONFIG.format(
-        base=BASE_CONFIG, data_root=data['data_root'] + '/',
-        classes=tuple(SYNTHETIC_CLASSES)))
+    config.write_text(
+        TRAIN_CONFIG.format(
+            base=BASE_CONFIG,
+            data_root=data['data_root'] + '/',
+            classes=tuple(SYNTHETIC_CLASSES),
+        )
+    )
     return config
 
 
@@ -75,16 +86,29 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(tmp_path):
+def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(
+    tmp_path,
+):
     config = write_train_config(tmp_path)
     work_dir = tmp_path / 'work'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1',
-           '--nproc_per_node=2', '--master_addr=127.0.0.1',
-           f'--master_port={free_port()}',
-           osp.join(REPO_ROOT, 'tools/train.py'), str(config),
-           '--launcher', 'pytorch', '--work-dir', str(work_dir)]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nnodes=1',
+        '--nproc_per_node=2',
+        '--master_addr=127.0.0.1',
+        f'--master_port={free_port()}',
+        osp.join(REPO_ROOT, 'tools/train.py'),
+        str(config),
+        '--launcher',
+        'pytorch',
+        '--work-dir',
+        str(work_dir),
+    ]
+    proc = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240
+    )
     log = proc.stdout + proc.stderr
     # torchrun exits 0 only if every rank did.
     assert proc.returncode == 0, log[-4000:]
@@ -95,9 +119,11 @@ def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(tmp_pat
     from mmengine.config import Config
 
     from mmdet_dyhead.deploy import build_detector
+
     ckpt = work_dir / 'iter_3.pth'
     assert ckpt.is_file()
     from mmdet_dyhead.utils import mmengine_safe_globals
+
     with mmengine_safe_globals():  # weights_only default, scoped allow-list
         loaded = torch.load(ckpt, map_location='cpu')
     assert loaded['meta']['iter'] == 3
@@ -124,10 +150,12 @@ def test_without_torchrun_variables_the_launcher_says_so(monkeypatch):
 
 def test_cpu_ddp_accepts_mmengines_device_ids_and_syncs_gradients(tmp_path):
     import torch.distributed as dist
+
     if dist.is_initialized():
         pytest.skip('a process group already exists in this process')
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg',
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        'gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1
+    )
     try:
         from mmengine.model import BaseModel
 
@@ -144,10 +172,18 @@ def test_cpu_ddp_accepts_mmengines_device_ids_and_syncs_gradients(tmp_path):
         with pytest.raises(ValueError, match='device_ids'):
             torch.nn.parallel.DistributedDataParallel(Tiny(), device_ids=[0])
         from mmengine.registry import MODEL_WRAPPERS
-        model = MODEL_WRAPPERS.build(dict(type='CPUDistributedDataParallel',
-                                          module=Tiny(), device_ids=[0]))
+
+        model = MODEL_WRAPPERS.build(
+            dict(
+                type='CPUDistributedDataParallel',
+                module=Tiny(),
+                device_ids=[0],
+            )
+        )
         assert isinstance(model, CPUDistributedDataParallel)
         model(torch.ones(2, 3)).sum().backward()
-        assert torch.allclose(model.module.fc.weight.grad, torch.full((1, 3), 2.0))
+        assert torch.allclose(
+            model.module.fc.weight.grad, torch.full((1, 3), 2.0)
+        )
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """DCN FLOP rules in mmengine's analyzer, checked against hand counts."""
+
 import pytest
 import torch
 from conftest import pyramid
@@ -7,8 +8,15 @@ from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.ops import ModulatedDeformConv, mmcv_ops_available
 from mmdet_dyhead.utils.flops import FLOP_HANDLES
 
-BACKENDS = ['torch', pytest.param('mmcv', marks=pytest.mark.skipif(
-    not mmcv_ops_available(), reason='mmcv built without ops'))]
+BACKENDS = [
+    'torch',
+    pytest.param(
+        'mmcv',
+        marks=pytest.mark.skipif(
+            not mmcv_ops_available(), reason='mmcv built without ops'
+        ),
+    ),
+]
 
 
 class _DCNLayer(torch.nn.Module):
@@ -16,8 +24,9 @@ class _DCNLayer(torch.nn.Module):
 
     def __init__(self, cin, cout, stride, backend):
         super().__init__()
-        self.dcn = ModulatedDeformConv(cin, cout, 3, stride=stride, padding=1,
-                                       backend=backend)
+        self.dcn = ModulatedDeformConv(
+            cin, cout, 3, stride=stride, padding=1, backend=backend
+        )
 
     def forward(self, x, offset, mask):
         return self.dcn(x, offset, mask)
@@ -34,6 +43,7 @@ class _Neck(torch.nn.Module):
 
 def _analyze(model, inputs):
     from mmengine.analysis import FlopAnalyzer
+
     fa = FlopAnalyzer(model.eval(), inputs)
     fa.set_op_handle(**FLOP_HANDLES)  # explicit: importing registers nothing
     fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -45,8 +55,11 @@ def _analyze(model, inputs):
 def test_single_dcn_counts_as_its_conv(backend, stride):
     n, cin, cout, h, w = 2, 6, 5, 9, 11
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    inputs = (torch.randn(n, cin, h, w), torch.randn(n, 18, ho, wo),
-              torch.rand(n, 9, ho, wo))
+    inputs = (
+        torch.randn(n, cin, h, w),
+        torch.randn(n, 18, ho, wo),
+        torch.rand(n, 9, ho, wo),
+    )
     fa = _analyze(_DCNLayer(cin, cout, stride, backend), inputs)
     # Hand count: one multiply-add per weight per output pixel.
     assert fa.total() == n * cout * ho * wo * cin * 3 * 3
@@ -63,7 +76,9 @@ def test_neck_counts_every_branch_once(backend):
     # mid on every level, low (stride 2) onto levels 1.., high on the
     # coarser level's grid for levels ..L-2: sum of output pixels.
     dcn_pixels = sum(px) + sum(px[1:]) + sum(px[1:])
-    dcn = sum(v for k, v in by_op.items() if 'DeformConv' in k or 'GatherConv' in k)
+    dcn = sum(
+        v for k, v in by_op.items() if 'DeformConv' in k or 'GatherConv' in k
+    )
     assert dcn == blocks * dcn_pixels * c * c * 9
     # Ordinary convs: the offset/mask conv (27 outputs, 3x3) on every level,
     # plus the attentions' 1x1 convs on pooled (1x1) maps: task attention
@@ -74,7 +89,9 @@ def test_neck_counts_every_branch_once(backend):
     assert by_op['conv'] == blocks * (sum(px) * 27 * c * 9 + attention)
 
 
-@pytest.mark.skipif(not mmcv_ops_available(), reason="mmdet's DyHead needs mmcv ops")
+@pytest.mark.skipif(
+    not mmcv_ops_available(), reason="mmdet's DyHead needs mmcv ops"
+)
 def test_mmdet_dyhead_and_ours_count_the_same_convs():
     from mmdet.models.necks import DyHead
 
@@ -85,29 +102,50 @@ def test_mmdet_dyhead_and_ours_count_the_same_convs():
 
         def forward(self, *feats):
             return self.m(list(feats))
+
     c = 16
     feats = tuple(pyramid(1, c, (16, 20), levels=5))
     theirs = _analyze(_List(DyHead(c, c, num_blocks=1)), feats).by_operator()
-    ours = _analyze(_Neck(DyHeadNeck(c, c, num_blocks=1, dcn_backend='torch')),
-                    feats).by_operator()
-    assert theirs['PythonOp.ModulatedDeformConv2dFunction'] == ours['PythonOp.GatherConvFunction']
+    ours = _analyze(
+        _Neck(DyHeadNeck(c, c, num_blocks=1, dcn_backend='torch')), feats
+    ).by_operator()
+    assert (
+        theirs['PythonOp.ModulatedDeformConv2dFunction']
+        == ours['PythonOp.GatherConvFunction']
+    )
     assert theirs['conv'] == ours['conv']
 
 
-def test_get_flops_registers_the_dcn_rules_itself(tmp_path, capsys,
-                                                 monkeypatch):
+def test_get_flops_registers_the_dcn_rules_itself(
+    tmp_path, capsys, monkeypatch
+):
     from mmengine.analysis import complexity_analysis
 
     from mmdet_dyhead.cli import get_flops
+
     # mmengine's defaults without the DCN rules, whatever ran before.
     defaults = {
-        k: v for k, v in complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.items()
-        if k not in FLOP_HANDLES}
-    monkeypatch.setattr(complexity_analysis, '_DEFAULT_SUPPORTED_FLOP_OPS',
-                        dict(defaults))
+        k: v
+        for k, v in complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.items()
+        if k not in FLOP_HANDLES
+    }
+    monkeypatch.setattr(
+        complexity_analysis, '_DEFAULT_SUPPORTED_FLOP_OPS', dict(defaults)
+    )
     out = tmp_path / 'table2.md'
-    get_flops.main(['table2', '--shape', '128', '192', '--blocks', '1', '2',
-                    '--out', str(out)])
+    get_flops.main(
+        [
+            'table2',
+            '--shape',
+            '128',
+            '192',
+            '--blocks',
+            '1',
+            '2',
+            '--out',
+            str(out),
+        ]
+    )
     # Registered only while counting: mmengine's defaults are left as found.
     assert complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS == defaults
     gflops = {}
@@ -115,8 +153,11 @@ def test_get_flops_registers_the_dcn_rules_itself(tmp_path, capsys,
         if line.endswith(' GFLOPs'):
             name, value = line.rsplit(': ', 1)
             gflops[name] = float(value.split()[0])
-    assert list(gflops) == ['ATSS baseline (4-conv towers)',
-                            'ATSS + 1 DyHead block', 'ATSS + 2 DyHead blocks']
+    assert list(gflops) == [
+        'ATSS baseline (4-conv towers)',
+        'ATSS + 1 DyHead block',
+        'ATSS + 2 DyHead blocks',
+    ]
     # One more block adds at least its three DCN branches (256 -> 256, 3x3)
     # over the P3-P7 output pixels of a 128x192 image: 16x24 .. 1x2, i.e.
     # mid on all 512 pixels, low and high on the 128 of P4-P7 each.
@@ -131,15 +172,32 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
     import sys
 
     from conftest import REPO_ROOT, subprocess_env
+
     out = tmp_path / 'bench.md'
     res = subprocess.run(
-        [sys.executable, f'{REPO_ROOT}/tools/benchmark_dyhead.py', '--quick',
-         '--threads', '1', '--no-scaling', '--out', str(out)],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        [
+            sys.executable,
+            f'{REPO_ROOT}/tools/benchmark_dyhead.py',
+            '--quick',
+            '--threads',
+            '1',
+            '--no-scaling',
+            '--out',
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     text = out.read_text()
     assert 'ours (torch)' in text and 'dense floor' in text
     if mmcv_ops_available():
         # Our outputs must equal mmdet's in the same run.
-        row = next(line for line in text.splitlines() if line.startswith('| ours (torch)'))
+        row = next(
+            line
+            for line in text.splitlines()
+            if line.startswith('| ours (torch)')
+        )
         assert float(row.split('|')[-2]) < 1e-5

@@ -1,4 +1,5 @@
 """scripts/install.sh stops with a message that names the fix."""
+
 import os
 import subprocess
 import sys
@@ -9,12 +10,20 @@ SCRIPT = os.path.join(REPO, 'scripts', 'install.sh')
 
 def _run(env_overrides):
     env = dict(os.environ, **env_overrides)
-    return subprocess.run(['bash', SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        ['bash', SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_missing_python_is_reported():
-    proc = _run({'PYTHON': '/nonexistent/python3', 'VENV': '/nonexistent/venv'})
+    proc = _run(
+        {'PYTHON': '/nonexistent/python3', 'VENV': '/nonexistent/venv'}
+    )
     assert proc.returncode != 0
     assert "'/nonexistent/python3' not found" in proc.stderr
 
@@ -27,7 +36,9 @@ def test_torch_too_new_for_mmcv_is_reported_with_the_fix(tmp_path):
     stub.mkdir(parents=True)
     (stub / '__init__.py').write_text("__version__ = '2.14.1+cpu'\n")
     python = venv / 'bin' / 'python'
-    python.write_text(f'#!/bin/sh\nPYTHONPATH={stub.parent} exec {sys.executable} -S "$@"\n')
+    python.write_text(
+        f'#!/bin/sh\nPYTHONPATH={stub.parent} exec {sys.executable} -S "$@"\n'
+    )
     python.chmod(0o755)
     proc = _run({'VENV': str(venv)})
     assert proc.returncode != 0

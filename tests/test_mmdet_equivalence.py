@@ -1,4 +1,5 @@
 """Our neck (preset='mmdet') against mmdet 3.3's own DyHead, same weights."""
+
 import pytest
 import torch
 from conftest import pyramid, rel_err
@@ -7,13 +8,17 @@ from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.models.key_mapping import from_mmdet_keys, to_mmdet_keys
 from mmdet_dyhead.ops import mmcv_ops_available
 
-pytestmark = pytest.mark.skipif(not mmcv_ops_available(),
-                                reason="mmdet's DyHead needs mmcv ops")
+pytestmark = pytest.mark.skipif(
+    not mmcv_ops_available(), reason="mmdet's DyHead needs mmcv ops"
+)
 
 
 def _mmdet_dyhead(channels, num_blocks):
     from mmdet.models.necks import DyHead
-    neck = DyHead(channels, channels, num_blocks=num_blocks, zero_init_offset=False)
+
+    neck = DyHead(
+        channels, channels, num_blocks=num_blocks, zero_init_offset=False
+    )
     # Non-trivial weights everywhere: offsets of a few pixels, masks away from
     # 0.5, attention logits spread over their active ranges.
     with torch.no_grad():
@@ -21,18 +26,25 @@ def _mmdet_dyhead(channels, num_blocks):
             if 'spatial_conv_offset' in name:
                 p.normal_(0, 0.05)
             elif 'norm' in name:
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith('weight') else 0.0))
+                p.copy_(
+                    torch.randn_like(p) * 0.2
+                    + (1.0 if name.endswith('weight') else 0.0)
+                )
             elif 'attn' in name:
                 p.normal_(0, 0.3)
     return neck.eval()
 
 
 @pytest.mark.parametrize('backend', ['torch', 'mmcv'])
-@pytest.mark.parametrize('batch,size', [(1, (40, 56)), (2, (37, 51)), (3, (23, 33))])
+@pytest.mark.parametrize(
+    'batch,size', [(1, (40, 56)), (2, (37, 51)), (3, (23, 33))]
+)
 def test_same_outputs_as_mmdet_dyhead(backend, batch, size):
     channels = 32
     theirs = _mmdet_dyhead(channels, num_blocks=2)
-    ours = DyHeadNeck(channels, channels, num_blocks=2, dcn_backend=backend).eval()
+    ours = DyHeadNeck(
+        channels, channels, num_blocks=2, dcn_backend=backend
+    ).eval()
     result = ours.load_state_dict(theirs.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     feats = pyramid(batch, channels, size, levels=5)
@@ -48,18 +60,23 @@ def test_same_outputs_as_mmdet_dyhead(backend, batch, size):
 def test_gradients_match_mmdet_dyhead():
     channels = 16
     theirs = _mmdet_dyhead(channels, num_blocks=1).train()
-    ours = DyHeadNeck(channels, channels, num_blocks=1, dcn_backend='torch').train()
+    ours = DyHeadNeck(
+        channels, channels, num_blocks=1, dcn_backend='torch'
+    ).train()
     ours.load_state_dict(theirs.state_dict())
     feats = pyramid(2, channels, (24, 20), levels=4)
     sum(o.square().sum() for o in theirs(feats)).backward()
     sum(o.square().sum() for o in ours(feats)).backward()
-    ours_grads = from_mmdet_keys({k: p.grad for k, p in theirs.named_parameters()})
+    ours_grads = from_mmdet_keys(
+        {k: p.grad for k, p in theirs.named_parameters()}
+    )
     for name, p in ours.named_parameters():
         assert rel_err(p.grad, ours_grads[name]) < 1e-4, name
 
 
 def test_mmdet_checkpoint_keys_load_with_nothing_missing_or_left_over():
     from mmengine.runner.checkpoint import load_state_dict
+
     theirs = _mmdet_dyhead(32, num_blocks=6)
     ours = DyHeadNeck(32, 32, num_blocks=6)
     # mmengine's loader (used by load_from / init_cfg) raises on any
@@ -72,18 +89,27 @@ def test_mmdet_checkpoint_keys_load_with_nothing_missing_or_left_over():
 def test_our_checkpoint_loads_into_mmdet_dyhead():
     ours = DyHeadNeck(32, 32, num_blocks=2)
     theirs = _mmdet_dyhead(32, num_blocks=2)
-    result = theirs.load_state_dict(to_mmdet_keys(ours.state_dict()), strict=True)
+    result = theirs.load_state_dict(
+        to_mmdet_keys(ours.state_dict()), strict=True
+    )
     assert not result.missing_keys and not result.unexpected_keys
 
 
 def test_default_init_matches_mmdet_init_rules():
     # zero_init_offset=True: offsets start at 0 and masks at 0.5 in both.
     from mmdet.models.necks import DyHead
+
     theirs = DyHead(32, 32, num_blocks=1)
     ours = DyHeadNeck(32, 32, num_blocks=1)
     for name, p in from_mmdet_keys(theirs.state_dict()).items():
         q = ours.state_dict()[name]
         if 'offset_conv' in name:
             assert torch.count_nonzero(p) == 0 and torch.count_nonzero(q) == 0
-        elif name.endswith('fc.weight') or 'fc1.weight' in name or 'fc2.weight' in name:
-            assert abs(p.std().item() - q.std().item()) < 0.005  # both N(0, 0.01)
+        elif (
+            name.endswith('fc.weight')
+            or 'fc1.weight' in name
+            or 'fc2.weight' in name
+        ):
+            assert (
+                abs(p.std().item() - q.std().item()) < 0.005
+            )  # both N(0, 0.01)

@@ -1,4 +1,5 @@
 """Model zoo: metafiles, mmdet's released checkpoints, checked loading, mim."""
+
 import filecmp
 import glob
 import os
@@ -13,16 +14,19 @@ import torch
 import torch.nn as nn
 import yaml
 from conftest import REPO_ROOT, pyramid, rel_err
-
 from torch.hub import HASH_REGEX
 
-from mmdet_dyhead.utils import (CheckpointHashError, CheckpointKeyError,
-                                load_state_dict)
+from mmdet_dyhead.utils import (
+    CheckpointHashError,
+    CheckpointKeyError,
+    load_state_dict,
+)
 from mmdet_dyhead.utils.checkpoint import default_cache_dir
 
 
 def mmdet_mim_dir():
     import mmdet
+
     return osp.join(osp.dirname(mmdet.__file__), '.mim')
 
 
@@ -40,35 +44,53 @@ def our_models():
 # ----------------------------------------------------------------------------
 def test_model_index_imports_every_metafile_and_entries_are_consistent():
     index, models = our_models()
-    on_disk = sorted(osp.relpath(p, REPO_ROOT)
-                     for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/metafile.yml')))
+    on_disk = sorted(
+        osp.relpath(p, REPO_ROOT)
+        for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/metafile.yml'))
+    )
     assert sorted(index['Import']) == on_disk
     names = [m['Name'] for m in models]
     assert len(names) == len(set(names))
     for m in models:
         assert osp.isfile(osp.join(REPO_ROOT, m['Config'])), m['Config']
         assert osp.splitext(osp.basename(m['Config']))[0] == m['Name']
-        assert 'Results' in m or 'no paper number' in m['Metadata']['AP Source'] \
+        assert (
+            'Results' in m
+            or 'no paper number' in m['Metadata']['AP Source']
             or 'not legible' in m['Metadata']['AP Source']
+        )
         for result in m.get('Results', []):
             assert 30 < result['Metrics']['box AP'] < 65
         if 'Weights' in m:
             assert m['Metadata']['Weights SHA256 Prefix'] == HASH_REGEX.search(
-                osp.basename(m['Weights'])).group(1)
+                osp.basename(m['Weights'])
+            ).group(1)
 
 
 def test_released_weights_and_ap_are_mmdets():
-    mmdet_meta = yaml.safe_load(open(osp.join(mmdet_mim_dir(), 'configs/dyhead/metafile.yml')))
-    released = {m['Weights']: m['Results'][0]['Metrics']['box AP'] for m in mmdet_meta['Models']}
+    mmdet_meta = yaml.safe_load(
+        open(osp.join(mmdet_mim_dir(), 'configs/dyhead/metafile.yml'))
+    )
+    released = {
+        m['Weights']: m['Results'][0]['Metrics']['box AP']
+        for m in mmdet_meta['Models']
+    }
     _, models = our_models()
-    ours = {m['Weights']: m['Results'][0]['Metrics']['box AP'] for m in models if 'Weights' in m}
+    ours = {
+        m['Weights']: m['Results'][0]['Metrics']['box AP']
+        for m in models
+        if 'Weights' in m
+    }
     assert ours == released  # all three released files, with mmdet's AP
 
 
 def test_every_coco_config_is_listed():
     _, models = our_models()
     listed = {m['Config'] for m in models}
-    configs = {osp.relpath(p, REPO_ROOT) for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))}
+    configs = {
+        osp.relpath(p, REPO_ROOT)
+        for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*.py'))
+    }
     assert not {c for c in configs if c.endswith('_coco.py')} - listed
 
 
@@ -76,10 +98,12 @@ def test_every_coco_config_is_listed():
 # mmdet's released checkpoints load into our configs unchanged
 # ----------------------------------------------------------------------------
 def build(cfg_path, shrink_swin=False):
-    import mmdet_dyhead  # noqa: F401
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
+
+    import mmdet_dyhead  # noqa: F401
+
     register_all_modules(init_default_scope=True)
     cfg = Config.fromfile(cfg_path)
     cfg.model.backbone.init_cfg = None
@@ -92,20 +116,37 @@ def build(cfg_path, shrink_swin=False):
 
 CASES = [
     ('atss_r50_fpn_dyhead-6b_1x_coco', 'atss_r50_fpn_dyhead_1x_coco', False),
-    ('atss_r50-caffe_fpn_dyhead-6b_1x_coco', 'atss_r50-caffe_fpn_dyhead_1x_coco', False),
-    ('atss_swin-l-p4-w12_fpn_dyhead-6b_ms-2x_coco', 'atss_swin-l-p4-w12_fpn_dyhead_ms-2x_coco', True),
+    (
+        'atss_r50-caffe_fpn_dyhead-6b_1x_coco',
+        'atss_r50-caffe_fpn_dyhead_1x_coco',
+        False,
+    ),
+    (
+        'atss_swin-l-p4-w12_fpn_dyhead-6b_ms-2x_coco',
+        'atss_swin-l-p4-w12_fpn_dyhead_ms-2x_coco',
+        True,
+    ),
 ]
 
 
-@pytest.mark.parametrize('ours,theirs,shrink', CASES, ids=[c[0] for c in CASES])
-def test_mmdet_checkpoint_loads_unchanged_with_same_outputs(ours, theirs, shrink, tmp_path):
+@pytest.mark.parametrize(
+    'ours,theirs,shrink', CASES, ids=[c[0] for c in CASES]
+)
+def test_mmdet_checkpoint_loads_unchanged_with_same_outputs(
+    ours, theirs, shrink, tmp_path
+):
     from mmengine.runner.checkpoint import load_checkpoint
-    ref = build(osp.join(mmdet_mim_dir(), f'configs/dyhead/{theirs}.py'), shrink)
+
+    ref = build(
+        osp.join(mmdet_mim_dir(), f'configs/dyhead/{theirs}.py'), shrink
+    )
     for m in ref.modules():  # mmdet's default offset init is zero: perturb it
         if m.__class__.__name__ == 'DyHeadBlock':
             nn.init.normal_(m.spatial_conv_offset.weight, std=0.01)
     path = tmp_path / f'{theirs}.pth'
-    torch.save({'meta': {'note': 'random init'}, 'state_dict': ref.state_dict()}, path)
+    torch.save(
+        {'meta': {'note': 'random init'}, 'state_dict': ref.state_dict()}, path
+    )
     model = build(osp.join(REPO_ROOT, f'configs/atss/{ours}.py'), shrink)
     # mmengine's own entry point (what load_from uses); strict raises on any
     # missing, unexpected or mis-shaped key
@@ -116,7 +157,12 @@ def test_mmdet_checkpoint_loads_unchanged_with_same_outputs(ours, theirs, shrink
             assert rel_err(a, b) < 1e-4
         if not shrink and 'caffe' not in ours:  # once end to end
             x = torch.randn(1, 3, 64, 64)
-            for a, b in zip(*[[t for lvl in m._forward(x) for t in lvl] for m in (model, ref)]):
+            for a, b in zip(
+                *[
+                    [t for lvl in m._forward(x) for t in lvl]
+                    for m in (model, ref)
+                ]
+            ):
                 assert rel_err(a, b) < 1e-4
 
 
@@ -131,8 +177,13 @@ def tiny_checkpoint(path):
 # ----------------------------------------------------------------------------
 def test_key_mismatch_is_reported_grouped_by_module():
     from mmdet_dyhead.models import DyHeadNeck
-    official = DyHeadNeck(32, 32, num_blocks=6, preset='official', dcn_backend='torch')
-    mmdet_like = DyHeadNeck(32, 32, num_blocks=6, preset='mmdet', dcn_backend='torch')
+
+    official = DyHeadNeck(
+        32, 32, num_blocks=6, preset='official', dcn_backend='torch'
+    )
+    mmdet_like = DyHeadNeck(
+        32, 32, num_blocks=6, preset='mmdet', dcn_backend='torch'
+    )
     state = dict(mmdet_like.state_dict())
     state['extra_head.0.weight'] = torch.zeros(1)
     state['extra_head.1.weight'] = torch.zeros(1)
@@ -140,15 +191,21 @@ def test_key_mismatch_is_reported_grouped_by_module():
         load_state_dict(official, state, strict=True)
     text = str(info.value)
     # 18 missing biases (3 branches x 6 blocks) in 3 lines, 2 extras in 1
-    assert re.search(r'dyhead_blocks\.\{0-5\}\.spatial_attn\.high_branch\.conv: bias \(6 keys\)', text)
+    assert re.search(
+        r'dyhead_blocks\.\{0-5\}\.spatial_attn\.high_branch\.conv: '
+        r'bias \(6 keys\)',
+        text,
+    )
     assert 'extra_head.{0-1}: weight (2 keys)' in text
     assert "preset='mmdet'" in text
     assert len(text.splitlines()) < 10
     report = load_state_dict(official, state, strict=False)
     assert len(report.missing) == 18 and len(report.unexpected) == 2
     # what did match was loaded
-    torch.testing.assert_close(official.dyhead_blocks[5].task_attn.fc2.weight,
-                               mmdet_like.dyhead_blocks[5].task_attn.fc2.weight)
+    torch.testing.assert_close(
+        official.dyhead_blocks[5].task_attn.fc2.weight,
+        mmdet_like.dyhead_blocks[5].task_attn.fc2.weight,
+    )
     out = official(pyramid(1, 32, (16, 16), 5))
     assert len(out) == 5
 
@@ -160,28 +217,55 @@ def installed_package_dir(tmp_path):
     """The installed mmdet_dyhead (not this source tree), or skip."""
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     out = subprocess.run(
-        [sys.executable, '-c', 'import importlib.util as u; '
-         's = u.find_spec("mmdet_dyhead"); print(s.origin if s else "")'],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            '-c',
+            'import importlib.util as u; '
+            's = u.find_spec("mmdet_dyhead"); print(s.origin if s else "")',
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     origin = out.stdout.strip()
     if not origin or osp.dirname(osp.dirname(origin)) == REPO_ROOT:
-        pytest.skip('mmdet_dyhead is not installed non-editably in this env; '
-                    'run `bash scripts/install.sh` (CI does before the tests).')
+        pytest.skip(
+            'mmdet_dyhead is not installed non-editably in this env; '
+            'run `bash scripts/install.sh` (CI does before the tests).'
+        )
     pkg = osp.dirname(origin)
-    stale = [rel for rel in ['model-index.yml'] + [
-        osp.relpath(p, REPO_ROOT) for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*'))]
+    stale = [
+        rel
+        for rel in ['model-index.yml']
+        + [
+            osp.relpath(p, REPO_ROOT)
+            for p in glob.glob(osp.join(REPO_ROOT, 'configs/*/*'))
+        ]
         if not osp.isfile(osp.join(pkg, '.mim', rel))
-        or not filecmp.cmp(osp.join(REPO_ROOT, rel), osp.join(pkg, '.mim', rel), shallow=False)]
+        or not filecmp.cmp(
+            osp.join(REPO_ROOT, rel), osp.join(pkg, '.mim', rel), shallow=False
+        )
+    ]
     if stale:
-        pytest.skip(f'the installed mmdet_dyhead at {pkg} is older than this '
-                    f'checkout ({stale[:3]} differ); run `bash scripts/install.sh`.')
+        pytest.skip(
+            f'the installed mmdet_dyhead at {pkg} is older than this '
+            f'checkout ({stale[:3]} differ); run `bash scripts/install.sh`.'
+        )
     return pkg, env
 
 
 def mim(args, env, cwd):
     exe = osp.join(osp.dirname(sys.executable), 'mim')
-    return subprocess.run([exe] + args, env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=240)
+    return subprocess.run(
+        [exe] + args,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_mim_search_lists_the_zoo(tmp_path):
@@ -195,7 +279,8 @@ def test_mim_search_lists_the_zoo(tmp_path):
 
 
 def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(
-        http_root, tmp_path, monkeypatch):
+    http_root, tmp_path, monkeypatch
+):
     """``mim download`` reads the URL from the installed metafile. To serve it
     locally, the test puts an overlay copy of the installed package (its
     dist-info too, so mim's pkg_resources lookup lands there) first on
@@ -204,25 +289,46 @@ def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(
     pkg, env = installed_package_dir(tmp_path)
     www, base, seen = http_root
     overlay = tmp_path / 'overlay'
-    shutil.copytree(pkg, overlay / 'mmdet_dyhead',
-                    ignore=shutil.ignore_patterns('__pycache__'))
-    for info in glob.glob(osp.join(osp.dirname(pkg), 'mmdet_dyhead-*.dist-info')):
+    shutil.copytree(
+        pkg,
+        overlay / 'mmdet_dyhead',
+        ignore=shutil.ignore_patterns('__pycache__'),
+    )
+    for info in glob.glob(
+        osp.join(osp.dirname(pkg), 'mmdet_dyhead-*.dist-info')
+    ):
         shutil.copytree(info, overlay / osp.basename(info))
     host = 'https://download.openmmlab.com'
-    for meta in glob.glob(str(overlay / 'mmdet_dyhead/.mim/configs/*/metafile.yml')):
+    for meta in glob.glob(
+        str(overlay / 'mmdet_dyhead/.mim/configs/*/metafile.yml')
+    ):
         text = open(meta).read()
         open(meta, 'w').write(text.replace(host, base))
     _, models = our_models()
-    (entry,) = [m for m in models if m['Name'] == 'atss_r50-caffe_fpn_dyhead-6b_1x_coco']
-    url_path = entry['Weights'][len(host):]
+    (entry,) = [
+        m
+        for m in models
+        if m['Name'] == 'atss_r50-caffe_fpn_dyhead-6b_1x_coco'
+    ]
+    url_path = entry['Weights'][len(host) :]
     served = www / url_path.lstrip('/')
     served.parent.mkdir(parents=True)
     tiny_checkpoint(served)  # not the released file: its sha256 differs
 
     env = dict(env, PYTHONPATH=str(overlay))
     dest = tmp_path / 'dest'
-    out = mim(['download', 'mmdet_dyhead', '--config', entry['Name'], '--dest', str(dest)],
-              env, tmp_path)
+    out = mim(
+        [
+            'download',
+            'mmdet_dyhead',
+            '--config',
+            entry['Name'],
+            '--dest',
+            str(dest),
+        ],
+        env,
+        tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert seen == [url_path]
     name = osp.basename(url_path)
@@ -237,8 +343,10 @@ def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(
     os.makedirs(cache)
     shutil.copy(dest / name, cache)
     from mmengine.runner.checkpoint import CheckpointLoader
-    with pytest.raises(CheckpointHashError,
-                       match=entry['Metadata']['Weights SHA256 Prefix']):
+
+    with pytest.raises(
+        CheckpointHashError, match=entry['Metadata']['Weights SHA256 Prefix']
+    ):
         CheckpointLoader.load_checkpoint(f'dyhead://{entry["Name"]}')
     assert seen == [url_path]  # no second download
 
@@ -250,27 +358,48 @@ def test_mim_train_then_mim_test_run_a_config_of_this_package(tmp_path):
     plugin imported) on a tiny ATSS+DyHead config; the test ends with
     CocoMetric's COCO summary."""
     from mmdet_dyhead.testing import generate_synthetic_coco, tiny_detector_cfg
+
     _, env = installed_package_dir(tmp_path)
-    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=2, num_val=2,
-                                   image_size=64, seed=0)
+    data = generate_synthetic_coco(
+        str(tmp_path / 'data'), num_train=2, num_val=2, image_size=64, seed=0
+    )
     work = tmp_path / 'work'
     ITERS = 6
     cfg = tiny_detector_cfg(
         osp.join(REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'),
-        data, str(work), iters=ITERS, checkpoint_interval=ITERS)
+        data,
+        str(work),
+        iters=ITERS,
+        checkpoint_interval=ITERS,
+    )
     cfg.log_level = 'WARNING'
     cfg_file = tmp_path / 'tiny_atss_dyhead.py'
     cfg.dump(str(cfg_file))
-    out = mim(['train', 'mmdet_dyhead', str(cfg_file), '--work-dir', str(work)],
-              env, tmp_path)
+    out = mim(
+        ['train', 'mmdet_dyhead', str(cfg_file), '--work-dir', str(work)],
+        env,
+        tmp_path,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     ckpt_file = work / f'iter_{ITERS}.pth'
     assert ckpt_file.is_file(), (out.stdout + out.stderr)[-3000:]
-    out = mim(['test', 'mmdet_dyhead', str(cfg_file), '--checkpoint', str(ckpt_file),
-               '--work-dir', str(work)], env, tmp_path)
+    out = mim(
+        [
+            'test',
+            'mmdet_dyhead',
+            str(cfg_file),
+            '--checkpoint',
+            str(ckpt_file),
+            '--work-dir',
+            str(work),
+        ],
+        env,
+        tmp_path,
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     # pycocotools' summary, printed by mmdet's CocoMetric (the config keeps
     # log_level WARNING, so the logger's metric line is not shown).
-    assert re.search(r'Average Precision +\(AP\) @\[ IoU=0\.50:0\.95 \| area= +all', log), \
-        log[-3000:]
+    assert re.search(
+        r'Average Precision +\(AP\) @\[ IoU=0\.50:0\.95 \| area= +all', log
+    ), log[-3000:]

@@ -1,4 +1,5 @@
 """DyHeadNeck shapes, switches, presets, and its errors on bad input."""
+
 import pytest
 import torch
 from conftest import pyramid, rel_err
@@ -11,18 +12,37 @@ from mmdet_dyhead.registry import MODELS
 @pytest.mark.parametrize('levels', [3, 4, 5, 6])
 @pytest.mark.parametrize('size', [(64, 64), (37, 53), (1, 3)])
 def test_shapes_for_3_to_6_levels_and_odd_sizes(levels, size):
-    neck = DyHeadNeck(16, 24, num_blocks=2, norm_cfg=dict(type='GN', num_groups=8))
+    neck = DyHeadNeck(
+        16, 24, num_blocks=2, norm_cfg=dict(type='GN', num_groups=8)
+    )
     feats = pyramid(2, 16, size, levels=levels)
     outs = neck(feats)
     assert [o.shape for o in outs] == [(2, 24) + f.shape[-2:] for f in feats]
 
 
-@pytest.mark.parametrize('scale,spatial,task', [
-    (True, False, False), (False, True, False), (False, False, True),
-    (False, True, True), (True, False, True), (True, True, False), (True, True, True)])
-def test_table1_switches_build_run_and_drop_their_parameters(scale, spatial, task):
-    neck = DyHeadNeck(16, 16, num_blocks=1, use_scale_attn=scale,
-                      use_spatial_attn=spatial, use_task_attn=task)
+@pytest.mark.parametrize(
+    'scale,spatial,task',
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (False, True, True),
+        (True, False, True),
+        (True, True, False),
+        (True, True, True),
+    ],
+)
+def test_table1_switches_build_run_and_drop_their_parameters(
+    scale, spatial, task
+):
+    neck = DyHeadNeck(
+        16,
+        16,
+        num_blocks=1,
+        use_scale_attn=scale,
+        use_spatial_attn=spatial,
+        use_task_attn=task,
+    )
     keys = '\n'.join(neck.state_dict())
     assert ('scale_attn' in keys) == scale
     assert ('offset_conv' in keys) == spatial
@@ -36,21 +56,32 @@ def test_presets_build_train_and_differ_where_documented(preset):
     neck = DyHeadNeck(16, 16, num_blocks=2, preset=preset)
     feats = pyramid(2, 16, (20, 28), levels=4, requires_grad=True)
     sum(o.sum() for o in neck(feats)).backward()
-    assert all(p.grad is not None for p in neck.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None for p in neck.parameters() if p.requires_grad
+    )
     has_bias = any(k.endswith('branch.conv.bias') for k in neck.state_dict())
     assert has_bias == DYHEAD_PRESETS[preset]['dcn_bias']
 
 
 def test_table2_block_count_is_a_config_value():
     for n in (1, 2, 4):
-        neck = MODELS.build(dict(type='DyHeadNeck', in_channels=8, out_channels=8,
-                                 num_blocks=n, norm_cfg=dict(type='GN', num_groups=4)))
+        neck = MODELS.build(
+            dict(
+                type='DyHeadNeck',
+                in_channels=8,
+                out_channels=8,
+                num_blocks=n,
+                norm_cfg=dict(type='GN', num_groups=4),
+            )
+        )
         assert len(neck.dyhead_blocks) == n
 
 
 def test_aligned_and_legacy_agree_except_on_the_high_branch():
     legacy = DyHeadNeck(16, 16, num_blocks=1, zero_init_offset=False)
-    aligned = DyHeadNeck(16, 16, num_blocks=1, offset_mode='aligned', zero_init_offset=False)
+    aligned = DyHeadNeck(
+        16, 16, num_blocks=1, offset_mode='aligned', zero_init_offset=False
+    )
     aligned.load_state_dict(legacy.state_dict())
     feats = pyramid(1, 16, (16, 16), levels=3)
     a, b = legacy(feats), aligned(feats)
@@ -60,12 +91,23 @@ def test_aligned_and_legacy_agree_except_on_the_high_branch():
 
 
 def test_with_cp_gives_the_same_gradients():
-    neck = DyHeadNeck(8, 8, num_blocks=2, norm_cfg=dict(type='GN', num_groups=4))
-    neck_cp = DyHeadNeck(8, 8, num_blocks=2, with_cp=True, norm_cfg=dict(type='GN', num_groups=4))
+    neck = DyHeadNeck(
+        8, 8, num_blocks=2, norm_cfg=dict(type='GN', num_groups=4)
+    )
+    neck_cp = DyHeadNeck(
+        8,
+        8,
+        num_blocks=2,
+        with_cp=True,
+        norm_cfg=dict(type='GN', num_groups=4),
+    )
     neck_cp.load_state_dict(neck.state_dict())
     feats = pyramid(1, 8, (16, 16), levels=3)
     for m in (neck, neck_cp):
-        sum(o.square().sum() for o in m([f.clone().requires_grad_() for f in feats])).backward()
+        sum(
+            o.square().sum()
+            for o in m([f.clone().requires_grad_() for f in feats])
+        ).backward()
     for (n, p), q in zip(neck.named_parameters(), neck_cp.parameters()):
         assert rel_err(q.grad, p.grad) < 1e-5, n
 
@@ -82,7 +124,9 @@ def test_errors_name_the_problem_and_the_fix():
         neck(bad)
     with pytest.raises(ValueError, match='same channel count'):
         DyHeadNeck([256, 512], 256)
-    with pytest.raises(ValueError, match="offset_mode='diagonal' does not exist"):
+    with pytest.raises(
+        ValueError, match="offset_mode='diagonal' does not exist"
+    ):
         DyHeadNeck(16, 16, offset_mode='diagonal')
     with pytest.raises(ValueError, match="dcn_backend='cuda' does not exist"):
         DyHeadNeck(16, 16, dcn_backend='cuda')

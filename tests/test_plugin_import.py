@@ -5,12 +5,13 @@ mmengine, mmdet), records every module attribute, every class attribute,
 every registry and torch's weights-only allow-list, imports the package, and
 compares. Only new, package-owned names may appear.
 """
+
 import subprocess
 import sys
 
 from conftest import subprocess_env
 
-SNAPSHOT_AND_COMPARE = r'''
+SNAPSHOT_AND_COMPARE = r"""
 import sys
 import torch
 import mmcv.ops
@@ -84,13 +85,17 @@ for name, registry, entries, build_func in registries.values():
 if list(torch.serialization.get_safe_globals()) != safe:
     changes.append('torch weights-only safe globals changed')
 print('\n'.join(changes) if changes else 'unchanged')
-'''
+"""
 
 
 def test_import_changes_nothing_but_adds_package_names():
-    out = subprocess.run([sys.executable, '-c', SNAPSHOT_AND_COMPARE],
-                         env=subprocess_env(), capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, '-c', SNAPSHOT_AND_COMPARE],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == 'unchanged', out.stdout
 
@@ -115,10 +120,15 @@ def test_the_check_sees_a_global_change():
     for patch in patches:
         code = SNAPSHOT_AND_COMPARE.replace(
             'import mmdet_dyhead  # noqa: E402',
-            f'import mmdet_dyhead  # noqa: E402\n{patch}')
-        out = subprocess.run([sys.executable, '-c', code],
-                             env=subprocess_env(), capture_output=True,
-                             text=True, timeout=300)
+            f'import mmdet_dyhead  # noqa: E402\n{patch}',
+        )
+        out = subprocess.run(
+            [sys.executable, '-c', code],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.strip() != 'unchanged', patch
 
@@ -130,25 +140,32 @@ def test_registered_names_are_new_to_mmdet():
 
     import mmdet.models  # noqa: F401
     from mmdet.registry import HOOKS, MODELS, OPTIM_WRAPPERS
-    from mmengine.registry import MODEL_WRAPPERS
     from mmdet.utils import register_all_modules
+    from mmengine.registry import MODEL_WRAPPERS
+
     register_all_modules()
     ours = {}
     for registry in (MODELS, HOOKS, OPTIM_WRAPPERS, MODEL_WRAPPERS):
-        ours.update({
-            name: cls
-            for name, cls in registry.module_dict.items()
-            if cls.__module__.startswith('mmdet_dyhead')
-        })
+        ours.update(
+            {
+                name: cls
+                for name, cls in registry.module_dict.items()
+                if cls.__module__.startswith('mmdet_dyhead')
+            }
+        )
     assert sorted(ours) == [
-        'CPUAmpOptimWrapper', 'CPUDistributedDataParallel',
-        'DyHeadCheckHook', 'DyHeadNeck', 'TaskAttnBBoxHead'
+        'CPUAmpOptimWrapper',
+        'CPUDistributedDataParallel',
+        'DyHeadCheckHook',
+        'DyHeadNeck',
+        'TaskAttnBBoxHead',
     ]
     mmdet_classes = {
         name
         for mod_name, mod in list(sys.modules.items())
         if mod_name.startswith('mmdet.') and mod is not None
-        for name, obj in vars(mod).items() if inspect.isclass(obj)
+        for name, obj in vars(mod).items()
+        if inspect.isclass(obj)
         and getattr(obj, '__module__', '').startswith('mmdet.')
     }
     assert 'DyHeadBlock' in mmdet_classes and 'DyHead' in mmdet_classes

@@ -1,5 +1,6 @@
 """The quickstart: its configs, its output-folder guard, and a very short run
 whose table is checked against pycocotools' own evaluation."""
+
 import json
 import os
 import os.path as osp
@@ -9,6 +10,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, subprocess_env
 from mmengine.config import Config
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -16,7 +18,6 @@ from pycocotools.cocoeval import COCOeval
 from mmdet_dyhead.cli import quickstart as quickstart_module
 from mmdet_dyhead.cli import study_ablation as study
 from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
-from conftest import REPO_ROOT, subprocess_env
 
 CONFIG_DIR = osp.join(REPO_ROOT, 'configs', 'quickstart')
 QUICKSTART = osp.join(REPO_ROOT, 'tools', 'quickstart.py')
@@ -30,18 +31,22 @@ def quickstart():
 def test_tools_find_the_checkouts_configs_and_docs(quickstart):
     # The tools' logic lives in mmdet_dyhead/cli/; paths stay repo-relative.
     assert quickstart.config_dir() == CONFIG_DIR
-    assert study.parse_args([]).doc == osp.join(REPO_ROOT, 'docs',
-                                                'ablation_synthetic.md')
+    assert study.parse_args([]).doc == osp.join(
+        REPO_ROOT, 'docs', 'ablation_synthetic.md'
+    )
 
 
 def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
     base = Config.fromfile(osp.join(CONFIG_DIR, quickstart.MODELS['ATSS']))
     dy = Config.fromfile(
-        osp.join(CONFIG_DIR, quickstart.MODELS['ATSS + DyHead']))
+        osp.join(CONFIG_DIR, quickstart.MODELS['ATSS + DyHead'])
+    )
     for cfg in (base, dy):
         assert tuple(cfg.classes) == SYNTHETIC_CLASSES
-        assert tuple(cfg.train_dataloader.dataset.metainfo.classes) == \
-            SYNTHETIC_CLASSES
+        assert (
+            tuple(cfg.train_dataloader.dataset.metainfo.classes)
+            == SYNTHETIC_CLASSES
+        )
         assert cfg.model.bbox_head.num_classes == len(SYNTHETIC_CLASSES)
         assert cfg.model.backbone.init_cfg is None  # nothing to download
         assert cfg.randomness.seed == 0
@@ -64,9 +69,11 @@ def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
 def test_mmdet_coco_dataset_reads_the_synthetic_data(tmp_path, quickstart):
     from mmdet.registry import DATASETS
     from mmdet.utils import register_all_modules
+
     register_all_modules()
-    paths = generate_synthetic_coco(str(tmp_path / 'd'), num_train=3,
-                                    num_val=2, image_size=64, seed=0)
+    paths = generate_synthetic_coco(
+        str(tmp_path / 'd'), num_train=3, num_val=2, image_size=64, seed=0
+    )
     cfg = Config.fromfile(osp.join(CONFIG_DIR, quickstart.MODELS['ATSS']))
     ds_cfg = cfg.train_dataloader.dataset
     ds_cfg.data_root = paths['data_root'] + os.sep
@@ -76,8 +83,10 @@ def test_mmdet_coco_dataset_reads_the_synthetic_data(tmp_path, quickstart):
     assert len(dataset) == len(with_boxes)
     sample = dataset[0]
     img_id = sample['data_samples'].img_id
-    want = sorted(a['category_id'] - 1
-                  for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)))
+    want = sorted(
+        a['category_id'] - 1
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+    )
     got = sorted(sample['data_samples'].gt_instances.labels.tolist())
     assert got == want
 
@@ -92,7 +101,8 @@ def test_refuses_a_foreign_output_folder(tmp_path, quickstart):
 
 
 def test_its_own_folder_may_be_reused_and_overwrite_is_explicit(
-        tmp_path, quickstart):
+    tmp_path, quickstart
+):
     out = str(tmp_path / 'qs')
     quickstart.prepare_out_dir(out, False, dict(run=1))
     (tmp_path / 'qs' / 'results.md').write_text('old')
@@ -116,8 +126,14 @@ def test_bad_counts_are_rejected(capsys, quickstart):
 def test_quick_run_trains_both_and_writes_the_table(tmp_path):
     out = tmp_path / 'qs'
     cmd = [sys.executable, QUICKSTART, '--quick', '--out-dir', str(out)]
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd,
+        env=subprocess_env(),
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     # Progress is visible: iterations, losses and the ETA.
@@ -128,15 +144,17 @@ def test_quick_run_trains_both_and_writes_the_table(tmp_path):
     assert set(rows) == {'ATSS', 'ATSS + DyHead'}
     table = (out / 'results.md').read_text()
     assert table.splitlines()[0].startswith(
-        '| Model | AP | AP50 | AP75 | APs | APm | APl |')
+        '| Model | AP | AP50 | AP75 | APs | APm | APl |'
+    )
     for name, row in rows.items():
         assert f'| {name} | {row["AP"]:.1f} | {row["AP50"]:.1f} |' in table
         assert f'{row["ms_per_img"]:.1f} |' in table
         assert row['train_s'] > 0 and row['ms_per_img'] > 0
         # The AP numbers are mmdet's CocoMetric; recompute them with
         # pycocotools from the detections it saved.
-        work = out / 'work_dirs' / osp.splitext(
-            quickstart_module.MODELS[name])[0]
+        work = (
+            out / 'work_dirs' / osp.splitext(quickstart_module.MODELS[name])[0]
+        )
         gt = COCO(str(out / 'data' / 'annotations' / 'instances_val.json'))
         dets = json.load(open(work / 'val_predictions.bbox.json'))
         assert dets, 'score_thr 0 in --quick must leave detections'
@@ -149,7 +167,8 @@ def test_quick_run_trains_both_and_writes_the_table(tmp_path):
                 assert row[key] is None, key
             else:
                 assert row[key] == pytest.approx(
-                    100 * round(float(ev.stats[k]), 3), abs=1e-6), key
+                    100 * round(float(ev.stats[k]), 3), abs=1e-6
+                ), key
     chart = cv2.imread(str(out / 'results.png'))
     assert chart is not None and chart.shape[0] > 100
     assert np.unique(chart.reshape(-1, 3), axis=0).shape[0] > 10
@@ -160,16 +179,26 @@ def test_ablation_study_switches_reach_the_blocks(tmp_path, quickstart):
 
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+
     register_all_modules()
     data = dict(data_root=str(tmp_path), val_ann=str(tmp_path / 'v.json'))
-    qs_args = argparse.Namespace(image_size=None, batch_size=None, iters=7,
-                                 seed=1, quick=False)
+    qs_args = argparse.Namespace(
+        image_size=None, batch_size=None, iters=7, seed=1, quick=False
+    )
     base = osp.join(CONFIG_DIR, quickstart.MODELS['ATSS'])
     dy = osp.join(CONFIG_DIR, quickstart.MODELS['ATSS + DyHead'])
     assert study.PAPER_ROWS[0] == 'baseline' and len(study.PAPER_ROWS) == 6
     for row in study.PAPER_ROWS:
-        cfg = study.variant_cfg(quickstart, row, base, dy, data,
-                                str(tmp_path / 'w'), qs_args, num_blocks=1)
+        cfg = study.variant_cfg(
+            quickstart,
+            row,
+            base,
+            dy,
+            data,
+            str(tmp_path / 'w'),
+            qs_args,
+            num_blocks=1,
+        )
         assert cfg.train_cfg.max_iters == 7 and cfg.randomness.seed == 1
         model = MODELS.build(cfg.model)
         if row == 'baseline':

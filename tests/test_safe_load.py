@@ -1,5 +1,6 @@
 """mmengine checkpoints load with torch's weights_only=True kept on, inside
 the scoped allow-list the package's tools use."""
+
 import os
 import pickle
 
@@ -13,7 +14,6 @@ from mmdet_dyhead.utils import mmengine_safe_globals
 
 
 class ToyModel(BaseModel):
-
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(2, 1)
@@ -22,7 +22,9 @@ class ToyModel(BaseModel):
         inputs = torch.stack(inputs) if isinstance(inputs, list) else inputs
         out = self.linear(inputs)
         if mode == 'loss':
-            return dict(loss=(out.squeeze(1) - torch.stack(labels)).square().mean())
+            return dict(
+                loss=(out.squeeze(1) - torch.stack(labels)).square().mean()
+            )
         return out
 
 
@@ -33,19 +35,28 @@ class ToyDataset(torch.utils.data.Dataset):
         return 8
 
     def __getitem__(self, i):
-        return dict(inputs=torch.full((2,), float(i)), labels=torch.tensor(float(i)))
+        return dict(
+            inputs=torch.full((2,), float(i)), labels=torch.tensor(float(i))
+        )
 
 
 def _runner(work_dir, **kw):
     return Runner(
-        model=ToyModel(), work_dir=str(work_dir),
-        train_dataloader=dict(dataset=ToyDataset(), sampler=dict(type='DefaultSampler', shuffle=True),
-                              batch_size=4, num_workers=0),
+        model=ToyModel(),
+        work_dir=str(work_dir),
+        train_dataloader=dict(
+            dataset=ToyDataset(),
+            sampler=dict(type='DefaultSampler', shuffle=True),
+            batch_size=4,
+            num_workers=0,
+        ),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
         param_scheduler=dict(type='MultiStepLR', milestones=[1]),
         train_cfg=dict(by_epoch=True, max_epochs=1),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
-        experiment_name=f'toy_{os.getpid()}', **kw)
+        experiment_name=f'toy_{os.getpid()}',
+        **kw,
+    )
 
 
 def test_runner_checkpoint_loads_weights_only_and_resumes(tmp_path):
@@ -83,6 +94,7 @@ class _AttrProbe:
     def __reduce__(self):
         # getattr(HistoryBuffer, '__init__') is not a statistics method.
         from mmengine.logging.history_buffer import HistoryBuffer
+
         return (getattr, (HistoryBuffer, '__init__'))
 
 
@@ -90,5 +102,6 @@ def test_getattr_is_limited_to_history_buffer_statistics(tmp_path):
     path = tmp_path / 'probe.pth'
     torch.save({'x': _AttrProbe()}, path)
     with mmengine_safe_globals(), pytest.raises(
-            pickle.UnpicklingError, match='HistoryBuffer statistics'):
+        pickle.UnpicklingError, match='HistoryBuffer statistics'
+    ):
         torch.load(path, weights_only=True)

@@ -1,4 +1,5 @@
 """Hook-based attention collectors and tools/visualize_attention.py."""
+
 import json
 import os
 import os.path as osp
@@ -8,8 +9,11 @@ import torch
 from conftest import REPO_ROOT, pyramid
 
 from mmdet_dyhead.models import DyHeadNeck
-from mmdet_dyhead.visualization import (BlockFeatureCollector,
-                                        ScaleWeightCollector, resolve_layer)
+from mmdet_dyhead.visualization import (
+    BlockFeatureCollector,
+    ScaleWeightCollector,
+    resolve_layer,
+)
 
 pytest.importorskip('matplotlib')
 
@@ -17,8 +21,9 @@ GN8 = dict(type='GN', num_groups=8, requires_grad=True)
 
 
 def random_neck(**kw):
-    neck = DyHeadNeck(16, 16, num_blocks=3, norm_cfg=GN8,
-                      zero_init_offset=False, **kw).eval()
+    neck = DyHeadNeck(
+        16, 16, num_blocks=3, norm_cfg=GN8, zero_init_offset=False, **kw
+    ).eval()
     with torch.no_grad():
         # Spread the scale weights away from their init (all ~0.5); a small
         # positive bias keeps most logits clear of the ReLU in front of the
@@ -40,13 +45,19 @@ def reference_weights(neck, feats):
             for level in range(len(feats)):
                 offset, mask = sp.offsets_and_masks(feats[level])
                 for src, term in sp.level_terms(feats, level, offset, mask):
-                    source = feats[src] if block.attention_order == 'scale_first' else term
+                    source = (
+                        feats[src]
+                        if block.attention_order == 'scale_first'
+                        else term
+                    )
                     ref[k][(level, src)] = block.scale_attn(source).flatten()
             feats = block(feats)
     return ref
 
 
-@pytest.mark.parametrize('preset', ['mmdet', 'paper'])  # spatial_first / scale_first
+@pytest.mark.parametrize(
+    'preset', ['mmdet', 'paper']
+)  # spatial_first / scale_first
 def test_scale_weights_match_direct_calls_and_leave_outputs_unchanged(preset):
     neck = random_neck(preset=preset)
     feats = pyramid(2, 16, (16, 24), levels=4)
@@ -61,15 +72,18 @@ def test_scale_weights_match_direct_calls_and_leave_outputs_unchanged(preset):
         for key, w in ref[k].items():
             (got,) = col.weights[k][key]
             assert torch.allclose(got, w, atol=1e-6), (k, key)
-        assert len({round(float(w[0]), 4) for w in ref[k].values()}) >= 3, \
+        assert len({round(float(w[0]), 4) for w in ref[k].values()}) >= 3, (
             'weights too similar for a meaningful check'
+        )
         # The ratio: finest over coarsest term fused at each output level.
         ratios = col.scale_ratios(k)
         pairs = {0: (0, 1), 1: (0, 2), 2: (1, 3), 3: (2, 3)}
         for level, (fine, coarse) in pairs.items():
-            assert torch.allclose(ratios[level],
-                                  ref[k][(level, fine)] / ref[k][(level, coarse)],
-                                  equal_nan=True)
+            assert torch.allclose(
+                ratios[level],
+                ref[k][(level, fine)] / ref[k][(level, coarse)],
+                equal_nan=True,
+            )
     assert not neck.dyhead_blocks[0]._forward_pre_hooks
     assert not neck.dyhead_blocks[0].scale_attn._forward_hooks
 
@@ -93,7 +107,9 @@ def test_block_features_are_the_neck_input_and_each_block_output():
         assert all(torch.equal(a, b) for a, b in zip(col.stages[0], feats))
         for k, block in enumerate(neck.dyhead_blocks, start=1):
             expected = block(expected)
-            assert all(torch.allclose(a, b) for a, b in zip(col.stages[k], expected))
+            assert all(
+                torch.allclose(a, b) for a, b in zip(col.stages[k], expected)
+            )
     assert sorted(col.stages) == [0, 1, 2, 3]
 
 
@@ -102,7 +118,10 @@ def test_unknown_layer_lists_the_available_ones():
     model.neck = torch.nn.Sequential(torch.nn.Identity(), random_neck())
     name, layer = resolve_layer(model)
     assert name == 'neck.1' and isinstance(layer, DyHeadNeck)
-    assert resolve_layer(model, 'neck.1.dyhead_blocks.2')[1] is layer.dyhead_blocks[2]
+    assert (
+        resolve_layer(model, 'neck.1.dyhead_blocks.2')[1]
+        is layer.dyhead_blocks[2]
+    )
     with pytest.raises(ValueError) as err:
         resolve_layer(model, 'neck.2')
     msg = str(err.value)
@@ -139,13 +158,20 @@ test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 @pytest.mark.slow
 def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
     from mmdet_dyhead.cli import visualize_attention as tool
-    from mmdet_dyhead.testing import generate_synthetic_coco
     from mmdet_dyhead.deploy import build_detector
-    data = generate_synthetic_coco(str(tmp_path / 'data'), num_train=1,
-                                   num_val=4, image_size=(80, 96))
+    from mmdet_dyhead.testing import generate_synthetic_coco
+
+    data = generate_synthetic_coco(
+        str(tmp_path / 'data'), num_train=1, num_val=4, image_size=(80, 96)
+    )
     config = tmp_path / 'vis_cfg.py'
-    config.write_text(TOOL_CONFIG.format(
-        base=osp.join(REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py')))
+    config.write_text(
+        TOOL_CONFIG.format(
+            base=osp.join(
+                REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
+            )
+        )
+    )
     model = build_detector(str(config))
     ckpt = tmp_path / 'vis.pth'
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
@@ -153,12 +179,23 @@ def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
     first = osp.join(val_dir, sorted(os.listdir(val_dir))[0])
     out_dir = tmp_path / 'vis'
     # The tool's main() in this process: no interpreter start-up per call.
-    common = [str(config), str(ckpt), '--images', first, '--out-dir', str(out_dir)]
+    common = [
+        str(config),
+        str(ckpt),
+        '--images',
+        first,
+        '--out-dir',
+        str(out_dir),
+    ]
 
     assert tool.main(common + ['--ratio-images', val_dir]) == 0
     import matplotlib.image as mpimg
-    for png in ['features_' + osp.splitext(osp.basename(first))[0] + '.png',
-                'scale_ratios_block2.png', 'scale_ratios_block4.png']:
+
+    for png in [
+        'features_' + osp.splitext(osp.basename(first))[0] + '.png',
+        'scale_ratios_block2.png',
+        'scale_ratios_block4.png',
+    ]:
         img = mpimg.imread(out_dir / png)
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0.01, png
     summary = json.loads((out_dir / 'scale_ratios.json').read_text())

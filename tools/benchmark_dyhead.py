@@ -2,6 +2,7 @@
 
 See --help; the logic is in mmdet_dyhead/cli/benchmark_dyhead.py.
 """
+
 import os.path as osp
 import sys
 

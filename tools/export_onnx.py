@@ -2,6 +2,7 @@
 
 See --help; the logic is in mmdet_dyhead/cli/export_onnx.py.
 """
+
 import sys
 
 from mmdet_dyhead.cli.export_onnx import main

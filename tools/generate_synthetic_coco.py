@@ -2,6 +2,7 @@
 
 See --help; the logic is in mmdet_dyhead/cli/generate_synthetic_coco.py.
 """
+
 import os.path as osp
 import sys
 

@@ -2,6 +2,7 @@
 
 See --help; the logic is in mmdet_dyhead/cli/get_flops.py.
 """
+
 import os.path as osp
 import sys
 

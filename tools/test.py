@@ -3,6 +3,7 @@
 Usage is exactly mmdet's: python tools/test.py CONFIG CHECKPOINT ... (see
 --help).
 """
+
 from mmdet_dyhead.cli.test import main
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 
 Usage is exactly mmdet's: python tools/train.py CONFIG ... (see --help).
 """
+
 from mmdet_dyhead.cli.train import main
 
 if __name__ == '__main__':

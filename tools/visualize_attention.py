@@ -2,6 +2,7 @@
 
 See --help; the logic is in mmdet_dyhead/cli/visualize_attention.py.
 """
+
 import sys
 
 from mmdet_dyhead.cli.visualize_attention import main

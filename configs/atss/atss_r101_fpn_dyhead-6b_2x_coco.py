@@ -5,5 +5,6 @@ _base_ = './atss_r50_fpn_dyhead-6b_2x_coco.py'
 model = dict(
     backbone=dict(
         depth=101,
-        init_cfg=dict(type='Pretrained',
-                      checkpoint='torchvision://resnet101')))
+        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet101'),
+    )
+)

@@ -24,21 +24,31 @@ model = dict(
             start_level=1,
             add_extra_convs='on_output',
             relu_before_extra_convs=True,
-            num_outs=5),
+            num_outs=5,
+        ),
         dict(
             type='DyHeadNeck',
             in_channels=256,
             out_channels=256,
             num_blocks=6,
             num_levels=5,
-            preset='official'),
-    ])
+            preset='official',
+        ),
+    ],
+)
 
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
-         end=1000),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True,
-         milestones=[8, 11], gamma=0.1),
+    dict(
+        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000
+    ),
+    dict(
+        type='MultiStepLR',
+        begin=0,
+        end=12,
+        by_epoch=True,
+        milestones=[8, 11],
+        gamma=0.1,
+    ),
 ]
 
 # Checks the FPN/DyHead/head wiring before training and testing.

@@ -2,7 +2,9 @@
 # as in ./atss_r50_fpn_dyhead-6b_1x_coco.py.
 _base_ = './atss_r50_fpn_dyhead-6b_1x_coco.py'
 
-model = dict(neck=[
-    _base_.model.neck[0],
-    dict(_base_.model.neck[1], num_blocks=4),
-])
+model = dict(
+    neck=[
+        _base_.model.neck[0],
+        dict(_base_.model.neck[1], num_blocks=4),
+    ]
+)

@@ -5,11 +5,14 @@
 # unweighted; without task-aware attention its output is the fused feature.
 _base_ = './atss_r50_fpn_dyhead-6b_1x_coco.py'
 
-model = dict(neck=[
-    _base_.model.neck[0],
-    dict(
-        _base_.model.neck[1],
-        use_scale_attn=True,
-        use_spatial_attn=True,
-        use_task_attn=False),
-])
+model = dict(
+    neck=[
+        _base_.model.neck[0],
+        dict(
+            _base_.model.neck[1],
+            use_scale_attn=True,
+            use_spatial_attn=True,
+            use_task_attn=False,
+        ),
+    ]
+)

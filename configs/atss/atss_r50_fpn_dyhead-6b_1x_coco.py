@@ -8,22 +8,26 @@ _base_ = 'mmdet::dyhead/atss_r50_fpn_dyhead_1x_coco.py'
 
 custom_imports = dict(imports=['mmdet_dyhead'], allow_failed_imports=False)
 
-model = dict(neck=[
-    dict(
-        type='FPN',
-        in_channels=[256, 512, 1024, 2048],
-        out_channels=256,
-        start_level=1,
-        add_extra_convs='on_output',
-        num_outs=5),
-    dict(
-        type='DyHeadNeck',
-        in_channels=256,
-        out_channels=256,
-        num_blocks=6,
-        num_levels=5,
-        preset='mmdet'),
-])
+model = dict(
+    neck=[
+        dict(
+            type='FPN',
+            in_channels=[256, 512, 1024, 2048],
+            out_channels=256,
+            start_level=1,
+            add_extra_convs='on_output',
+            num_outs=5,
+        ),
+        dict(
+            type='DyHeadNeck',
+            in_channels=256,
+            out_channels=256,
+            num_blocks=6,
+            num_levels=5,
+            preset='mmdet',
+        ),
+    ]
+)
 
 # Checks the FPN/DyHead/head wiring before training and testing.
 custom_hooks = [dict(type='DyHeadCheckHook')]

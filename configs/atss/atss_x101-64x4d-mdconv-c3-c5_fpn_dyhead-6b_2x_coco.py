@@ -8,4 +8,6 @@ _base_ = './atss_x101-64x4d_fpn_dyhead-6b_2x_coco.py'
 model = dict(
     backbone=dict(
         dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False),
-        stage_with_dcn=(False, True, True, True)))
+        stage_with_dcn=(False, True, True, True),
+    )
+)

@@ -13,34 +13,52 @@ train_pipeline = [
     dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(
-        type='RandomResize', scale=[(1333, 640), (1333, 800)],
-        keep_ratio=True),
+        type='RandomResize', scale=[(1333, 640), (1333, 800)], keep_ratio=True
+    ),
     dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs')
+    dict(type='PackDetInputs'),
 ]
 train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
 
 tta_model = dict(
     type='DetTTAModel',
-    tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.6), max_per_img=100))
-tta_scales = [(1333, 400), (1333, 600), (1333, 800), (2000, 1000),
-              (2000, 1200)]
+    tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.6), max_per_img=100),
+)
+tta_scales = [
+    (1333, 400),
+    (1333, 600),
+    (1333, 800),
+    (2000, 1000),
+    (2000, 1200),
+]
 tta_pipeline = [
     dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(
         type='TestTimeAug',
         transforms=[
-            [dict(type='Resize', scale=s, keep_ratio=True)
-             for s in tta_scales],
-            [dict(type='RandomFlip', prob=1.),
-             dict(type='RandomFlip', prob=0.)],
+            [
+                dict(type='Resize', scale=s, keep_ratio=True)
+                for s in tta_scales
+            ],
+            [
+                dict(type='RandomFlip', prob=1.0),
+                dict(type='RandomFlip', prob=0.0),
+            ],
             [dict(type='LoadAnnotations', with_bbox=True)],
             [
                 dict(
                     type='PackDetInputs',
-                    meta_keys=('img_id', 'img_path', 'ori_shape',
-                               'img_shape', 'scale_factor', 'flip',
-                               'flip_direction'))
+                    meta_keys=(
+                        'img_id',
+                        'img_path',
+                        'ori_shape',
+                        'img_shape',
+                        'scale_factor',
+                        'flip',
+                        'flip_direction',
+                    ),
+                )
             ],
-        ])
+        ],
+    ),
 ]

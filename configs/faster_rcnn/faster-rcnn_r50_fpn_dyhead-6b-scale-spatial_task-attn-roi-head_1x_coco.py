@@ -12,7 +12,8 @@ model = dict(
             type='FPN',
             in_channels=[256, 512, 1024, 2048],
             out_channels=256,
-            num_outs=5),
+            num_outs=5,
+        ),
         dict(
             type='DyHeadNeck',
             in_channels=256,
@@ -20,7 +21,8 @@ model = dict(
             num_blocks=6,
             num_levels=5,
             preset='mmdet',
-            use_task_attn=False),
+            use_task_attn=False,
+        ),
     ],
     roi_head=dict(
         bbox_head=dict(
@@ -32,12 +34,17 @@ model = dict(
             num_classes=80,
             bbox_coder=dict(
                 type='DeltaXYWHBBoxCoder',
-                target_means=[0., 0., 0., 0.],
-                target_stds=[0.1, 0.1, 0.2, 0.2]),
+                target_means=[0.0, 0.0, 0.0, 0.0],
+                target_stds=[0.1, 0.1, 0.2, 0.2],
+            ),
             reg_class_agnostic=False,
             loss_cls=dict(
-                type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
-            loss_bbox=dict(type='L1Loss', loss_weight=1.0))))
+                type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0
+            ),
+            loss_bbox=dict(type='L1Loss', loss_weight=1.0),
+        )
+    ),
+)
 
 # Checks the FPN/DyHead/head wiring before training and testing.
 custom_hooks = [dict(type='DyHeadCheckHook')]

@@ -13,16 +13,19 @@ model = dict(
             out_channels={{_base_.feat_channels}},
             start_level=1,
             add_extra_convs='on_output',
-            num_outs=5),
+            num_outs=5,
+        ),
         dict(
             type='DyHeadNeck',
             in_channels={{_base_.feat_channels}},
             out_channels={{_base_.feat_channels}},
             num_blocks=2,
             num_levels=5,
-            preset='mmdet'),
+            preset='mmdet',
+        ),
     ],
-    bbox_head=dict(stacked_convs=0))
+    bbox_head=dict(stacked_convs=0),
+)
 
 # The offset conv's output is a displacement in pixels, and AdamW moves every
 # weight by about lr per step whatever its gradient's scale: at the full
@@ -30,7 +33,8 @@ model = dict(
 # A tenth of the rate gave 17.9 AP instead of 12.0 on the quickstart data
 # (docs/quickstart.md, "Tuning"). COCO configs keep SGD and mmdet's setting.
 optim_wrapper = dict(
-    paramwise_cfg=dict(custom_keys=dict(offset_conv=dict(lr_mult=0.1))))
+    paramwise_cfg=dict(custom_keys=dict(offset_conv=dict(lr_mult=0.1)))
+)
 
 # Checks the FPN/DyHead/head wiring before training and testing.
 custom_hooks = [dict(type='DyHeadCheckHook')]

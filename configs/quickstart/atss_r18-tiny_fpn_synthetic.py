@@ -19,7 +19,8 @@ model = dict(
         base_channels=16,  # stage widths 16/32/64/128 instead of 64..512
         frozen_stages=-1,
         norm_eval=False,  # from scratch: BN statistics must be learned
-        init_cfg=None),
+        init_cfg=None,
+    ),
     neck=dict(in_channels=[16, 32, 64, 128], out_channels=feat_channels),
     bbox_head=dict(
         num_classes=len(classes),
@@ -27,7 +28,9 @@ model = dict(
         feat_channels=feat_channels,
         # Objects here are 10-170 px; anchors 4x the stride (32..512 px)
         # instead of 8x match them better than COCO's setting.
-        anchor_generator=dict(octave_base_scale=4)))
+        anchor_generator=dict(octave_base_scale=4),
+    ),
+)
 
 backend_args = None
 train_pipeline = [
@@ -35,7 +38,7 @@ train_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs')
+    dict(type='PackDetInputs'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile', backend_args=backend_args),
@@ -43,8 +46,14 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True),
     dict(
         type='PackDetInputs',
-        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                   'scale_factor'))
+        meta_keys=(
+            'img_id',
+            'img_path',
+            'ori_shape',
+            'img_shape',
+            'scale_factor',
+        ),
+    ),
 ]
 train_dataloader = dict(
     batch_size=8,
@@ -59,7 +68,9 @@ train_dataloader = dict(
         metainfo=dict(classes=classes),
         ann_file='annotations/instances_train.json',
         data_prefix=dict(img='train/'),
-        pipeline=train_pipeline))
+        pipeline=train_pipeline,
+    ),
+)
 val_dataloader = dict(
     batch_size=1,
     num_workers=0,
@@ -69,7 +80,9 @@ val_dataloader = dict(
         metainfo=dict(classes=classes),
         ann_file='annotations/instances_val.json',
         data_prefix=dict(img='val/'),
-        pipeline=test_pipeline))
+        pipeline=test_pipeline,
+    ),
+)
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
@@ -79,23 +92,34 @@ train_cfg = dict(
     _delete_=True,
     type='IterBasedTrainLoop',
     max_iters=max_iters,
-    val_interval=max_iters)
+    val_interval=max_iters,
+)
 # AdamW converges faster than SGD from random initialisation.
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05),
-    clip_grad=dict(max_norm=10.0, norm_type=2))
+    clip_grad=dict(max_norm=10.0, norm_type=2),
+)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
-         end=100),
-    dict(type='CosineAnnealingLR', by_epoch=False, begin=100, end=max_iters,
-         T_max=max_iters - 100, eta_min=2e-5)
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
+    dict(
+        type='CosineAnnealingLR',
+        by_epoch=False,
+        begin=100,
+        end=max_iters,
+        T_max=max_iters - 100,
+        eta_min=2e-5,
+    ),
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=20),
     checkpoint=dict(
-        type='CheckpointHook', by_epoch=False, interval=max_iters,
-        max_keep_ckpts=1))
+        type='CheckpointHook',
+        by_epoch=False,
+        interval=max_iters,
+        max_keep_ckpts=1,
+    ),
+)
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)

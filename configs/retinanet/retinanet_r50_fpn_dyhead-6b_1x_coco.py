@@ -13,16 +13,19 @@ model = dict(
             out_channels=256,
             start_level=1,
             add_extra_convs='on_input',
-            num_outs=5),
+            num_outs=5,
+        ),
         dict(
             type='DyHeadNeck',
             in_channels=256,
             out_channels=256,
             num_blocks=6,
             num_levels=5,
-            preset='mmdet'),
+            preset='mmdet',
+        ),
     ],
-    bbox_head=dict(stacked_convs=0, feat_channels=256))
+    bbox_head=dict(stacked_convs=0, feat_channels=256),
+)
 
 # Checks the FPN/DyHead/head wiring before training and testing.
 custom_hooks = [dict(type='DyHeadCheckHook')]

@@ -20,10 +20,11 @@ freed pages, so mmdet's and our necks showed the same figure.) On CUDA it is
 
 Examples::
 
-    python tools/benchmark_dyhead.py                    # full run, docs/benchmarks.md
+    python tools/benchmark_dyhead.py  # full run, docs/benchmarks.md
     python tools/benchmark_dyhead.py --quick --out /tmp/b.md
     python tools/benchmark_dyhead.py --sizes 800x1344 --batches 1 --repeats 5
 """
+
 import argparse
 import os
 import os.path as osp
@@ -51,12 +52,15 @@ def machine_info(device: torch.device) -> str:
             cpu = m.group(1) if m else cpu
     except OSError:
         pass
-    parts = [f'CPU: {cpu}, {os.cpu_count()} logical cores, '
-             f'torch threads as in each section',
-             f'torch {torch.__version__}']
+    parts = [
+        f'CPU: {cpu}, {os.cpu_count()} logical cores, '
+        f'torch threads as in each section',
+        f'torch {torch.__version__}',
+    ]
     try:
         import mmcv
         import mmdet
+
         parts.append(f'mmcv {mmcv.__version__}, mmdet {mmdet.__version__}')
     except ImportError:
         pass
@@ -87,10 +91,15 @@ class PeakMemory:
             base = torch.cuda.memory_allocated(self.device)
             fn()
             torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            return (
+                torch.cuda.max_memory_allocated(self.device) - base
+            ) / 2**20
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
             fn()
         events = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -98,7 +107,9 @@ class PeakMemory:
             node = stack.pop()
             stack.extend(node.children)
             if node.tag == _EventType.Allocation:
-                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+                events.append(
+                    (node.start_time_ns, node.extra_fields.alloc_size)
+                )
         if not events:
             return float('nan')
         live = peak = 0
@@ -111,6 +122,7 @@ class PeakMemory:
 # ----------------------------------------------------------------- timing
 def timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
     if device.type == 'cuda':
+
         def run(fn):
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -120,17 +132,23 @@ def timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
             end.record()
             torch.cuda.synchronize(device)
             return start.elapsed_time(end) / 1000
+
         return run
 
     def run(fn):
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
     return run
 
 
-def round_robin(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int,
-                device: torch.device) -> Dict[str, float]:
+def round_robin(
+    fns: Dict[str, Callable[[], None]],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+) -> Dict[str, float]:
     """Median seconds per entry; entries alternate inside every repeat."""
     clock = timer(device)
     for _ in range(warmup):
@@ -144,9 +162,12 @@ def round_robin(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int,
 
 
 # ----------------------------------------------------------------- models
-def pyramid(batch: int, channels: int, size: Tuple[int, int],
-            device: torch.device) -> List[torch.Tensor]:
-    """FPN-shaped levels: stride 8 map of an image of ``size``, then halving."""
+def pyramid(
+    batch: int, channels: int, size: Tuple[int, int], device: torch.device
+) -> List[torch.Tensor]:
+    """FPN-shaped levels: stride 8 map of an image of ``size``, then
+    halving.
+    """
     h, w = -(-size[0] // STRIDES[0]), -(-size[1] // STRIDES[0])
     feats = []
     for _ in STRIDES:
@@ -155,15 +176,24 @@ def pyramid(batch: int, channels: int, size: Tuple[int, int],
     return feats
 
 
-def build_models(channels: int, blocks: int, backends: Sequence[str],
-                 device: torch.device, with_mmdet: bool):
+def build_models(
+    channels: int,
+    blocks: int,
+    backends: Sequence[str],
+    device: torch.device,
+    with_mmdet: bool,
+):
     """mmdet's DyHead (random non-trivial weights) and ours loaded from it."""
     from mmdet_dyhead.models import DyHeadNeck
+
     models = {}
     state = None
     if with_mmdet:
         from mmdet.models.necks import DyHead
-        ref = DyHead(channels, channels, num_blocks=blocks, zero_init_offset=False)
+
+        ref = DyHead(
+            channels, channels, num_blocks=blocks, zero_init_offset=False
+        )
         with torch.no_grad():
             for name, p in ref.named_parameters():
                 if 'spatial_conv_offset' in name:
@@ -171,7 +201,9 @@ def build_models(channels: int, blocks: int, backends: Sequence[str],
         models['mmdet DyHead (mmcv)'] = ref.to(device)
         state = ref.state_dict()
     for backend in backends:
-        ours = DyHeadNeck(channels, channels, num_blocks=blocks, dcn_backend=backend)
+        ours = DyHeadNeck(
+            channels, channels, num_blocks=blocks, dcn_backend=backend
+        )
         if state is not None:
             ours.load_state_dict(state)
         models[f'ours ({backend})'] = ours.to(device)
@@ -180,8 +212,10 @@ def build_models(channels: int, blocks: int, backends: Sequence[str],
 
 def dense_floor(channels: int, blocks: int, device: torch.device):
     """Dense convs with the neck's conv FLOPs (offset, mid, low, high)."""
-    weights = [torch.randn(co, channels, 3, 3, device=device) * 0.01
-               for co in (27, channels, channels, channels)]
+    weights = [
+        torch.randn(co, channels, 3, 3, device=device) * 0.01
+        for co in (27, channels, channels, channels)
+    ]
 
     def forward(feats):
         outs = []
@@ -192,27 +226,38 @@ def dense_floor(channels: int, blocks: int, device: torch.device):
                 off = F.conv2d(f, weights[0], padding=1)
                 y = y + off.sum() * 0
                 if lvl > 0:
-                    y = y + F.conv2d(feats[lvl - 1], weights[2], stride=2, padding=1)
+                    y = y + F.conv2d(
+                        feats[lvl - 1], weights[2], stride=2, padding=1
+                    )
                 if lvl < len(feats) - 1:
                     hi = F.conv2d(feats[lvl + 1], weights[3], padding=1)
-                    y = y + F.interpolate(hi, size=f.shape[-2:], mode='bilinear',
-                                          align_corners=True)
+                    y = y + F.interpolate(
+                        hi,
+                        size=f.shape[-2:],
+                        mode='bilinear',
+                        align_corners=True,
+                    )
                 outs.append(y)
             feats = outs
         return outs
+
     return forward, weights
 
 
 def max_rel_err(outs, ref) -> float:
-    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-               for a, b in zip(outs, ref))
+    return max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        for a, b in zip(outs, ref)
+    )
 
 
 # ----------------------------------------------------------------- sections
 def neck_table(args, device, size, batch, lines):
     with_mmdet = not args.no_mmdet
     channels = args.channels
-    fwd_models = build_models(channels, args.blocks, args.backends, device, with_mmdet)
+    fwd_models = build_models(
+        channels, args.blocks, args.backends, device, with_mmdet
+    )
     for m in fwd_models.values():
         m.eval()
     floor_fwd, _ = dense_floor(channels, args.blocks, device)
@@ -229,7 +274,9 @@ def neck_table(args, device, size, batch, lines):
         def run():
             with torch.no_grad():
                 fn(feats)
+
         return run
+
     fns = {k: no_grad(m) for k, m in fwd_models.items()}
     fns['dense floor'] = no_grad(floor_fwd)
     fwd = round_robin(fns, args.warmup, args.repeats, device)
@@ -239,9 +286,13 @@ def neck_table(args, device, size, batch, lines):
 
     bwd = bwd_mem = {}
     if not args.no_backward:
-        bwd_models = (fwd_models if args.bwd_blocks == args.blocks else
-                      build_models(channels, args.bwd_blocks, args.backends, device,
-                                   with_mmdet))
+        bwd_models = (
+            fwd_models
+            if args.bwd_blocks == args.blocks
+            else build_models(
+                channels, args.bwd_blocks, args.backends, device, with_mmdet
+            )
+        )
         floor_bwd, floor_w = dense_floor(channels, args.bwd_blocks, device)
         for w in floor_w:
             w.requires_grad_()
@@ -251,7 +302,9 @@ def neck_table(args, device, size, batch, lines):
             def run():
                 outs = fn(grad_feats)
                 sum(o.sum() for o in outs).backward()
+
             return run
+
         fns = {k: train_step(m.train()) for k, m in bwd_models.items()}
         fns['dense floor'] = train_step(floor_bwd)
         bwd = round_robin(fns, args.warmup, args.bwd_repeats, device)
@@ -262,41 +315,55 @@ def neck_table(args, device, size, batch, lines):
 
     ref_key = 'mmdet DyHead (mmcv)'
     h0, w0 = feats[0].shape[-2:]
-    lines.append(f'\n#### {size[0]}x{size[1]}, batch {batch} '
-                 f'(P3 {h0}x{w0}, C={channels}; forward {args.blocks} blocks, '
-                 f'forward+backward {args.bwd_blocks} blocks)\n')
-    lines.append('| implementation | fwd (s) | fwd speed-up vs mmdet | fwd peak mem (MB) '
-                 '| fwd+bwd (s) | fwd+bwd speed-up vs mmdet | fwd+bwd peak mem (MB) '
-                 '| mem vs mmdet (fwd / fwd+bwd) | max rel err vs mmdet |')
+    lines.append(
+        f'\n#### {size[0]}x{size[1]}, batch {batch} '
+        f'(P3 {h0}x{w0}, C={channels}; forward {args.blocks} blocks, '
+        f'forward+backward {args.bwd_blocks} blocks)\n'
+    )
+    lines.append(
+        '| implementation | fwd (s) | fwd speed-up vs mmdet '
+        '| fwd peak mem (MB) '
+        '| fwd+bwd (s) | fwd+bwd speed-up vs mmdet | fwd+bwd peak mem (MB) '
+        '| mem vs mmdet (fwd / fwd+bwd) | max rel err vs mmdet |'
+    )
     lines.append('|---|---|---|---|---|---|---|---|---|')
     for k in fwd:
+
         def ratio(d, inverse=False):
             if ref_key not in d or k not in d or not d[k]:
                 return '-'
-            return f'{(d[k] / d[ref_key]) if inverse else (d[ref_key] / d[k]):.2f}x'
+            value = (d[k] / d[ref_key]) if inverse else (d[ref_key] / d[k])
+            return f'{value:.2f}x'
+
         b = f'{bwd[k]:.3f}' if k in bwd else '-'
         bm = f'{bwd_mem[k]:.0f}' if k in bwd_mem else '-'
         err = f'{errs[k]:.1e}' if k in errs else '-'
-        lines.append(f'| {k} | {fwd[k]:.3f} | {ratio(fwd)} | {fwd_mem[k]:.0f} | {b} '
-                     f'| {ratio(bwd)} | {bm} | {ratio(fwd_mem, True)} / '
-                     f'{ratio(bwd_mem, True)} | {err} |')
-    print('\n'.join(lines[-(len(fwd) + 3):]), flush=True)
+        lines.append(
+            f'| {k} | {fwd[k]:.3f} | {ratio(fwd)} | {fwd_mem[k]:.0f} | {b} '
+            f'| {ratio(bwd)} | {bm} | {ratio(fwd_mem, True)} / '
+            f'{ratio(bwd_mem, True)} | {err} |'
+        )
+    print('\n'.join(lines[-(len(fwd) + 3) :]), flush=True)
 
 
 def dcn_layer_table(args, device, size, lines):
-    from mmdet_dyhead.ops import modulated_deform_conv2d, mmcv_ops_available
+    from mmdet_dyhead.ops import mmcv_ops_available, modulated_deform_conv2d
+
     c = args.channels
     h, w = -(-size[0] // 8), -(-size[1] // 8)
     x = torch.randn(1, c, h, w, device=device)
     offset = torch.randn(1, 18, h, w, device=device)
     mask = torch.rand(1, 9, h, w, device=device)
     weight = torch.randn(c, c, 3, 3, device=device) * 0.02
-    impls = {'dense conv2d (floor)': lambda a, o, m, wt: F.conv2d(a, wt, padding=1)}
+    impls = {
+        'dense conv2d (floor)': lambda a, o, m, wt: F.conv2d(a, wt, padding=1)
+    }
     for backend in args.backends:
         if backend == 'mmcv' and not mmcv_ops_available():
             continue
-        impls[f'DCN ours ({backend})'] = (
-            lambda a, o, m, wt, b=backend: modulated_deform_conv2d(a, o, m, wt, backend=b))
+        impls[f'DCN ours ({backend})'] = lambda a, o, m, wt, b=backend: (
+            modulated_deform_conv2d(a, o, m, wt, backend=b)
+        )
     leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
     grad = torch.randn(1, c, h, w, device=device)
 
@@ -304,60 +371,95 @@ def dcn_layer_table(args, device, size, lines):
         def run():
             with torch.no_grad():
                 fn(x, offset, mask, weight)
+
         return run
 
     def fwd_bwd(fn):
         def run():
             fn(*leaves).backward(grad)
+
         return run
-    f = round_robin({k: fwd(v) for k, v in impls.items()}, args.warmup, args.repeats, device)
-    b = round_robin({k: fwd_bwd(v) for k, v in impls.items()}, args.warmup,
-                    args.bwd_repeats, device)
+
+    f = round_robin(
+        {k: fwd(v) for k, v in impls.items()},
+        args.warmup,
+        args.repeats,
+        device,
+    )
+    b = round_robin(
+        {k: fwd_bwd(v) for k, v in impls.items()},
+        args.warmup,
+        args.bwd_repeats,
+        device,
+    )
     floor = 'dense conv2d (floor)'
-    lines.append(f'\n#### One 3x3 layer, {c}->{c} channels, on a {h}x{w} map (P3 of '
-                 f'{size[0]}x{size[1]}), batch 1\n')
-    lines.append('| implementation | fwd (ms) | fwd / dense | fwd+bwd (ms) | fwd+bwd / dense |')
+    lines.append(
+        f'\n#### One 3x3 layer, {c}->{c} channels, on a {h}x{w} map (P3 of '
+        f'{size[0]}x{size[1]}), batch 1\n'
+    )
+    lines.append(
+        '| implementation | fwd (ms) | fwd / dense '
+        '| fwd+bwd (ms) | fwd+bwd / dense |'
+    )
     lines.append('|---|---|---|---|---|')
     for k in impls:
-        lines.append(f'| {k} | {f[k] * 1e3:.1f} | {f[k] / f[floor]:.2f}x | '
-                     f'{b[k] * 1e3:.1f} | {b[k] / b[floor]:.2f}x |')
-    print('\n'.join(lines[-(len(impls) + 3):]), flush=True)
+        lines.append(
+            f'| {k} | {f[k] * 1e3:.1f} | {f[k] / f[floor]:.2f}x | '
+            f'{b[k] * 1e3:.1f} | {b[k] / b[floor]:.2f}x |'
+        )
+    print('\n'.join(lines[-(len(impls) + 3) :]), flush=True)
 
 
 def scaling_tables(args, device, lines):
     from mmdet_dyhead.models import DyHeadNeck
+
     c = args.channels
     backend = args.backends[0]
-    neck = DyHeadNeck(c, c, num_blocks=args.blocks, dcn_backend=backend).eval().to(device)
+    neck = (
+        DyHeadNeck(c, c, num_blocks=args.blocks, dcn_backend=backend)
+        .eval()
+        .to(device)
+    )
     fns, pixels = {}, {}
     for size in args.scaling_sizes:
         feats = pyramid(1, c, size, device)
         pixels[size] = sum(f.shape[-2] * f.shape[-1] for f in feats)
-        fns[size] = (lambda fs=feats: neck(fs))
+        fns[size] = lambda fs=feats: neck(fs)
     with torch.no_grad():
         t = round_robin(fns, args.warmup, args.repeats, device)
-    lines.append(f'\n#### Time vs image size (ours, {backend}, {args.blocks} blocks, '
-                 f'batch 1, forward)\n')
+    lines.append(
+        f'\n#### Time vs image size (ours, {backend}, {args.blocks} blocks, '
+        f'batch 1, forward)\n'
+    )
     lines.append('| image | pyramid pixels | fwd (s) | us per pyramid pixel |')
     lines.append('|---|---|---|---|')
     for size in args.scaling_sizes:
-        lines.append(f'| {size[0]}x{size[1]} | {pixels[size]} | {t[size]:.3f} | '
-                     f'{t[size] / pixels[size] * 1e6:.1f} |')
+        lines.append(
+            f'| {size[0]}x{size[1]} | {pixels[size]} | {t[size]:.3f} | '
+            f'{t[size] / pixels[size] * 1e6:.1f} |'
+        )
     size = args.scaling_sizes[len(args.scaling_sizes) // 2]
     feats = pyramid(1, c, size, device)
     fns = {}
     for n in args.scaling_blocks:
-        m = DyHeadNeck(c, c, num_blocks=n, dcn_backend=backend).eval().to(device)
-        fns[n] = (lambda m=m: m(feats))
+        m = (
+            DyHeadNeck(c, c, num_blocks=n, dcn_backend=backend)
+            .eval()
+            .to(device)
+        )
+        fns[n] = lambda m=m: m(feats)
     with torch.no_grad():
         t = round_robin(fns, args.warmup, args.repeats, device)
-    lines.append(f'\n#### Time vs number of blocks (ours, {backend}, {size[0]}x{size[1]}, '
-                 f'batch 1, forward)\n')
+    lines.append(
+        f'\n#### Time vs number of blocks (ours, {backend}, '
+        f'{size[0]}x{size[1]}, '
+        f'batch 1, forward)\n'
+    )
     lines.append('| blocks | fwd (s) | s per block |')
     lines.append('|---|---|---|')
     for n in args.scaling_blocks:
         lines.append(f'| {n} | {t[n]:.3f} | {t[n] / n:.3f} |')
-    print('\n'.join(lines[-(len(args.scaling_blocks) + 3):]), flush=True)
+    print('\n'.join(lines[-(len(args.scaling_blocks) + 3) :]), flush=True)
 
 
 # ----------------------------------------------------------------- main
@@ -368,38 +470,82 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--sizes', nargs='+', type=parse_size,
-                   default=[(800, 1344), (512, 512)])
+    p.add_argument(
+        '--sizes',
+        nargs='+',
+        type=parse_size,
+        default=[(800, 1344), (512, 512)],
+    )
     p.add_argument('--batches', nargs='+', type=int, default=[1, 2])
-    p.add_argument('--blocks', type=int, default=6, help='blocks for forward timing')
-    p.add_argument('--bwd-blocks', type=int, default=1,
-                   help='blocks for forward+backward timing (mmcv CPU backward is '
-                        'slow; the neck is a stack of identical blocks, so the '
-                        'ratio per block is the ratio of the neck)')
+    p.add_argument(
+        '--blocks', type=int, default=6, help='blocks for forward timing'
+    )
+    p.add_argument(
+        '--bwd-blocks',
+        type=int,
+        default=1,
+        help='blocks for forward+backward timing (mmcv CPU backward is '
+        'slow; the neck is a stack of identical blocks, so the '
+        'ratio per block is the ratio of the neck)',
+    )
     p.add_argument('--channels', type=int, default=256)
-    p.add_argument('--backends', nargs='+', default=['torch', 'mmcv'],
-                   choices=['torch', 'mmcv', 'auto'])
+    p.add_argument(
+        '--backends',
+        nargs='+',
+        default=['torch', 'mmcv'],
+        choices=['torch', 'mmcv', 'auto'],
+    )
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--bwd-repeats', type=int, default=2)
     p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--threads', type=int, nargs='+', default=[2],
-                   help='CPU threads; several values repeat every table per value')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument(
+        '--threads',
+        type=int,
+        nargs='+',
+        default=[2],
+        help='CPU threads; several values repeat every table per value',
+    )
+    p.add_argument(
+        '--device', default='cuda' if torch.cuda.is_available() else 'cpu'
+    )
     p.add_argument('--no-backward', action='store_true')
     p.add_argument('--no-mmdet', action='store_true')
     p.add_argument('--no-scaling', action='store_true')
-    p.add_argument('--scaling-sizes', nargs='+', type=parse_size,
-                   default=[(384, 640), (512, 512), (640, 1024), (800, 1344), (1024, 1600)])
-    p.add_argument('--scaling-blocks', nargs='+', type=int, default=[1, 2, 4, 6, 8])
-    p.add_argument('--quick', action='store_true',
-                   help='tiny smoke run: 32 channels, one small size, 1 repeat')
+    p.add_argument(
+        '--scaling-sizes',
+        nargs='+',
+        type=parse_size,
+        default=[
+            (384, 640),
+            (512, 512),
+            (640, 1024),
+            (800, 1344),
+            (1024, 1600),
+        ],
+    )
+    p.add_argument(
+        '--scaling-blocks', nargs='+', type=int, default=[1, 2, 4, 6, 8]
+    )
+    p.add_argument(
+        '--quick',
+        action='store_true',
+        help='tiny smoke run: 32 channels, one small size, 1 repeat',
+    )
     p.add_argument('--out', default=docs_path('benchmarks.md'))
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batches, args.channels = [(64, 96)], [1], 32
-        args.blocks, args.bwd_blocks, args.repeats, args.bwd_repeats = 2, 1, 1, 1
+        args.blocks, args.bwd_blocks, args.repeats, args.bwd_repeats = (
+            2,
+            1,
+            1,
+            1,
+        )
         args.warmup = 0
-        args.scaling_sizes, args.scaling_blocks = [(64, 96), (128, 192)], [1, 2]
+        args.scaling_sizes, args.scaling_blocks = (
+            [(64, 96), (128, 192)],
+            [1, 2],
+        )
     return args
 
 
@@ -408,19 +554,28 @@ def main(argv=None):
     device = torch.device(args.device)
     import mmdet_dyhead  # noqa: F401
     from mmdet_dyhead.ops import mmcv_ops_available
+
     if not mmcv_ops_available():
         args.backends = [b for b in args.backends if b != 'mmcv'] or ['torch']
         args.no_mmdet = True
-    command = 'python tools/benchmark_dyhead.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
-    lines = ['# DyHead neck benchmarks', '',
-             f'Command: `{command.strip()}`', '',
-             f'Machine: {machine_info(device)}', '',
-             'Times are medians of the repeats after warm-up, wall clock '
-             '(CUDA events on GPU); speed-up = mmdet time / our time, both '
-             'from this run. Peak memory: peak of live tensor bytes '
-             'during one call, over those held before it (CPU: torch.profiler '
-             'allocation events; CUDA: max_memory_allocated). Written by '
-             '`tools/benchmark_dyhead.py`.', '']
+    command = 'python tools/benchmark_dyhead.py ' + ' '.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    lines = [
+        '# DyHead neck benchmarks',
+        '',
+        f'Command: `{command.strip()}`',
+        '',
+        f'Machine: {machine_info(device)}',
+        '',
+        'Times are medians of the repeats after warm-up, wall clock '
+        '(CUDA events on GPU); speed-up = mmdet time / our time, both '
+        'from this run. Peak memory: peak of live tensor bytes '
+        'during one call, over those held before it (CPU: torch.profiler '
+        'allocation events; CUDA: max_memory_allocated). Written by '
+        '`tools/benchmark_dyhead.py`.',
+        '',
+    ]
     for threads in args.threads:
         torch.set_num_threads(threads)
         start = time.time()
@@ -435,10 +590,11 @@ def main(argv=None):
         if not args.no_scaling:
             lines.append('\n### Scaling')
             scaling_tables(args, device, lines)
-        lines.append(f'\nLoad average at end: {load_average()}; time for this '
-                     f'thread count {time.time() - start:.0f} s.\n')
+        lines.append(
+            f'\nLoad average at end: {load_average()}; time for this '
+            f'thread count {time.time() - start:.0f} s.\n'
+        )
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         f.write('\n'.join(lines))
     print(f'wrote {args.out}')
-

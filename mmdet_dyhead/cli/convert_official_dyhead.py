@@ -1,4 +1,5 @@
-"""Convert a microsoft/DynamicHead (detectron2) ATSS checkpoint to mmdet-dyhead.
+"""Convert a microsoft/DynamicHead (detectron2) ATSS checkpoint to
+mmdet-dyhead.
 
 The official release (``dyhead_r50_atss_fpn_1x``: ATSS, caffe R-50, FPN
 P3-P7, 6 DyHead blocks, ATSS head without towers) stores everything but the
@@ -17,6 +18,7 @@ Usage::
 
 then ``load_from = 'dyhead_r50_atss_official-<hash>.pth'`` in that config.
 """
+
 import argparse
 import os
 import os.path as osp
@@ -29,14 +31,22 @@ import torch
 
 from ._paths import config_path
 
-DEFAULT_CONFIG = 'configs/atss/atss_r50-caffe_fpn_dyhead-6b_official_1x_coco.py'
+DEFAULT_CONFIG = (
+    'configs/atss/atss_r50-caffe_fpn_dyhead-6b_official_1x_coco.py'
+)
 
 # official DyConv list order is (high, mid, low): DyConv[0] reads level l+1,
 # DyConv[1] level l, DyConv[2] level l-1 with stride 2.
-DYCONV_BRANCH = {'0': 'spatial_conv_high', '1': 'spatial_conv_mid',
-                 '2': 'spatial_conv_low'}
-HEAD_RULES = {'cls_logits': 'atss_cls', 'bbox_pred': 'atss_reg',
-              'centerness': 'atss_centerness'}
+DYCONV_BRANCH = {
+    '0': 'spatial_conv_high',
+    '1': 'spatial_conv_mid',
+    '2': 'spatial_conv_low',
+}
+HEAD_RULES = {
+    'cls_logits': 'atss_cls',
+    'bbox_pred': 'atss_reg',
+    'centerness': 'atss_centerness',
+}
 # Buffers detectron2 may store that have no parameter here; their values are
 # fixed by the config instead (checked where it matters).
 CAFFE_MEAN = (103.53, 116.28, 123.675)
@@ -54,7 +64,9 @@ def _resnet_key(rest: str) -> Optional[str]:
     m = re.fullmatch(r'stem\.conv1\.norm\.(\w+)', rest)
     if m:
         return f'backbone.bn1.{m.group(1)}'
-    m = re.fullmatch(r'res(\d)\.(\d+)\.(conv\d|shortcut)(\.norm)?\.(\w+)', rest)
+    m = re.fullmatch(
+        r'res(\d)\.(\d+)\.(conv\d|shortcut)(\.norm)?\.(\w+)', rest
+    )
     if not m:
         return None
     stage, block, part, norm, leaf = m.groups()
@@ -71,19 +83,30 @@ def _dyhead_key(rest: str) -> Optional[Tuple[str, bool]]:
     if m:
         block, branch, part, leaf = m.groups()
         part = 'conv' if part == 'conv' else 'norm'
-        return f'neck.1.dyhead_blocks.{block}.{DYCONV_BRANCH[branch]}.{part}.{leaf}', False
+        return (
+            f'neck.1.dyhead_blocks.{block}.{DYCONV_BRANCH[branch]}.{part}.{leaf}',
+            False,
+        )
     m = re.fullmatch(r'(\d+)\.offset\.(weight|bias)', rest)
     if m:
-        return f'neck.1.dyhead_blocks.{m.group(1)}.spatial_conv_offset.{m.group(2)}', False
+        return (
+            f'neck.1.dyhead_blocks.{m.group(1)}.spatial_conv_offset.{m.group(2)}',
+            False,
+        )
     m = re.fullmatch(r'(\d+)\.AttnConv\.1\.(weight|bias)', rest)
     if m:
-        return f'neck.1.dyhead_blocks.{m.group(1)}.scale_attn_module.1.{m.group(2)}', False
+        return (
+            f'neck.1.dyhead_blocks.{m.group(1)}.scale_attn_module.1.{m.group(2)}',
+            False,
+        )
     m = re.fullmatch(r'(\d+)\.relu\.fc\.([02])\.(weight|bias)', rest)
     if m:
         block, fc, leaf = m.groups()
         conv = 'conv1' if fc == '0' else 'conv2'
-        return (f'neck.1.dyhead_blocks.{block}.task_attn_module.{conv}.conv.{leaf}',
-                leaf == 'weight')
+        return (
+            f'neck.1.dyhead_blocks.{block}.task_attn_module.{conv}.conv.{leaf}',
+            leaf == 'weight',
+        )
     return None
 
 
@@ -93,12 +116,14 @@ def _check_pixel_stats(key: str, value: torch.Tensor) -> None:
     if len(got) != 3 or any(abs(a - b) > 1e-3 for a, b in zip(got, want)):
         raise ConversionError(
             f'{key} of the source is {got}, the config expects caffe BGR '
-            f'{want}. This is not the R-50 (caffe) release; set the config\'s '
-            f'data_preprocessor mean/std/bgr_to_rgb to match before using it.')
+            f"{want}. This is not the R-50 (caffe) release; set the config's "
+            f'data_preprocessor mean/std/bgr_to_rgb to match before using it.'
+        )
 
 
-def convert_state_dict(src: Dict[str, torch.Tensor]
-                       ) -> Tuple['OrderedDict[str, torch.Tensor]', List[str]]:
+def convert_state_dict(
+    src: Dict[str, torch.Tensor],
+) -> Tuple['OrderedDict[str, torch.Tensor]', List[str]]:
     """Rename an official ATSS+DyHead state dict to mmdet-dyhead's keys.
 
     Args:
@@ -118,30 +143,42 @@ def convert_state_dict(src: Dict[str, torch.Tensor]
 
     out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     dropped, unmapped = [], []
-    laterals = sorted({int(m.group(1)) for k in src
-                       for m in [re.search(r'\.fpn_lateral(\d)\.', k)] if m})
+    laterals = sorted(
+        {
+            int(m.group(1))
+            for k in src
+            for m in [re.search(r'\.fpn_lateral(\d)\.', k)]
+            if m
+        }
+    )
     n_fpn = len(laterals)
     for key, value in src.items():
         target, unsqueeze = None, False
         if key.startswith('backbone.backbone.bottom_up.'):
-            target = _resnet_key(key[len('backbone.backbone.bottom_up.'):])
+            target = _resnet_key(key[len('backbone.backbone.bottom_up.') :])
         elif key.startswith('backbone.backbone.'):
-            rest = key[len('backbone.backbone.'):]
+            rest = key[len('backbone.backbone.') :]
             m = re.fullmatch(r'fpn_(lateral|output)(\d)\.(weight|bias)', rest)
             p = re.fullmatch(r'top_block\.p([67])\.(weight|bias)', rest)
             if m:
-                kind = 'lateral_convs' if m.group(1) == 'lateral' else 'fpn_convs'
-                target = f'neck.0.{kind}.{laterals.index(int(m.group(2)))}.conv.{m.group(3)}'
+                kind = (
+                    'lateral_convs' if m.group(1) == 'lateral' else 'fpn_convs'
+                )
+                idx = laterals.index(int(m.group(2)))
+                target = f'neck.0.{kind}.{idx}.conv.{m.group(3)}'
             elif p:
                 # P6/P7 are mmdet FPN's extra convs, after the n_fpn outputs.
-                target = f'neck.0.fpn_convs.{n_fpn + int(p.group(1)) - 6}.conv.{p.group(2)}'
+                idx = n_fpn + int(p.group(1)) - 6
+                target = f'neck.0.fpn_convs.{idx}.conv.{p.group(2)}'
         elif key.startswith('backbone.dyhead_tower.'):
-            found = _dyhead_key(key[len('backbone.dyhead_tower.'):])
+            found = _dyhead_key(key[len('backbone.dyhead_tower.') :])
             if found:
                 target, unsqueeze = found
         elif key.startswith('head.'):
-            rest = key[len('head.'):]
-            m = re.fullmatch(r'(cls_logits|bbox_pred|centerness)\.(weight|bias)', rest)
+            rest = key[len('head.') :]
+            m = re.fullmatch(
+                r'(cls_logits|bbox_pred|centerness)\.(weight|bias)', rest
+            )
             s = re.fullmatch(r'scales\.(\d+)\.scale', rest)
             if m:
                 target = f'bbox_head.{HEAD_RULES[m.group(1)]}.{m.group(2)}'
@@ -149,7 +186,9 @@ def convert_state_dict(src: Dict[str, torch.Tensor]
                 target = f'bbox_head.scales.{s.group(1)}.scale'
                 value = value.reshape(())  # mmcv's Scale is a 0-d parameter
             elif re.fullmatch(r'anchor_generator\.cell_anchors\.\d+', rest):
-                dropped.append(key)  # rebuilt from the config's anchor settings
+                dropped.append(
+                    key
+                )  # rebuilt from the config's anchor settings
                 continue
         elif key in ('pixel_mean', 'pixel_std'):
             _check_pixel_stats(key, value)
@@ -161,20 +200,26 @@ def convert_state_dict(src: Dict[str, torch.Tensor]
         if unsqueeze:
             value = value[:, :, None, None]
         if target in out:
-            raise ConversionError(f'{key} maps to {target}, which another key '
-                                  'already filled.')
+            raise ConversionError(
+                f'{key} maps to {target}, which another key already filled.'
+            )
         out[target] = value
     if unmapped:
-        lines = '\n'.join(f'  {name}: {", ".join(leaves)} ({n})'
-                          for name, leaves, n in group_keys(unmapped))
+        lines = '\n'.join(
+            f'  {name}: {", ".join(leaves)} ({n})'
+            for name, leaves, n in group_keys(unmapped)
+        )
         raise ConversionError(
             f'{len(unmapped)} tensor(s) of the source have no rule:\n{lines}\n'
             'This converter handles the ATSS R-50 DyHead release '
             '(dyhead_r50_atss_fpn_1x); RetinaNet, R-CNN and Swin variants '
-            'have other heads/backbones. Nothing was written.')
+            'have other heads/backbones. Nothing was written.'
+        )
     for key in [k for k in out if k.endswith('.running_var')]:
         # detectron2's FrozenBN has no step counter; mmdet's BN does.
-        out[key[:-len('running_var')] + 'num_batches_tracked'] = torch.tensor(0)
+        out[key[: -len('running_var')] + 'num_batches_tracked'] = torch.tensor(
+            0
+        )
     return from_mmdet_keys(out), dropped
 
 
@@ -185,22 +230,29 @@ def load_official(path: str) -> Dict[str, torch.Tensor]:
         path (str): ``.pth``/``.bin`` file saved by detectron2's Checkpointer.
     """
     from mmdet_dyhead.utils import CheckpointError, load_weights_only
+
     if path.endswith('.pkl'):
         raise ConversionError(
-            f'{path}: detectron2 .pkl files are plain pickles of numpy arrays, '
-            'which are not loaded here (unpickling can run code). The DyHead '
-            'release ships .pth files; use one of those.')
+            f'{path}: detectron2 .pkl files are plain pickles of numpy '
+            'arrays, which are not loaded here (unpickling can run code). '
+            'The DyHead release ships .pth files; use one of those.'
+        )
     ckpt = load_weights_only(path, map_location='cpu')
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f'{path} holds a {type(ckpt).__name__}, not a dict.')
+        raise CheckpointError(
+            f'{path} holds a {type(ckpt).__name__}, not a dict.'
+        )
     state = ckpt.get('model', ckpt)
     if not isinstance(state, dict) or not any(
-            k.startswith('backbone.dyhead_tower.') for k in state):
+        k.startswith('backbone.dyhead_tower.') for k in state
+    ):
         top = sorted(ckpt)[:8]
         raise ConversionError(
             f'{path} is not an official DynamicHead checkpoint: no '
-            f"'backbone.dyhead_tower.*' weights (top-level keys: {top}). mmdet "
-            'DyHead checkpoints need no conversion: load them directly.')
+            f"'backbone.dyhead_tower.*' weights (top-level keys: {top}). "
+            'mmdet DyHead checkpoints need no conversion: load them '
+            'directly.'
+        )
     return state
 
 
@@ -210,18 +262,24 @@ def build_model(config: str):
     Args:
         config (str): Config path.
     """
-    import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
+
+    import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
+
     register_all_modules(init_default_scope=True)
     cfg = Config.fromfile(config)
     cfg.model.backbone.init_cfg = None
     return MODELS.build(cfg.model)
 
 
-def convert_file(src: str, dst: str, config: Optional[str] = DEFAULT_CONFIG,
-                 hash_name: bool = False) -> str:
+def convert_file(
+    src: str,
+    dst: str,
+    config: Optional[str] = DEFAULT_CONFIG,
+    hash_name: bool = False,
+) -> str:
     """Convert ``src`` and save it as an mmengine checkpoint at ``dst``.
 
     Args:
@@ -236,12 +294,17 @@ def convert_file(src: str, dst: str, config: Optional[str] = DEFAULT_CONFIG,
         str: The written path.
     """
     from mmdet_dyhead.utils import load_state_dict, sha256_of
+
     state, dropped = convert_state_dict(load_official(src))
     if config:
         model = build_model(config)
         load_state_dict(model, state, strict=True)
-    meta = dict(converted_from=osp.basename(src), source_sha256=sha256_of(src),
-                dropped_keys=dropped, config=osp.basename(config) if config else None)
+    meta = dict(
+        converted_from=osp.basename(src),
+        source_sha256=sha256_of(src),
+        dropped_keys=dropped,
+        config=osp.basename(config) if config else None,
+    )
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
     torch.save(dict(meta=meta, state_dict=state), dst)
     if hash_name:
@@ -253,23 +316,38 @@ def convert_file(src: str, dst: str, config: Optional[str] = DEFAULT_CONFIG,
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    summary = ' '.join(__doc__.split('\n\n')[0].split())
+    parser = argparse.ArgumentParser(description=summary)
     parser.add_argument('src', help='official DynamicHead checkpoint (.pth)')
     parser.add_argument('dst', help='output checkpoint for mmdet-dyhead')
-    parser.add_argument('--config', default=None,
-                        help=f'config to verify against (default: {DEFAULT_CONFIG} '
-                        'of this checkout, or of the installed package)')
-    parser.add_argument('--no-verify', action='store_true',
-                        help='skip building the model to check the keys')
-    parser.add_argument('--hash-name', action='store_true',
-                        help='append -<sha256[:8]> to the output file name')
+    parser.add_argument(
+        '--config',
+        default=None,
+        help=f'config to verify against (default: {DEFAULT_CONFIG} '
+        'of this checkout, or of the installed package)',
+    )
+    parser.add_argument(
+        '--no-verify',
+        action='store_true',
+        help='skip building the model to check the keys',
+    )
+    parser.add_argument(
+        '--hash-name',
+        action='store_true',
+        help='append -<sha256[:8]> to the output file name',
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = None if args.no_verify else (
-        args.config or config_path(osp.relpath(DEFAULT_CONFIG, 'configs')))
+    config = (
+        None
+        if args.no_verify
+        else (
+            args.config or config_path(osp.relpath(DEFAULT_CONFIG, 'configs'))
+        )
+    )
     try:
         out = convert_file(args.src, args.dst, config, args.hash_name)
     except (ConversionError, RuntimeError, FileNotFoundError) as err:
@@ -277,4 +355,3 @@ def main(argv=None) -> int:
         return 1
     print(f'wrote {out}')
     return 0
-

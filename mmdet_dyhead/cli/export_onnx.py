@@ -9,6 +9,7 @@ raw outputs; decoding and NMS stay in Python (see docs/deploy.md). With
 image and must give the same detections (scores within --score-tol, boxes
 within --box-tol pixels, same count). Exit status 1 if they do not.
 """
+
 import argparse
 import os
 import os.path as osp
@@ -19,36 +20,69 @@ import torch
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--out', required=True, help='output .onnx file')
-    parser.add_argument('--image', nargs='+', default=None,
-                        help='image(s) to trace with and to verify on')
-    parser.add_argument('--shape', nargs=2, type=int, default=[800, 1344],
-                        metavar=('H', 'W'),
-                        help='input size to trace with when no --image is given')
-    parser.add_argument('--static', action='store_true',
-                        help='fix batch and image size to the traced input')
-    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (>= 16)')
-    parser.add_argument('--box-tol', type=float, default=0.5,
-                        help='allowed box difference in pixels when verifying')
-    parser.add_argument('--score-tol', type=float, default=1e-4,
-                        help='allowed score difference when verifying')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, e.g. '
-                             'model.neck.1.dcn_backend=torch')
+    parser.add_argument(
+        '--image',
+        nargs='+',
+        default=None,
+        help='image(s) to trace with and to verify on',
+    )
+    parser.add_argument(
+        '--shape',
+        nargs=2,
+        type=int,
+        default=[800, 1344],
+        metavar=('H', 'W'),
+        help='input size to trace with when no --image is given',
+    )
+    parser.add_argument(
+        '--static',
+        action='store_true',
+        help='fix batch and image size to the traced input',
+    )
+    parser.add_argument(
+        '--opset', type=int, default=17, help='ONNX opset (>= 16)'
+    )
+    parser.add_argument(
+        '--box-tol',
+        type=float,
+        default=0.5,
+        help='allowed box difference in pixels when verifying',
+    )
+    parser.add_argument(
+        '--score-tol',
+        type=float,
+        default=1e-4,
+        help='allowed score difference when verifying',
+    )
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, e.g. model.neck.1.dcn_backend=torch',
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
-    from mmdet_dyhead.deploy import (NativeBackendError, build_detector,
-                                     export_onnx, load_images, verify_onnx)
+    from mmdet_dyhead.deploy import (
+        NativeBackendError,
+        build_detector,
+        export_onnx,
+        load_images,
+        verify_onnx,
+    )
+
     try:
-        model = build_detector(args.config, args.checkpoint, args.cfg_options,
-                               native_dcn=True)
+        model = build_detector(
+            args.config, args.checkpoint, args.cfg_options, native_dcn=True
+        )
     except NativeBackendError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -59,27 +93,45 @@ def main(argv=None) -> int:
         images, samples = torch.zeros(1, 3, h, w), None
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     try:
-        names = export_onnx(model, images, args.out, opset=args.opset,
-                            dynamic=not args.static)
+        names = export_onnx(
+            model, images, args.out, opset=args.opset, dynamic=not args.static
+        )
     except NativeBackendError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     import onnx
+
     onnx.checker.check_model(args.out)
-    print(f'wrote {args.out}: input (N, 3, H, W) -> {len(names)} outputs '
-          f'{names[0]} .. {names[-1]}'
-          f"{' (static shape ' + str(tuple(images.shape)) + ')' if args.static else ''}")
+    static_note = (
+        ' (static shape ' + str(tuple(images.shape)) + ')'
+        if args.static
+        else ''
+    )
+    print(
+        f'wrote {args.out}: input (N, 3, H, W) -> {len(names)} outputs '
+        f'{names[0]} .. {names[-1]}'
+        f'{static_note}'
+    )
     if samples is None:
         print('no --image given: export not verified against onnxruntime.')
         return 0
-    report = verify_onnx(model, args.out, images, samples,
-                         box_tol=args.box_tol, score_tol=args.score_tol)
-    print(f"raw outputs: max abs diff {report['max_raw_abs_diff']:.3g}, "
-          f"max rel diff {report['max_raw_rel_diff']:.3g}")
+    report = verify_onnx(
+        model,
+        args.out,
+        images,
+        samples,
+        box_tol=args.box_tol,
+        score_tol=args.score_tol,
+    )
+    print(
+        f'raw outputs: max abs diff {report["max_raw_abs_diff"]:.3g}, '
+        f'max rel diff {report["max_raw_rel_diff"]:.3g}'
+    )
     for path, r in zip(args.image, report['images']):
-        print(f"{path}: {r['count_ref']} detections (PyTorch) vs "
-              f"{r['count_other']} (onnxruntime), max box diff "
-              f"{r['max_box_diff']:.3g} px, max score diff "
-              f"{r['max_score_diff']:.3g}: {'OK' if r['ok'] else 'MISMATCH'}")
+        print(
+            f'{path}: {r["count_ref"]} detections (PyTorch) vs '
+            f'{r["count_other"]} (onnxruntime), max box diff '
+            f'{r["max_box_diff"]:.3g} px, max score diff '
+            f'{r["max_score_diff"]:.3g}: {"OK" if r["ok"] else "MISMATCH"}'
+        )
     return 0 if report['ok'] else 1
-

@@ -14,6 +14,7 @@ step scoped to the tool's process and visible in the log:
   ``--launcher pytorch`` starts a gloo process group and wraps the model in
   ``CPUDistributedDataParallel``.
 """
+
 import argparse
 import logging
 import os.path as osp
@@ -27,12 +28,14 @@ PACKAGE = 'mmdet_dyhead'
 def mmdet_tool_path(relpath: str) -> str:
     """Path of ``tools/<relpath>`` as shipped in the installed mmdet wheel."""
     import mmdet
+
     path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', relpath)
     if not osp.isfile(path):
         raise SystemExit(
             f"mmdet's tools/{relpath} is not at {path}. mmdet must be "
             f'installed from its wheel (pip install mmdet==3.3.0); editable '
-            f'mmdet checkouts do not ship .mim/tools.')
+            f'mmdet checkouts do not ship .mim/tools.'
+        )
     return path
 
 
@@ -41,6 +44,7 @@ def package_type_names() -> Set[str]:
     from mmengine.registry import MODEL_WRAPPERS
 
     from mmdet_dyhead.registry import HOOKS, MODELS, OPTIM_WRAPPERS
+
     names = set()
     for registry in (MODELS, HOOKS, OPTIM_WRAPPERS, MODEL_WRAPPERS):
         for name, cls in registry.module_dict.items():
@@ -81,11 +85,13 @@ def check_custom_imports(cfg, config_file: str) -> None:
             f"    custom_imports = dict(imports=['{PACKAGE}'], "
             f'allow_failed_imports=False)\n'
             f"to the config; without it mmdet's tools, DetInferencer and "
-            f'mim fail on it with "... is not in the mmdet::model registry".')
+            f'mim fail on it with "... is not in the mmdet::model registry".'
+        )
 
 
 def _parse(argv: List[str], train: bool) -> argparse.Namespace:
     from mmengine.config import DictAction
+
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument('config', nargs='?')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -100,17 +106,20 @@ def _cpu_amp(cfg, argv: List[str]) -> List[str]:
     """``--amp`` without an accelerator: ``CPUAmpOptimWrapper`` instead of
     mmengine's GPU-only ``AmpOptimWrapper``."""
     from mmengine.logging import print_log
+
     wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
     if wrapper not in ('OptimWrapper', 'AmpOptimWrapper'):
         raise SystemExit(
             f'--amp needs optim_wrapper.type OptimWrapper or AmpOptimWrapper '
             f'(got {wrapper}); on CPU set '
-            f"optim_wrapper.type='CPUAmpOptimWrapper' in the config instead.")
+            f"optim_wrapper.type='CPUAmpOptimWrapper' in the config instead."
+        )
     print_log(
         '--amp without a GPU: training with CPUAmpOptimWrapper (CPU '
         'autocast).',
         logger='current',
-        level=logging.INFO)
+        level=logging.INFO,
+    )
     argv = [a for a in argv if a != '--amp']
     return argv + ['--cfg-options', 'optim_wrapper.type=CPUAmpOptimWrapper']
 
@@ -119,15 +128,21 @@ def _cpu_launcher(cfg) -> List[str]:
     """``--launcher pytorch`` without an accelerator: start the gloo group
     here and choose the CPU DDP wrapper."""
     from mmdet_dyhead.engine import init_cpu_process_group
+
     dist_cfg = cfg.get('env_cfg', {}).get('dist_cfg', {})
     init_cpu_process_group(
         backend=dist_cfg.get('backend', 'nccl'),
-        timeout=dist_cfg.get('timeout'))
+        timeout=dist_cfg.get('timeout'),
+    )
     wrapper_cfg = cfg.get('model_wrapper_cfg') or {}
-    if wrapper_cfg.get('type', 'MMDistributedDataParallel') == \
-            'MMDistributedDataParallel':
-        return ['--cfg-options',
-                'model_wrapper_cfg.type=CPUDistributedDataParallel']
+    if (
+        wrapper_cfg.get('type', 'MMDistributedDataParallel')
+        == 'MMDistributedDataParallel'
+    ):
+        return [
+            '--cfg-options',
+            'model_wrapper_cfg.type=CPUDistributedDataParallel',
+        ]
     return []
 
 
@@ -137,6 +152,7 @@ def prepare_argv(argv: List[str], train: bool) -> List[str]:
     from mmengine.config import Config
 
     from mmdet_dyhead.engine import accelerator_available
+
     args = _parse(argv, train)
     if args.config is None:  # --help or a usage error: mmdet's parser says
         return argv
@@ -155,7 +171,8 @@ def prepare_argv(argv: List[str], train: bool) -> List[str]:
         raise SystemExit(
             f'--launcher {args.launcher} without a GPU: mmengine binds a CUDA '
             f'device there. On CPU machines use torchrun with --launcher '
-            f'pytorch (docs/distributed.md).')
+            f'pytorch (docs/distributed.md).'
+        )
     return argv
 
 
@@ -169,6 +186,7 @@ def run_mmdet_tool(relpath: str, argv: Optional[List[str]] = None) -> None:
     """
     import mmdet_dyhead  # noqa: F401  (registers before the config builds)
     from mmdet_dyhead.utils import mmengine_safe_globals
+
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = prepare_argv(argv, train=relpath == 'train.py')
     script = mmdet_tool_path(relpath)

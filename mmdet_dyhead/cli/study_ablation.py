@@ -10,6 +10,7 @@ Example:
     python tools/study_ablation.py                      # paper's 6 rows
     python tools/study_ablation.py --iters 400 --all    # all 8 combinations
 """
+
 import argparse
 import itertools
 import json
@@ -24,43 +25,75 @@ from ._paths import docs_path
 
 # (L, S, C) rows of the paper's Table 1, in its order; 'baseline' is ATSS
 # without any DyHead block (stacked convs in the head).
-PAPER_ROWS = ['baseline', (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0),
-              (1, 1, 1)]
+PAPER_ROWS = [
+    'baseline',
+    (1, 0, 0),
+    (0, 1, 0),
+    (0, 0, 1),
+    (1, 1, 0),
+    (1, 1, 1),
+]
 # Facts from the paper's text (ATSS R-50 1x, COCO val): the baseline's AP and
 # the gain of each row over it.
-PAPER_AP = {'baseline': 39.0, (1, 0, 0): 39.9, (0, 1, 0): 41.4,
-            (0, 0, 1): 40.3, (1, 1, 0): 41.9, (1, 1, 1): 42.6}
+PAPER_AP = {
+    'baseline': 39.0,
+    (1, 0, 0): 39.9,
+    (0, 1, 0): 41.4,
+    (0, 0, 1): 40.3,
+    (1, 1, 0): 41.9,
+    (1, 1, 1): 42.6,
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument('--out-dir', default='outputs/study_ablation')
-    parser.add_argument('--doc', default=docs_path('ablation_synthetic.md'),
-                        help='markdown file the table is written to')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='write into a non-empty --out-dir this study '
-                        'did not make')
-    parser.add_argument('--all', action='store_true',
-                        help='all 8 (L, S, C) combinations instead of the '
-                        "paper's rows")
-    parser.add_argument('--iters', type=int, default=None,
-                        help="default: the quickstart configs' max_iters")
-    parser.add_argument('--num-blocks', type=int, default=None,
-                        help="DyHead blocks (default: the quickstart "
-                        "config's)")
+    parser.add_argument(
+        '--doc',
+        default=docs_path('ablation_synthetic.md'),
+        help='markdown file the table is written to',
+    )
+    parser.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='write into a non-empty --out-dir this study did not make',
+    )
+    parser.add_argument(
+        '--all',
+        action='store_true',
+        help="all 8 (L, S, C) combinations instead of the paper's rows",
+    )
+    parser.add_argument(
+        '--iters',
+        type=int,
+        default=None,
+        help="default: the quickstart configs' max_iters",
+    )
+    parser.add_argument(
+        '--num-blocks',
+        type=int,
+        default=None,
+        help="DyHead blocks (default: the quickstart config's)",
+    )
     parser.add_argument('--num-train', type=int, default=400)
     parser.add_argument('--num-val', type=int, default=100)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch CPU threads (see tools/quickstart.py)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch CPU threads (see tools/quickstart.py)',
+    )
     args = parser.parse_args(argv)
     for key in ('iters', 'num_blocks', 'num_train', 'num_val', 'threads'):
         value = getattr(args, key)
         if value is not None and value < 1:
-            parser.error(f'--{key.replace("_", "-")} must be >= 1, got '
-                         f'{value}.')
+            parser.error(
+                f'--{key.replace("_", "-")} must be >= 1, got {value}.'
+            )
     return args
 
 
@@ -73,55 +106,81 @@ def row_name(row) -> str:
 
 def format_doc(rows, args, total_s, qs) -> str:
     metric_names = [m for m, _ in qs.METRICS]
-    head = ['L.', 'S.', 'C.'] + metric_names + [
-        'Params (M)', 'Train time', 'ms/img', 'Paper AP (COCO)']
-    lines = ['| ' + ' | '.join(head) + ' |',
-             '|' + '|'.join([':-:'] * 3 + ['---:'] * (len(head) - 3)) + '|']
+    head = (
+        ['L.', 'S.', 'C.']
+        + metric_names
+        + ['Params (M)', 'Train time', 'ms/img', 'Paper AP (COCO)']
+    )
+    lines = [
+        '| ' + ' | '.join(head) + ' |',
+        '|' + '|'.join([':-:'] * 3 + ['---:'] * (len(head) - 3)) + '|',
+    ]
     for r in rows:
-        flags = ['–'] * 3 if r['row'] == 'baseline' else [
-            '✓' if on else '✗' for on in r['row']]
-        paper = PAPER_AP.get(r['row'] if r['row'] == 'baseline' else tuple(
-            r['row']))
-        cells = flags + [
-            'n/a' if r[m] is None else f'{r[m]:.1f}' for m in metric_names
-        ] + [f'{r["params_m"]:.2f}', f'{r["train_s"] / 60:.1f} min',
-             f'{r["ms_per_img"]:.1f}', '' if paper is None else f'{paper}']
+        flags = (
+            ['–'] * 3
+            if r['row'] == 'baseline'
+            else ['✓' if on else '✗' for on in r['row']]
+        )
+        paper = PAPER_AP.get(
+            r['row'] if r['row'] == 'baseline' else tuple(r['row'])
+        )
+        cells = (
+            flags
+            + ['n/a' if r[m] is None else f'{r[m]:.1f}' for m in metric_names]
+            + [
+                f'{r["params_m"]:.2f}',
+                f'{r["train_s"] / 60:.1f} min',
+                f'{r["ms_per_img"]:.1f}',
+                '' if paper is None else f'{paper}',
+            ]
+        )
         lines.append('| ' + ' | '.join(cells) + ' |')
     cmd = 'python tools/study_ablation.py ' + ' '.join(sys.argv[1:])
-    return '\n'.join([
-        '# Table 1 ablation on the synthetic shapes data',
-        '',
-        'Each attention of the DyHead block switched on (✓) or off (✗), as '
-        'in Table 1 of the paper, on the quickstart\'s data and detectors '
-        '(configs/quickstart/, ResNet-18 at 1/4 width from scratch, '
-        'FPN 64 channels). "–" is the ATSS baseline without DyHead (four '
-        'stacked convs in the head). With every attention off a DyHead block '
-        'still averages plain 3x3 convolutions over neighbouring levels.',
-        '',
-        'AP columns are mmdet\'s CocoMetric (%) on the synthetic val set; '
-        '"Paper AP" is the COCO val AP of the same row in the paper (ATSS '
-        'R-50 1x, six blocks), for orientation only: the data, backbone, '
-        'schedule and block count differ.',
-        '',
-        '\n'.join(lines),
-        '',
-        f'- Command: `{cmd}`',
-        f'- Training: {rows[0]["iters"]} iterations per model, batch '
-        f'{rows[0]["batch_size"]}, {args.num_train} train / {args.num_val} '
-        f'val images, seed {args.seed}, {rows[-1]["num_blocks"]} DyHead '
-        'blocks.',
-        f'- Machine: {platform.processor() or platform.machine()}, '
-        f'{os.cpu_count()} CPU cores, torch threads '
-        f'{args.threads}; total wall time '
-        f'{total_s / 60:.1f} min ({time.strftime("%Y-%m-%d")}).',
-        '- One seed per row: differences of about one AP point are within '
-        'run-to-run noise at this scale.',
-        '',
-    ])
+    return '\n'.join(
+        [
+            '# Table 1 ablation on the synthetic shapes data',
+            '',
+            'Each attention of the DyHead block switched on (✓) or off (✗), '
+            "as in Table 1 of the paper, on the quickstart's data and "
+            'detectors (configs/quickstart/, ResNet-18 at 1/4 width from '
+            'scratch, FPN 64 channels). "–" is the ATSS baseline without '
+            'DyHead (four stacked convs in the head). With every attention '
+            'off a DyHead block still averages plain 3x3 convolutions over '
+            'neighbouring levels.',
+            '',
+            "AP columns are mmdet's CocoMetric (%) on the synthetic val set; "
+            '"Paper AP" is the COCO val AP of the same row in the paper (ATSS '
+            'R-50 1x, six blocks), for orientation only: the data, backbone, '
+            'schedule and block count differ.',
+            '',
+            '\n'.join(lines),
+            '',
+            f'- Command: `{cmd}`',
+            f'- Training: {rows[0]["iters"]} iterations per model, batch '
+            f'{rows[0]["batch_size"]}, {args.num_train} train / '
+            f'{args.num_val} val images, seed {args.seed}, '
+            f'{rows[-1]["num_blocks"]} DyHead blocks.',
+            f'- Machine: {platform.processor() or platform.machine()}, '
+            f'{os.cpu_count()} CPU cores, torch threads '
+            f'{args.threads}; total wall time '
+            f'{total_s / 60:.1f} min ({time.strftime("%Y-%m-%d")}).',
+            '- One seed per row: differences of about one AP point are within '
+            'run-to-run noise at this scale.',
+            '',
+        ]
+    )
 
 
-def variant_cfg(qs, row, base_file: str, dy_file: str, data: dict,
-                work_dir: str, qs_args, num_blocks=None):
+def variant_cfg(
+    qs,
+    row,
+    base_file: str,
+    dy_file: str,
+    data: dict,
+    work_dir: str,
+    qs_args,
+    num_blocks=None,
+):
     """The quickstart config of one Table 1 row.
 
     Args:
@@ -133,12 +192,20 @@ def variant_cfg(qs, row, base_file: str, dy_file: str, data: dict,
         qs_args (argparse.Namespace): options read by ``qs.build_cfg``.
         num_blocks (int, optional): DyHead blocks, if not the config's.
     """
-    cfg = qs.build_cfg(base_file if row == 'baseline' else dy_file,
-                       row_name(row), data, work_dir, qs_args)
+    cfg = qs.build_cfg(
+        base_file if row == 'baseline' else dy_file,
+        row_name(row),
+        data,
+        work_dir,
+        qs_args,
+    )
     if row != 'baseline':
         dyhead = cfg.model.neck[1]
-        dyhead.use_scale_attn, dyhead.use_spatial_attn, \
-            dyhead.use_task_attn = (bool(v) for v in row)
+        (
+            dyhead.use_scale_attn,
+            dyhead.use_spatial_attn,
+            dyhead.use_task_attn,
+        ) = (bool(v) for v in row)
         if num_blocks is not None:
             dyhead.num_blocks = num_blocks
     return cfg
@@ -149,42 +216,68 @@ def main(argv=None):
     qs = quickstart
     start = time.perf_counter()
     import torch
+
     torch.set_num_threads(args.threads)
     out_dir = osp.abspath(args.out_dir)
     qs.prepare_out_dir(out_dir, args.overwrite, dict(vars(args), study=True))
-    import mmdet_dyhead  # noqa: F401
     from mmengine.config import Config
 
+    import mmdet_dyhead  # noqa: F401
     from mmdet_dyhead.testing import generate_synthetic_coco
+
     cfg_dir = qs.config_dir()
     base_file = osp.join(cfg_dir, qs.MODELS['ATSS'])
     dy_file = osp.join(cfg_dir, qs.MODELS['ATSS + DyHead'])
     image_size = Config.fromfile(base_file).image_size
     data = generate_synthetic_coco(
-        osp.join(out_dir, 'data'), num_train=args.num_train,
-        num_val=args.num_val, image_size=image_size, seed=args.seed,
-        overwrite=True, reuse=True)
+        osp.join(out_dir, 'data'),
+        num_train=args.num_train,
+        num_val=args.num_val,
+        image_size=image_size,
+        seed=args.seed,
+        overwrite=True,
+        reuse=True,
+    )
 
-    variants = PAPER_ROWS if not args.all else ['baseline'] + list(
-        itertools.product((0, 1), repeat=3))
+    variants = (
+        PAPER_ROWS
+        if not args.all
+        else ['baseline'] + list(itertools.product((0, 1), repeat=3))
+    )
     # build_cfg reads these quickstart options.
-    qs_args = argparse.Namespace(image_size=None, batch_size=None,
-                                 iters=args.iters, seed=args.seed,
-                                 quick=False)
+    qs_args = argparse.Namespace(
+        image_size=None,
+        batch_size=None,
+        iters=args.iters,
+        seed=args.seed,
+        quick=False,
+    )
     rows = []
     for row in variants:
         name = row_name(row)
-        tag = 'baseline' if row == 'baseline' else 'lsc' + ''.join(
-            map(str, row))
-        cfg = variant_cfg(qs, row, base_file, dy_file, data,
-                          osp.join(out_dir, 'work_dirs', tag), qs_args,
-                          args.num_blocks)
-        num_blocks = (None if row == 'baseline' else
-                      cfg.model.neck[1].num_blocks)
+        tag = (
+            'baseline' if row == 'baseline' else 'lsc' + ''.join(map(str, row))
+        )
+        cfg = variant_cfg(
+            qs,
+            row,
+            base_file,
+            dy_file,
+            data,
+            osp.join(out_dir, 'work_dirs', tag),
+            qs_args,
+            args.num_blocks,
+        )
+        num_blocks = (
+            None if row == 'baseline' else cfg.model.neck[1].num_blocks
+        )
         result = qs.train_and_evaluate(name, cfg)
-        result.update(row=row, iters=cfg.train_cfg.max_iters,
-                      batch_size=cfg.train_dataloader.batch_size,
-                      num_blocks=num_blocks)
+        result.update(
+            row=row,
+            iters=cfg.train_cfg.max_iters,
+            batch_size=cfg.train_dataloader.batch_size,
+            num_blocks=num_blocks,
+        )
         rows.append(result)
         # Written after every model, so a long study can be read midway.
         with open(osp.join(out_dir, 'results.json'), 'w') as f:

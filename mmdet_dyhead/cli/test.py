@@ -3,6 +3,7 @@
 Same command line as mmdet's ``tools/test.py`` (see ``--help``); what is
 added is described in :mod:`mmdet_dyhead.cli.mmdet_tools`.
 """
+
 from typing import List, Optional
 
 from .mmdet_tools import run_mmdet_tool

@@ -14,6 +14,7 @@ Writes, in --out-dir:
 - ``scale_ratios.json``: those ratios as numbers.
 The model is not modified: hooks read its tensors and are removed after.
 """
+
 import argparse
 import glob
 import json
@@ -28,25 +29,51 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('config', help='config file')
     p.add_argument('checkpoint', help='checkpoint file')
-    p.add_argument('--images', nargs='+', required=True,
-                   help='images for the feature-map figure')
+    p.add_argument(
+        '--images',
+        nargs='+',
+        required=True,
+        help='images for the feature-map figure',
+    )
     p.add_argument('--out-dir', required=True, help='folder for the PNGs')
-    p.add_argument('--blocks', nargs='+', type=int, default=None,
-                   help='1-based blocks to show (default: 2 4 6 as in the '
-                        'paper, those that exist; else all)')
-    p.add_argument('--layer', default=None,
-                   help='DyHeadNeck or DynamicHeadBlock to hook (default: the '
-                        'first DyHeadNeck); an unknown name lists the choices')
-    p.add_argument('--levels', nargs='+', type=int, default=None,
-                   help='pyramid levels in the feature figure (default: all)')
-    p.add_argument('--ratio-images', nargs='+', default=None,
-                   help='image files or folders for the scale-ratio '
-                        'histogram (default: --images)')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings')
+    p.add_argument(
+        '--blocks',
+        nargs='+',
+        type=int,
+        default=None,
+        help='1-based blocks to show (default: 2 4 6 as in the '
+        'paper, those that exist; else all)',
+    )
+    p.add_argument(
+        '--layer',
+        default=None,
+        help='DyHeadNeck or DynamicHeadBlock to hook (default: the '
+        'first DyHeadNeck); an unknown name lists the choices',
+    )
+    p.add_argument(
+        '--levels',
+        nargs='+',
+        type=int,
+        default=None,
+        help='pyramid levels in the feature figure (default: all)',
+    )
+    p.add_argument(
+        '--ratio-images',
+        nargs='+',
+        default=None,
+        help='image files or folders for the scale-ratio '
+        'histogram (default: --images)',
+    )
+    p.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings',
+    )
     return p.parse_args(argv)
 
 
@@ -55,8 +82,11 @@ def expand_images(items):
     out = []
     for item in items:
         if osp.isdir(item):
-            out += sorted(f for f in glob.glob(osp.join(item, '*'))
-                          if f.lower().endswith(IMAGE_EXTS))
+            out += sorted(
+                f
+                for f in glob.glob(osp.join(item, '*'))
+                if f.lower().endswith(IMAGE_EXTS)
+            )
         else:
             out.append(item)
     return out
@@ -76,11 +106,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
     from mmdet_dyhead.deploy import build_detector, load_images
-    from mmdet_dyhead.visualization import (BlockFeatureCollector,
-                                            ScaleWeightCollector,
-                                            plot_feature_stages,
-                                            plot_scale_ratio_histograms,
-                                            resolve_layer)
+    from mmdet_dyhead.visualization import (
+        BlockFeatureCollector,
+        ScaleWeightCollector,
+        plot_feature_stages,
+        plot_scale_ratio_histograms,
+        resolve_layer,
+    )
+
     model = build_detector(args.config, args.checkpoint, args.cfg_options)
     try:
         name, layer = resolve_layer(model, args.layer)
@@ -88,12 +121,17 @@ def main(argv=None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     num_blocks = len(getattr(layer, 'dyhead_blocks', [layer]))
-    blocks = args.blocks or ([b for b in (2, 4, 6) if b <= num_blocks]
-                             or list(range(1, num_blocks + 1)))
+    blocks = args.blocks or (
+        [b for b in (2, 4, 6) if b <= num_blocks]
+        or list(range(1, num_blocks + 1))
+    )
     bad = [b for b in blocks if not 1 <= b <= num_blocks]
     if bad:
-        print(f'error: --blocks {bad} out of range: {name} has blocks '
-              f'1..{num_blocks} (1-based).', file=sys.stderr)
+        print(
+            f'error: --blocks {bad} out of range: {name} has blocks '
+            f'1..{num_blocks} (1-based).',
+            file=sys.stderr,
+        )
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     written = []
@@ -106,16 +144,30 @@ def main(argv=None) -> int:
             levels = args.levels or list(range(num_levels))
             bad = [lv for lv in levels if not 0 <= lv < num_levels]
             if bad:
-                print(f'error: --levels {bad} out of range: the pyramid has '
-                      f'levels 0..{num_levels - 1}.', file=sys.stderr)
+                print(
+                    f'error: --levels {bad} out of range: the pyramid has '
+                    f'levels 0..{num_levels - 1}.',
+                    file=sys.stderr,
+                )
                 return 2
-            out = osp.join(args.out_dir, 'features_'
-                           f'{osp.splitext(osp.basename(path))[0]}.png')
+            out = osp.join(
+                args.out_dir,
+                f'features_{osp.splitext(osp.basename(path))[0]}.png',
+            )
             plot_feature_stages(
                 network_image(model, inputs, samples[0]),
-                {k: v for k, v in feats.stages.items() if k == 0 or k in blocks},
-                0, samples[0].metainfo['img_shape'], tuple(inputs.shape[-2:]),
-                out, levels, title=f'{osp.basename(path)}: {name}')
+                {
+                    k: v
+                    for k, v in feats.stages.items()
+                    if k == 0 or k in blocks
+                },
+                0,
+                samples[0].metainfo['img_shape'],
+                tuple(inputs.shape[-2:]),
+                out,
+                levels,
+                title=f'{osp.basename(path)}: {name}',
+            )
             written.append(out)
 
     ratio_images = expand_images(args.ratio_images or args.images)
@@ -131,7 +183,8 @@ def main(argv=None) -> int:
         ratios = scale.scale_ratios(b)
         out = osp.join(args.out_dir, f'scale_ratios_block{b}.png')
         plot_scale_ratio_histograms(
-            ratios, out, title=f'{name}, block {b}: {len(ratio_images)} images')
+            ratios, out, title=f'{name}, block {b}: {len(ratio_images)} images'
+        )
         written.append(out)
         summary[str(b)] = {str(lv): r.tolist() for lv, r in ratios.items()}
     json_file = osp.join(args.out_dir, 'scale_ratios.json')
@@ -140,4 +193,3 @@ def main(argv=None) -> int:
     written.append(json_file)
     print('wrote:\n  ' + '\n  '.join(written))
     return 0
-

@@ -3,16 +3,33 @@
 See docs/deploy.md. The graph holds backbone, necks and the dense head's raw
 outputs; anchor decoding and NMS run outside it with mmdet's own code.
 """
+
 from .inputs import build_detector, load_images
-from .native_backend import (NativeBackendError, check_exportable_modules,
-                             use_native_dcn)
-from .onnx_export import (MIN_OPSET, export_onnx, match_detections,
-                          run_onnxruntime, verify_onnx)
+from .native_backend import (
+    NativeBackendError,
+    check_exportable_modules,
+    use_native_dcn,
+)
+from .onnx_export import (
+    MIN_OPSET,
+    export_onnx,
+    match_detections,
+    run_onnxruntime,
+    verify_onnx,
+)
 from .tensor_forward import DetectorTensorForward, decode_raw_outputs
 
 __all__ = [
-    'build_detector', 'load_images', 'NativeBackendError',
-    'check_exportable_modules', 'use_native_dcn', 'MIN_OPSET', 'export_onnx',
-    'match_detections', 'run_onnxruntime', 'verify_onnx',
-    'DetectorTensorForward', 'decode_raw_outputs'
+    'build_detector',
+    'load_images',
+    'NativeBackendError',
+    'check_exportable_modules',
+    'use_native_dcn',
+    'MIN_OPSET',
+    'export_onnx',
+    'match_detections',
+    'run_onnxruntime',
+    'verify_onnx',
+    'DetectorTensorForward',
+    'decode_raw_outputs',
 ]

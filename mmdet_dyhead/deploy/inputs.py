@@ -1,4 +1,5 @@
 """Turn image files into the tensor a detector's ``_forward`` takes."""
+
 from typing import List, Sequence, Tuple
 
 import torch
@@ -26,23 +27,31 @@ def load_images(model, image_paths: Sequence[str]) -> Tuple[Tensor, List]:
 
     from mmcv.transforms import Compose
     from mmdet.utils import get_test_pipeline_cfg
+
     missing = [p for p in image_paths if not osp.isfile(p)]
     if missing:
         raise FileNotFoundError(f'image file(s) not found: {missing}.')
     pipeline_cfg = get_test_pipeline_cfg(model.cfg.copy())
     # Keep only what inference needs; annotation loaders fail on bare images.
-    pipeline_cfg = [t for t in pipeline_cfg if 'Annotations' not in str(t['type'])]
+    pipeline_cfg = [
+        t for t in pipeline_cfg if 'Annotations' not in str(t['type'])
+    ]
     pipeline = Compose(pipeline_cfg)
-    items = [pipeline(dict(img_path=p, img_id=i)) for i, p in enumerate(image_paths)]
-    data = dict(inputs=[d['inputs'] for d in items],
-                data_samples=[d['data_samples'] for d in items])
+    items = [
+        pipeline(dict(img_path=p, img_id=i)) for i, p in enumerate(image_paths)
+    ]
+    data = dict(
+        inputs=[d['inputs'] for d in items],
+        data_samples=[d['data_samples'] for d in items],
+    )
     with torch.no_grad():
         data = model.data_preprocessor(data, False)
     return data['inputs'], data['data_samples']
 
 
-def build_detector(config, checkpoint=None, cfg_options=None,
-                   native_dcn: bool = False):
+def build_detector(
+    config, checkpoint=None, cfg_options=None, native_dcn: bool = False
+):
     """Build a detector on CPU in eval mode, optionally loading weights.
 
     Args:
@@ -55,11 +64,11 @@ def build_detector(config, checkpoint=None, cfg_options=None,
     Returns:
         BaseDetector: The model, with ``model.cfg`` set to the config used.
     """
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
-    from mmdet.registry import MODELS
     from .native_backend import use_native_dcn
 
     cfg = Config.fromfile(config) if isinstance(config, str) else config.copy()

@@ -6,12 +6,13 @@ plain onnxruntime cannot run, so the export must use the native backend
 (``dcn_backend='torch'``: ``grid_sample`` + ``matmul``, standard ONNX ops).
 Both backends read the same weights, so switching needs no retraining.
 """
+
 from typing import Any, List, Tuple
 
 import torch.nn as nn
 
 # Config types that build our DCN layers and take ``dcn_backend``.
-DYHEAD_TYPES = ('DyHeadNeck', )
+DYHEAD_TYPES = ('DyHeadNeck',)
 
 
 class NativeBackendError(ValueError):
@@ -39,7 +40,8 @@ def _walk(node: Any, path: str) -> List[Tuple[str, dict]]:
 
 
 def use_native_dcn(model_cfg: dict, path: str = 'model') -> List[str]:
-    """Set every DyHead ``dcn_backend`` in ``model_cfg`` to ``'torch'``, in place.
+    """Set every DyHead ``dcn_backend`` in ``model_cfg`` to ``'torch'``, in
+    place.
 
     ``'auto'`` (or no setting) becomes ``'torch'``: on CPU that is what
     ``'auto'`` runs anyway, and on CUDA it swaps mmcv's kernel for the native
@@ -69,7 +71,8 @@ def use_native_dcn(model_cfg: dict, path: str = 'model') -> List[str]:
                 f"{where} is mmdet's DyHead, which always calls mmcv's "
                 f'compiled DCN kernel; ONNX has no such operator. Replace it '
                 f"with type='DyHeadNeck' (same checkpoint keys and outputs "
-                f"with preset='mmdet') and export again.")
+                f"with preset='mmdet') and export again."
+            )
         if name not in DYHEAD_TYPES:
             continue
         backend = node.get('dcn_backend', 'auto')
@@ -78,10 +81,12 @@ def use_native_dcn(model_cfg: dict, path: str = 'model') -> List[str]:
                 f"{where} ({name}) has dcn_backend='mmcv': mmcv's compiled "
                 f'DCN kernel has no ONNX equivalent (it would export as a '
                 f'custom op that onnxruntime cannot run). Export needs the '
-                f'native backend: pass --cfg-options {where}.dcn_backend=torch '
+                f'native backend: pass --cfg-options '
+                f'{where}.dcn_backend=torch '
                 f"(or set dcn_backend='auto' in the config; "
                 f"'auto' is switched to 'torch' for export). The checkpoint "
-                f'loads unchanged: both backends use the same weights.')
+                f'loads unchanged: both backends use the same weights.'
+            )
         if backend != 'torch':
             node['dcn_backend'] = 'torch'
             changed.append(where)
@@ -103,14 +108,20 @@ def check_exportable_modules(model: nn.Module) -> None:
     """
     for name, module in model.named_modules():
         backend = getattr(module, 'backend', None)
-        if type(module).__name__ == 'ModulatedDeformConv' and backend == 'mmcv':
+        if (
+            type(module).__name__ == 'ModulatedDeformConv'
+            and backend == 'mmcv'
+        ):
             raise NativeBackendError(
                 f"module '{name}' runs DCN with backend='mmcv', which has no "
                 f"ONNX equivalent. Build the model with dcn_backend='torch' "
-                f"(config: dcn_backend='torch' or 'auto' on every DyHeadNeck).")
+                f"(config: dcn_backend='torch' or 'auto' on every DyHeadNeck)."
+            )
         if type(module).__module__.startswith('mmcv.ops'):
             raise NativeBackendError(
                 f"module '{name}' is {type(module).__module__}."
-                f'{type(module).__name__}, a compiled mmcv op with no standard '
-                f'ONNX equivalent; export supports models built from standard '
-                f"PyTorch layers plus DyHeadNeck(dcn_backend='torch').")
+                f'{type(module).__name__}, a compiled mmcv op with no '
+                f'standard ONNX equivalent; export supports models built '
+                f'from standard PyTorch layers plus '
+                f"DyHeadNeck(dcn_backend='torch')."
+            )

@@ -1,4 +1,5 @@
 """Export a detector's tensor forward to ONNX and check it with onnxruntime."""
+
 import warnings
 from typing import Dict, List, Sequence
 
@@ -13,8 +14,13 @@ from .tensor_forward import DetectorTensorForward
 MIN_OPSET = 16
 
 
-def export_onnx(detector, images: Tensor, out_file: str, opset: int = 17,
-                dynamic: bool = True) -> List[str]:
+def export_onnx(
+    detector,
+    images: Tensor,
+    out_file: str,
+    opset: int = 17,
+    dynamic: bool = True,
+) -> List[str]:
     """Write ``detector``'s raw tensor forward to ``out_file``.
 
     Uses torch's TorchScript-based exporter (``dynamo=False``): it needs no
@@ -36,8 +42,10 @@ def export_onnx(detector, images: Tensor, out_file: str, opset: int = 17,
         list[str]: Output names in graph order (``cls_score_0``, ...).
     """
     if opset < MIN_OPSET:
-        raise ValueError(f'opset {opset} has no GridSample, which the native '
-                         f'DCN exports to; use --opset {MIN_OPSET} or higher.')
+        raise ValueError(
+            f'opset {opset} has no GridSample, which the native '
+            f'DCN exports to; use --opset {MIN_OPSET} or higher.'
+        )
     check_exportable_modules(detector)
     wrapper = DetectorTensorForward(detector).eval()
     with torch.no_grad():
@@ -46,16 +54,25 @@ def export_onnx(detector, images: Tensor, out_file: str, opset: int = 17,
     dynamic_axes = None
     if dynamic:
         dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
-        dynamic_axes.update({n: {0: 'batch', 2: f'h_{n}', 3: f'w_{n}'} for n in names})
+        dynamic_axes.update(
+            {n: {0: 'batch', 2: f'h_{n}', 3: f'w_{n}'} for n in names}
+        )
     with warnings.catch_warnings():
         # The neck and DCN validate shapes with Python comparisons; the
         # tracer warns that those become constants, which is what checks
         # should do (the graph itself stays shape-generic).
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         torch.onnx.export(
-            wrapper, (images,), out_file, input_names=['input'],
-            output_names=names, opset_version=opset,
-            dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False)
+            wrapper,
+            (images,),
+            out_file,
+            input_names=['input'],
+            output_names=names,
+            opset_version=opset,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     # export() puts the wrapper back in the mode it had, but be explicit:
     # BN in training mode would make every later comparison meaningless.
     detector.eval()
@@ -75,9 +92,13 @@ def run_onnxruntime(onnx_file: str, images: Tensor) -> List[np.ndarray]:
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise ImportError('onnxruntime is needed to run the exported model: '
-                          'pip install onnxruntime (or the "deploy" extra).') from e
-    session = ort.InferenceSession(onnx_file, providers=['CPUExecutionProvider'])
+        raise ImportError(
+            'onnxruntime is needed to run the exported model: '
+            'pip install onnxruntime (or the "deploy" extra).'
+        ) from e
+    session = ort.InferenceSession(
+        onnx_file, providers=['CPUExecutionProvider']
+    )
     return session.run(None, {'input': images.detach().cpu().float().numpy()})
 
 
@@ -116,15 +137,30 @@ def match_detections(ref, other, box_tol: float, score_tol: float) -> Dict:
         used[j] = True
         max_box = max(max_box, float(dist[j]))
         max_score = max(max_score, float((os_[j] - rs[i]).abs()))
-    ok = (len(rb) == len(ob) and unmatched == 0 and max_box <= box_tol
-          and max_score <= score_tol)
-    return dict(count_ref=len(rb), count_other=len(ob), max_box_diff=max_box,
-                max_score_diff=max_score, unmatched=unmatched, ok=ok)
+    ok = (
+        len(rb) == len(ob)
+        and unmatched == 0
+        and max_box <= box_tol
+        and max_score <= score_tol
+    )
+    return dict(
+        count_ref=len(rb),
+        count_other=len(ob),
+        max_box_diff=max_box,
+        max_score_diff=max_score,
+        unmatched=unmatched,
+        ok=ok,
+    )
 
 
-def verify_onnx(detector, onnx_file: str, images: Tensor,
-                data_samples: Sequence, box_tol: float = 0.5,
-                score_tol: float = 1e-4) -> Dict:
+def verify_onnx(
+    detector,
+    onnx_file: str,
+    images: Tensor,
+    data_samples: Sequence,
+    box_tol: float = 0.5,
+    score_tol: float = 1e-4,
+) -> Dict:
     """Compare PyTorch and onnxruntime on the same preprocessed images.
 
     Compares the raw head outputs, then the detections both produce after
@@ -144,22 +180,43 @@ def verify_onnx(detector, onnx_file: str, images: Tensor,
         ``images``; ``ok`` if every image passed.
     """
     from .tensor_forward import decode_raw_outputs
+
     wrapper = DetectorTensorForward(detector).eval()
     with torch.no_grad():
         ref_flat = wrapper(images)
     ort_flat = run_onnxruntime(onnx_file, images)
     if len(ort_flat) != len(ref_flat):
-        raise ValueError(f'{onnx_file} has {len(ort_flat)} outputs but the '
-                         f'model gives {len(ref_flat)}; was it exported from '
-                         f'another config?')
-    abs_diff = max(float(np.abs(o - r.numpy()).max()) for o, r in zip(ort_flat, ref_flat))
-    rel_diff = max(float(np.abs(o - r.numpy()).max() / max(np.abs(r.numpy()).max(), 1e-12))
-                   for o, r in zip(ort_flat, ref_flat))
-    ref_dets = decode_raw_outputs(detector, wrapper.unflatten(ref_flat), data_samples)
+        raise ValueError(
+            f'{onnx_file} has {len(ort_flat)} outputs but the '
+            f'model gives {len(ref_flat)}; was it exported from '
+            f'another config?'
+        )
+    abs_diff = max(
+        float(np.abs(o - r.numpy()).max()) for o, r in zip(ort_flat, ref_flat)
+    )
+    rel_diff = max(
+        float(
+            np.abs(o - r.numpy()).max() / max(np.abs(r.numpy()).max(), 1e-12)
+        )
+        for o, r in zip(ort_flat, ref_flat)
+    )
+    ref_dets = decode_raw_outputs(
+        detector, wrapper.unflatten(ref_flat), data_samples
+    )
     ort_dets = decode_raw_outputs(
-        detector, wrapper.unflatten([torch.from_numpy(o) for o in ort_flat]), data_samples)
-    per_image = [match_detections(r, o, box_tol, score_tol)
-                 for r, o in zip(ref_dets, ort_dets)]
-    return dict(max_raw_abs_diff=abs_diff, max_raw_rel_diff=rel_diff,
-                images=per_image, ok=all(p['ok'] for p in per_image),
-                torch_dets=ref_dets, ort_dets=ort_dets)
+        detector,
+        wrapper.unflatten([torch.from_numpy(o) for o in ort_flat]),
+        data_samples,
+    )
+    per_image = [
+        match_detections(r, o, box_tol, score_tol)
+        for r, o in zip(ref_dets, ort_dets)
+    ]
+    return dict(
+        max_raw_abs_diff=abs_diff,
+        max_raw_rel_diff=rel_diff,
+        images=per_image,
+        ok=all(p['ok'] for p in per_image),
+        torch_dets=ref_dets,
+        ort_dets=ort_dets,
+    )

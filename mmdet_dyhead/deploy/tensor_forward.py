@@ -1,4 +1,5 @@
 """The detector's tensor forward as a module with flat tensor outputs."""
+
 from typing import List, Sequence, Tuple
 
 import torch
@@ -34,11 +35,13 @@ class DetectorTensorForward(nn.Module):
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         from mmdet.models.detectors import SingleStageDetector
+
         if not isinstance(detector, SingleStageDetector):
             raise TypeError(
                 f'{type(detector).__name__} is not a single-stage detector; '
                 f'ONNX export here covers dense-head detectors (ATSS, FCOS, '
-                f'RetinaNet, ...) whose forward is convolutions only.')
+                f'RetinaNet, ...) whose forward is convolutions only.'
+            )
         self.detector = detector
         self.num_groups = None
         self.num_levels = None
@@ -54,22 +57,31 @@ class DetectorTensorForward(nn.Module):
         if self.num_groups is None:
             raise RuntimeError('run the module once before unflatten().')
         if len(flat) != self.num_groups * self.num_levels:
-            raise ValueError(f'expected {self.num_groups * self.num_levels} '
-                             f'outputs, got {len(flat)}.')
+            raise ValueError(
+                f'expected {self.num_groups * self.num_levels} '
+                f'outputs, got {len(flat)}.'
+            )
         n = self.num_levels
-        return [list(flat[g * n:(g + 1) * n]) for g in range(self.num_groups)]
+        return [
+            list(flat[g * n : (g + 1) * n]) for g in range(self.num_groups)
+        ]
 
     def output_names(self) -> List[str]:
         """``cls_score_0, ...``: the ONNX output names, in flat order."""
         if self.num_groups is None:
             raise RuntimeError('run the module once before output_names().')
         groups = _GROUP_NAMES.get(
-            self.num_groups, tuple(f'out{g}' for g in range(self.num_groups)))
+            self.num_groups, tuple(f'out{g}' for g in range(self.num_groups))
+        )
         return [f'{g}_{lvl}' for g in groups for lvl in range(self.num_levels)]
 
 
-def decode_raw_outputs(detector: nn.Module, groups: Sequence[Sequence],
-                       data_samples: Sequence, rescale: bool = True) -> List:
+def decode_raw_outputs(
+    detector: nn.Module,
+    groups: Sequence[Sequence],
+    data_samples: Sequence,
+    rescale: bool = True,
+) -> List:
     """Boxes, scores and labels from raw head outputs, via mmdet's own code.
 
     Runs ``bbox_head.predict_by_feat`` (anchor decoding, score threshold,
@@ -80,7 +92,8 @@ def decode_raw_outputs(detector: nn.Module, groups: Sequence[Sequence],
     Args:
         detector (SingleStageDetector): The model the outputs came from.
         groups (Sequence[Sequence]): Per group, L arrays or tensors
-            (N, C_g, H_l, W_l), as from :meth:`DetectorTensorForward.unflatten`.
+            (N, C_g, H_l, W_l), as from
+            :meth:`DetectorTensorForward.unflatten`.
         data_samples (Sequence[DetDataSample]): One per image, holding the
             meta information (``img_shape``, ``scale_factor``).
         rescale (bool): Map boxes back to the original image size.
@@ -93,4 +106,5 @@ def decode_raw_outputs(detector: nn.Module, groups: Sequence[Sequence],
     metas = [s.metainfo for s in data_samples]
     with torch.no_grad():
         return detector.bbox_head.predict_by_feat(
-            *tensors, batch_img_metas=metas, rescale=rescale)
+            *tensors, batch_img_metas=metas, rescale=rescale
+        )

@@ -9,14 +9,26 @@
 Importing registers them under these new names; nothing of mmengine's is
 replaced.
 """
+
 from .cpu_amp_optim_wrapper import CPUAmpOptimWrapper, cpu_autocast_supports
-from .cpu_ddp import (CPUDistributedDataParallel, accelerator_available,
-                      init_cpu_process_group)
-from .dyhead_check_hook import (DyHeadCheckHook, DyHeadConfigError,
-                                check_dyhead_detector)
+from .cpu_ddp import (
+    CPUDistributedDataParallel,
+    accelerator_available,
+    init_cpu_process_group,
+)
+from .dyhead_check_hook import (
+    DyHeadCheckHook,
+    DyHeadConfigError,
+    check_dyhead_detector,
+)
 
 __all__ = [
-    'CPUAmpOptimWrapper', 'CPUDistributedDataParallel', 'DyHeadCheckHook',
-    'DyHeadConfigError', 'accelerator_available', 'check_dyhead_detector',
-    'cpu_autocast_supports', 'init_cpu_process_group'
+    'CPUAmpOptimWrapper',
+    'CPUDistributedDataParallel',
+    'DyHeadCheckHook',
+    'DyHeadConfigError',
+    'accelerator_available',
+    'check_dyhead_detector',
+    'cpu_autocast_supports',
+    'init_cpu_process_group',
 ]

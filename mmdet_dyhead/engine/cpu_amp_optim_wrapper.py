@@ -12,6 +12,7 @@ accelerator exists; configs can name it directly::
 
 mmengine's own ``AmpOptimWrapper`` is left as it is.
 """
+
 import contextlib
 import logging
 from typing import Union
@@ -33,6 +34,7 @@ def cpu_autocast_supports(dtype: torch.dtype) -> bool:
     support; a matmul inside the context tells which one it used.
     """
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         with torch.autocast('cpu', dtype=dtype):
@@ -61,19 +63,24 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
             ``accumulative_counts``).
     """
 
-    def __init__(self,
-                 loss_scale: Union[str, float, dict, None] = None,
-                 dtype: Union[str, torch.dtype, None] = None,
-                 use_fsdp: bool = False,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        loss_scale: Union[str, float, dict, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        use_fsdp: bool = False,
+        **kwargs,
+    ) -> None:
         if use_fsdp:
-            raise ValueError('optim_wrapper.use_fsdp=True needs GPUs; remove '
-                             'it to train on CPU.')
+            raise ValueError(
+                'optim_wrapper.use_fsdp=True needs GPUs; remove '
+                'it to train on CPU.'
+            )
         dtype = self._parse_dtype(dtype)
         if not cpu_autocast_supports(dtype):
             raise ValueError(
                 f'torch {torch.__version__} has no CPU autocast for {dtype}. '
-                f"Use optim_wrapper.dtype='bfloat16', or train without --amp.")
+                f"Use optim_wrapper.dtype='bfloat16', or train without --amp."
+            )
         # AmpOptimWrapper.__init__ asserts a GPU; OptimWrapper's is the rest.
         OptimWrapper.__init__(self, **kwargs)
         self.cast_dtype = dtype
@@ -87,16 +94,21 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
         elif isinstance(loss_scale, (int, float)):
             self._scale_update_param = float(loss_scale)
             self.loss_scaler = torch.amp.GradScaler(
-                'cpu', init_scale=float(loss_scale))
+                'cpu', init_scale=float(loss_scale)
+            )
         elif isinstance(loss_scale, dict):
             self.loss_scaler = torch.amp.GradScaler('cpu', **loss_scale)
         else:
-            raise TypeError("optim_wrapper.loss_scale must be 'dynamic', a "
-                            f'number or a dict, got {loss_scale!r}.')
+            raise TypeError(
+                "optim_wrapper.loss_scale must be 'dynamic', a "
+                f'number or a dict, got {loss_scale!r}.'
+            )
         print_log(
             f'CPUAmpOptimWrapper: CPU autocast in {dtype}, loss scaling '
             f'{"off" if not self.loss_scaler.is_enabled() else loss_scale}.',
-            logger='current', level=logging.INFO)
+            logger='current',
+            level=logging.INFO,
+        )
 
     @staticmethod
     def _parse_dtype(dtype) -> torch.dtype:
@@ -106,12 +118,15 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
             if dtype not in CPU_AMP_DTYPES:
                 raise ValueError(
                     f'optim_wrapper.dtype={dtype!r} is not a CPU autocast '
-                    f'dtype; choose one of {sorted(CPU_AMP_DTYPES)}.')
+                    f'dtype; choose one of {sorted(CPU_AMP_DTYPES)}.'
+                )
             return CPU_AMP_DTYPES[dtype]
         if dtype not in CPU_AMP_DTYPES.values():
-            raise ValueError(f'optim_wrapper.dtype={dtype} is not a CPU '
-                             f'autocast dtype; use torch.bfloat16 or '
-                             f'torch.float16.')
+            raise ValueError(
+                f'optim_wrapper.dtype={dtype} is not a CPU '
+                f'autocast dtype; use torch.bfloat16 or '
+                f'torch.float16.'
+            )
         return dtype
 
     @contextlib.contextmanager

@@ -14,12 +14,18 @@ Neither is replaced here. Instead:
   (``model_wrapper_cfg=dict(type='CPUDistributedDataParallel')``) that drops
   ``device_ids`` for modules on the CPU.
 """
+
 import os
 from typing import Optional
 
-from mmengine.device import (is_cuda_available, is_mlu_available,
-                             is_musa_available, is_npu_available)
+from mmengine.device import (
+    is_cuda_available,
+    is_mlu_available,
+    is_musa_available,
+    is_npu_available,
+)
 from mmengine.model import MMDistributedDataParallel
+
 # Runner.wrap_model looks the wrapper type up with MODEL_WRAPPERS.get() on
 # mmengine's root registry, which does not search scoped children such as
 # mmdet's; a plain ``type='CPUDistributedDataParallel'`` must be found there.
@@ -28,8 +34,12 @@ from mmengine.registry import MODEL_WRAPPERS
 
 def accelerator_available() -> bool:
     """Whether mmengine sees a CUDA, NPU, MLU or MUSA device."""
-    return (is_cuda_available() or is_npu_available() or is_mlu_available()
-            or is_musa_available())
+    return (
+        is_cuda_available()
+        or is_npu_available()
+        or is_mlu_available()
+        or is_musa_available()
+    )
 
 
 @MODEL_WRAPPERS.register_module()
@@ -47,13 +57,13 @@ class CPUDistributedDataParallel(MMDistributedDataParallel):
     def __init__(self, module, device_ids=None, **kwargs):
         on_cpu = all(p.device.type == 'cpu' for p in module.parameters())
         super().__init__(
-            module=module,
-            device_ids=None if on_cpu else device_ids,
-            **kwargs)
+            module=module, device_ids=None if on_cpu else device_ids, **kwargs
+        )
 
 
-def init_cpu_process_group(backend: str = 'gloo',
-                           timeout: Optional[int] = None) -> None:
+def init_cpu_process_group(
+    backend: str = 'gloo', timeout: Optional[int] = None
+) -> None:
     """Start torch.distributed from torchrun's environment, on the CPU.
 
     Args:
@@ -68,18 +78,24 @@ def init_cpu_process_group(backend: str = 'gloo',
     import datetime
 
     import torch.distributed as dist
+
     if backend == 'nccl':
         raise RuntimeError(
             "env_cfg.dist_cfg.backend='nccl' needs CUDA GPUs, and none is "
             'available. Train on CPU with the gloo backend: add '
             '--cfg-options env_cfg.dist_cfg.backend=gloo (see '
-            'docs/distributed.md).')
-    missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
-               if k not in os.environ]
+            'docs/distributed.md).'
+        )
+    missing = [
+        k
+        for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+        if k not in os.environ
+    ]
     if missing:
         raise RuntimeError(
             f'--launcher pytorch needs the variables torchrun sets; {missing} '
-            f'are not set. Start the tool with torchrun --nproc_per_node=N.')
+            f'are not set. Start the tool with torchrun --nproc_per_node=N.'
+        )
     kwargs = {}
     if timeout is not None:
         kwargs['timeout'] = datetime.timedelta(seconds=timeout)
@@ -87,4 +103,5 @@ def init_cpu_process_group(backend: str = 'gloo',
         backend=backend,
         rank=int(os.environ['RANK']),
         world_size=int(os.environ['WORLD_SIZE']),
-        **kwargs)
+        **kwargs,
+    )

@@ -15,6 +15,7 @@ RetinaNet+DyHead did), pass ``allow_head_towers=True``. Detectors without a
 ``DyHeadNeck`` pass unchecked. :func:`check_dyhead_detector` is the same
 check for a model built by hand (``init_detector``, ``MODELS.build``).
 """
+
 from typing import List, Optional
 
 import torch.nn as nn
@@ -38,22 +39,28 @@ def _neck_modules(neck: nn.Module) -> List[nn.Module]:
 def _fail(problems: List[str]) -> None:
     if problems:
         raise DyHeadConfigError(
-            'DyHead detector config does not fit together:\n  - ' +
-            '\n  - '.join(problems))
+            'DyHead detector config does not fit together:\n  - '
+            + '\n  - '.join(problems)
+        )
 
 
-def _check_dense_head(head: nn.Module, name: str, channels: int,
-                      levels: Optional[int],
-                      allow_head_towers: bool, check_towers: bool) -> List[str]:
+def _check_dense_head(
+    head: nn.Module,
+    name: str,
+    channels: int,
+    levels: Optional[int],
+    allow_head_towers: bool,
+    check_towers: bool,
+) -> List[str]:
     problems = []
     in_channels = getattr(head, 'in_channels', None)
     if isinstance(in_channels, int) and in_channels != channels:
         problems.append(
             f'model.{name}.in_channels={in_channels} but DyHeadNeck '
             f'out_channels={channels}; set model.{name}.in_channels='
-            f'{channels}.')
-    strides = getattr(getattr(head, 'prior_generator', None), 'strides',
-                      None)
+            f'{channels}.'
+        )
+    strides = getattr(getattr(head, 'prior_generator', None), 'strides', None)
     if levels is not None and strides is not None and len(strides) != levels:
         problems.append(
             f'model.{name} predicts on {len(strides)} levels (strides '
@@ -61,7 +68,8 @@ def _check_dense_head(head: nn.Module, name: str, channels: int,
             f'the pyramid after DyHeadNeck has {levels}; give the head one '
             f'stride per level (anchor_generator.strides, strides or '
             f'point_strides) or change FPN num_outs and DyHeadNeck '
-            f'num_levels.')
+            f'num_levels.'
+        )
     stacked = getattr(head, 'stacked_convs', None)
     if check_towers and isinstance(stacked, int):
         if stacked > 0 and not allow_head_towers:
@@ -70,20 +78,27 @@ def _check_dense_head(head: nn.Module, name: str, channels: int,
                 f'per-task conv towers with one unified branch (paper Fig. '
                 f'2b). Set model.{name}.stacked_convs=0, or use '
                 f"dict(type='DyHeadCheckHook', allow_head_towers=True) in "
-                f'custom_hooks to keep them on purpose.')
+                f'custom_hooks to keep them on purpose.'
+            )
         feat = getattr(head, 'feat_channels', None)
-        if (stacked == 0 and isinstance(feat, int)
-                and isinstance(in_channels, int) and feat != in_channels):
+        if (
+            stacked == 0
+            and isinstance(feat, int)
+            and isinstance(in_channels, int)
+            and feat != in_channels
+        ):
             problems.append(
                 f'model.{name}.feat_channels={feat} but stacked_convs=0, so '
                 f'the predictors read the {in_channels}-channel DyHead '
                 f'output directly; set model.{name}.feat_channels='
-                f'{in_channels}.')
+                f'{in_channels}.'
+            )
     return problems
 
 
-def _check_roi_head(roi_head: nn.Module, channels: int,
-                    levels: Optional[int]) -> List[str]:
+def _check_roi_head(
+    roi_head: nn.Module, channels: int, levels: Optional[int]
+) -> List[str]:
     problems = []
     extractor = getattr(roi_head, 'bbox_roi_extractor', None)
     if extractor is None:
@@ -92,26 +107,33 @@ def _check_roi_head(roi_head: nn.Module, channels: int,
     if isinstance(ext_channels, int) and ext_channels != channels:
         problems.append(
             f'model.roi_head.bbox_roi_extractor.out_channels={ext_channels} '
-            f'but DyHeadNeck out_channels={channels}; set it to {channels}.')
+            f'but DyHeadNeck out_channels={channels}; set it to {channels}.'
+        )
     strides = getattr(extractor, 'featmap_strides', None)
     if levels is not None and strides is not None and len(strides) > levels:
         problems.append(
             f'model.roi_head.bbox_roi_extractor.featmap_strides has '
             f'{len(strides)} levels but the pyramid has {levels}; list at '
-            f'most {levels} strides.')
+            f'most {levels} strides.'
+        )
     bbox_head = getattr(roi_head, 'bbox_head', None)
     bbox_in = getattr(bbox_head, 'in_channels', None)
-    if (isinstance(bbox_in, int) and isinstance(ext_channels, int)
-            and bbox_in != ext_channels):
+    if (
+        isinstance(bbox_in, int)
+        and isinstance(ext_channels, int)
+        and bbox_in != ext_channels
+    ):
         problems.append(
             f'model.roi_head.bbox_head.in_channels={bbox_in} but the RoI '
             f'extractor gives {ext_channels} channels; set model.roi_head.'
-            f'bbox_head.in_channels={ext_channels}.')
+            f'bbox_head.in_channels={ext_channels}.'
+        )
     return problems
 
 
-def check_dyhead_detector(model: nn.Module,
-                          allow_head_towers: bool = False) -> None:
+def check_dyhead_detector(
+    model: nn.Module, allow_head_towers: bool = False
+) -> None:
     """Raise :class:`DyHeadConfigError` if a DyHead detector is miswired.
 
     Does nothing for models without a ``DyHeadNeck`` in ``model.neck``.
@@ -125,8 +147,9 @@ def check_dyhead_detector(model: nn.Module,
     if not isinstance(neck, nn.Module):
         return
     modules = _neck_modules(neck)
-    dyhead_ids = [i for i, m in enumerate(modules)
-                  if isinstance(m, DyHeadNeck)]
+    dyhead_ids = [
+        i for i, m in enumerate(modules) if isinstance(m, DyHeadNeck)
+    ]
     if not dyhead_ids:
         return
     problems = []
@@ -144,14 +167,16 @@ def check_dyhead_detector(model: nn.Module,
                 f'but model.neck[{i}] (DyHeadNeck) in_channels='
                 f'{dyhead.in_channels}; set model.neck[{i}].in_channels='
                 f'{prev_out} (DyHead needs the same channels on every '
-                f'level).')
+                f'level).'
+            )
         num_outs = getattr(prev, 'num_outs', None)
         if isinstance(num_outs, int):
             if levels is not None and levels != num_outs:
                 problems.append(
                     f'model.neck[{i - 1}] ({prev_name}) num_outs={num_outs} '
                     f'but model.neck[{i}] (DyHeadNeck) num_levels={levels}; '
-                    f'set model.neck[{i}].num_levels={num_outs}.')
+                    f'set model.neck[{i}].num_levels={num_outs}.'
+                )
             # What the FPN really produces is what the head will receive.
             levels = num_outs
     if dyhead_ids[-1] == len(modules) - 1:
@@ -160,8 +185,14 @@ def check_dyhead_detector(model: nn.Module,
         for name, check_towers in (('bbox_head', True), ('rpn_head', False)):
             head = getattr(model, name, None)
             if isinstance(head, nn.Module):
-                problems += _check_dense_head(head, name, channels, levels,
-                                              allow_head_towers, check_towers)
+                problems += _check_dense_head(
+                    head,
+                    name,
+                    channels,
+                    levels,
+                    allow_head_towers,
+                    check_towers,
+                )
         roi_head = getattr(model, 'roi_head', None)
         if isinstance(roi_head, nn.Module):
             problems += _check_roi_head(roi_head, channels, levels)

@@ -15,6 +15,7 @@ mmdet ``DyHeadBlock``              mmdet-dyhead ``DynamicHeadBlock``
 ``task_attn_module.conv2.conv.*``  ``task_attn.fc2.*``
 =================================  ===================================
 """
+
 from collections import OrderedDict
 from typing import Dict, Iterable, Tuple
 
@@ -33,17 +34,19 @@ def _rename(key: str, pairs: Iterable[Tuple[str, str]]) -> str:
     """Rename the first ``old`` block-relative part found in ``key``."""
     for old, new in pairs:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
         marker = '.' + old
         idx = key.find(marker)
         if idx >= 0:
-            return key[:idx + 1] + new + key[idx + len(marker):]
+            return key[: idx + 1] + new + key[idx + len(marker) :]
     return key
 
 
 def from_mmdet_keys(state_dict: Dict) -> 'OrderedDict':
     """mmdet ``DyHead`` key names -> ours (other keys are kept as they are)."""
-    return OrderedDict((_rename(k, MMDET_TO_OURS), v) for k, v in state_dict.items())
+    return OrderedDict(
+        (_rename(k, MMDET_TO_OURS), v) for k, v in state_dict.items()
+    )
 
 
 def to_mmdet_keys(state_dict: Dict) -> 'OrderedDict':

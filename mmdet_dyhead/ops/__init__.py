@@ -1,8 +1,17 @@
-from .deform_conv import (DCN_BACKENDS, ModulatedDeformConv, deform_conv_output_size,
-                          mmcv_ops_available, modulated_deform_conv2d,
-                          resolve_dcn_backend)
+from .deform_conv import (
+    DCN_BACKENDS,
+    ModulatedDeformConv,
+    deform_conv_output_size,
+    mmcv_ops_available,
+    modulated_deform_conv2d,
+    resolve_dcn_backend,
+)
 
 __all__ = [
-    'DCN_BACKENDS', 'ModulatedDeformConv', 'deform_conv_output_size',
-    'mmcv_ops_available', 'modulated_deform_conv2d', 'resolve_dcn_backend'
+    'DCN_BACKENDS',
+    'ModulatedDeformConv',
+    'deform_conv_output_size',
+    'mmcv_ops_available',
+    'modulated_deform_conv2d',
+    'resolve_dcn_backend',
 ]

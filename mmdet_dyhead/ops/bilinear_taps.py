@@ -12,6 +12,7 @@ so autograd carries their gradient back to the offsets and masks; the row
 indices (the integer parts of the positions) have no gradient, as in mmcv's
 kernel.
 """
+
 from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
@@ -26,6 +27,7 @@ class PixelTable(NamedTuple):
     (which the graph holds anyway) instead of this copy, rebuilds the table
     in its backward and returns the gradients of ``maps`` directly.
     """
+
     rows: Tensor
     bases: List[int]
     sizes: List[Tuple[int, int]]
@@ -64,11 +66,17 @@ def pixel_table(feats: Sequence[Tensor]) -> PixelTable:
     return PixelTable(rows, bases, sizes, feats[0].shape[0], tuple(feats))
 
 
-def bilinear_taps(offset: Tensor, mask: Tensor, in_size: Tuple[int, int],
-                  row_base: int, kernel_size: Tuple[int, int],
-                  stride: Tuple[int, int], padding: Tuple[int, int],
-                  dilation: Tuple[int, int],
-                  weight_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def bilinear_taps(
+    offset: Tensor,
+    mask: Tensor,
+    in_size: Tuple[int, int],
+    row_base: int,
+    kernel_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    weight_dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor]:
     """Row indices and weights of every tap of every output pixel.
 
     Taps are ordered output pixel first, kernel tap second:
@@ -96,14 +104,22 @@ def bilinear_taps(offset: Tensor, mask: Tensor, in_size: Tuple[int, int],
     taps = kh * kw
     h, w = (int(v) for v in in_size)
     row_base = int(row_base)
-    coord_dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
+    coord_dtype = (
+        torch.float64 if offset.dtype == torch.float64 else torch.float32
+    )
     dev = dict(dtype=coord_dtype, device=offset.device)
     # (H_out, W_out, K) grid of undeformed tap positions.
     tap_y = (torch.arange(kh, **dev) * dilation[0]).repeat_interleave(kw)
     tap_x = (torch.arange(kw, **dev) * dilation[1]).repeat(kh)
-    base_y = (torch.arange(ho, **dev) * stride[0] - padding[0]).view(ho, 1, 1) + tap_y
-    base_x = (torch.arange(wo, **dev) * stride[1] - padding[1]).view(1, wo, 1) + tap_x
-    off = offset.to(coord_dtype).view(n, taps, 2, ho, wo).permute(0, 3, 4, 1, 2)
+    base_y = (torch.arange(ho, **dev) * stride[0] - padding[0]).view(
+        ho, 1, 1
+    ) + tap_y
+    base_x = (torch.arange(wo, **dev) * stride[1] - padding[1]).view(
+        1, wo, 1
+    ) + tap_x
+    off = (
+        offset.to(coord_dtype).view(n, taps, 2, ho, wo).permute(0, 3, 4, 1, 2)
+    )
     pos_y = base_y + off[..., 0]  # (N, H_out, W_out, K)
     pos_x = base_x + off[..., 1]
     y0 = pos_y.detach().floor()
@@ -120,7 +136,9 @@ def bilinear_taps(offset: Tensor, mask: Tensor, in_size: Tuple[int, int],
     wx = torch.stack((1 - lx, lx), -1) * in_x
     m = mask.to(coord_dtype).permute(0, 2, 3, 1)
     weight = (wy * m.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)
-    sample_base = (torch.arange(n, device=offset.device) * (h * w) + row_base).view(n, 1, 1, 1, 1)
+    sample_base = (
+        torch.arange(n, device=offset.device) * (h * w) + row_base
+    ).view(n, 1, 1, 1, 1)
     row = sample_base + ys.clamp_(0, h - 1) * w
     index = row.unsqueeze(-1) + xs.clamp_(0, w - 1).unsqueeze(-2)
     return index.view(-1, 4), weight.to(weight_dtype).view(-1, 4)

@@ -8,9 +8,11 @@ backward (:mod:`.gather_conv`) computes the conv; several maps sharing one
 weight can go through one call (:func:`deform_conv2d_on_table`). While an
 ONNX export runs, the same maths is expressed with ``grid_sample`` and
 ``matmul`` instead (:func:`_grid_sample_deform_conv2d`). It needs no
-compiled op, is differentiable, exports to ONNX and runs under autocast. Both read offsets in mmcv's layout: channel ``2k`` is the row (y)
-shift and ``2k + 1`` the column (x) shift of kernel tap ``k = i * kw + j``.
+compiled op, is differentiable, exports to ONNX and runs under autocast.
+Both read offsets in mmcv's layout: channel ``2k`` is the row (y) shift
+and ``2k + 1`` the column (x) shift of kernel tap ``k = i * kw + j``.
 """
+
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -48,8 +50,10 @@ def resolve_dcn_backend(backend: str, device: torch.device) -> str:
     backward costs about ten times its forward.
     """
     if backend not in DCN_BACKENDS:
-        raise ValueError(f'dcn_backend={backend!r} does not exist; '
-                         f'choose one of {DCN_BACKENDS}.')
+        raise ValueError(
+            f'dcn_backend={backend!r} does not exist; '
+            f'choose one of {DCN_BACKENDS}.'
+        )
     if backend == 'auto':
         if device.type == 'cuda' and mmcv_ops_available():
             return 'mmcv'
@@ -57,51 +61,77 @@ def resolve_dcn_backend(backend: str, device: torch.device) -> str:
     if backend == 'mmcv' and not mmcv_ops_available():
         raise RuntimeError(
             "dcn_backend='mmcv' needs mmcv built with its compiled ops "
-            "(mmcv._ext is missing). Rebuild mmcv with `pip install "
-            "--no-build-isolation mmcv==2.1.0` or use dcn_backend='torch'.")
+            '(mmcv._ext is missing). Rebuild mmcv with `pip install '
+            "--no-build-isolation mmcv==2.1.0` or use dcn_backend='torch'."
+        )
     return backend
 
 
-def deform_conv_output_size(size: Tuple[int, int], kernel_size: _IntPair,
-                            stride: _IntPair, padding: _IntPair,
-                            dilation: _IntPair) -> Tuple[int, int]:
+def deform_conv_output_size(
+    size: Tuple[int, int],
+    kernel_size: _IntPair,
+    stride: _IntPair,
+    padding: _IntPair,
+    dilation: _IntPair,
+) -> Tuple[int, int]:
     """Spatial output size of a convolution with these settings."""
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
     h, w = size
-    return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-            (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return (
+        (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+        (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
+    )
 
 
-def _check_shapes(input: Tensor, offset: Tensor, mask: Tensor,
-                  weight: Tensor, stride, padding, dilation) -> None:
+def _check_shapes(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    stride,
+    padding,
+    dilation,
+) -> None:
     if input.dim() != 4:
-        raise ValueError(f'DCN input must be (N, C, H, W), got {tuple(input.shape)}.')
+        raise ValueError(
+            f'DCN input must be (N, C, H, W), got {tuple(input.shape)}.'
+        )
     co, ci, kh, kw = weight.shape
     if input.shape[1] != ci:
         raise ValueError(
             f'DCN input has {input.shape[1]} channels but the weight expects '
             f'{ci}; set in_channels={input.shape[1]} or fix the feature '
-            f'producer.')
+            f'producer.'
+        )
     taps = kh * kw
-    ho, wo = deform_conv_output_size(input.shape[-2:], (kh, kw), stride,
-                                     padding, dilation)
+    ho, wo = deform_conv_output_size(
+        input.shape[-2:], (kh, kw), stride, padding, dilation
+    )
     n = input.shape[0]
     want_off = (n, 2 * taps, ho, wo)
     want_mask = (n, taps, ho, wo)
     if tuple(offset.shape) != want_off or tuple(mask.shape) != want_mask:
         raise ValueError(
-            f'DCN offset/mask shapes {tuple(offset.shape)}/{tuple(mask.shape)} '
-            f'do not match the output grid: expected {want_off}/{want_mask} '
-            f'for input {tuple(input.shape)}, stride {stride}. Offsets must be '
-            f'given at the output resolution.')
+            f'DCN offset/mask shapes {tuple(offset.shape)}/'
+            f'{tuple(mask.shape)} do not match the output grid: expected '
+            f'{want_off}/{want_mask} for input {tuple(input.shape)}, stride '
+            f'{stride}. Offsets must be given at the output resolution.'
+        )
 
 
-def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
-                               weight: Tensor, bias: Optional[Tensor], stride,
-                               padding, dilation) -> Tensor:
+def _grid_sample_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride,
+    padding,
+    dilation,
+) -> Tensor:
     """DCNv2 from standard ops only: the path taken while exporting.
 
     One ``grid_sample`` of all taps, the mask multiply and one matrix
@@ -117,14 +147,18 @@ def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
     taps = kh * kw
     # Sampling grids are built in float32 (or float64) even under autocast:
     # half-precision pixel coordinates lose whole pixels on large maps.
-    coord_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    coord_dtype = (
+        torch.float64 if input.dtype == torch.float64 else torch.float32
+    )
     kw_dev = dict(dtype=coord_dtype, device=input.device)
     tap_y = (torch.arange(kh, **kw_dev) * dh).repeat_interleave(kw)
     tap_x = (torch.arange(kw, **kw_dev) * dw).repeat(kh)
-    base_y = (torch.arange(ho, **kw_dev) * sh - ph).view(1, 1, ho, 1) + \
-        tap_y.view(1, taps, 1, 1)
-    base_x = (torch.arange(wo, **kw_dev) * sw - pw).view(1, 1, 1, wo) + \
-        tap_x.view(1, taps, 1, 1)
+    base_y = (torch.arange(ho, **kw_dev) * sh - ph).view(
+        1, 1, ho, 1
+    ) + tap_y.view(1, taps, 1, 1)
+    base_x = (torch.arange(wo, **kw_dev) * sw - pw).view(
+        1, 1, 1, wo
+    ) + tap_x.view(1, taps, 1, 1)
     offset = offset.to(coord_dtype).view(n, taps, 2, ho, wo)
     pos_y = base_y + offset[:, :, 0]
     pos_x = base_x + offset[:, :, 1]
@@ -132,16 +166,24 @@ def _grid_sample_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor,
     # i.e. pixel p is at g = (2p + 1) / size - 1; unlike align_corners=True
     # this is defined for size 1. Zero padding matches mmcv's bilinear rule
     # (corners outside the map contribute 0).
-    grid = torch.stack(((2 * pos_x + 1) / w - 1, (2 * pos_y + 1) / h - 1),
-                       dim=-1).view(n, taps * ho, wo, 2)
+    grid = torch.stack(
+        ((2 * pos_x + 1) / w - 1, (2 * pos_y + 1) / h - 1), dim=-1
+    ).view(n, taps * ho, wo, 2)
     # Sample in the coordinate dtype: a bfloat16 grid would round positions
     # to whole pixels on large maps (8 mantissa bits).
     sampled = F.grid_sample(
-        input.to(coord_dtype), grid, mode='bilinear', padding_mode='zeros',
-        align_corners=False).to(input.dtype)  # (n, c, taps * ho, wo)
-    columns = sampled.view(n, c, taps, ho * wo) * \
-        mask.to(sampled.dtype).reshape(n, 1, taps, ho * wo)
-    out = torch.matmul(weight.view(co, c * taps), columns.view(n, c * taps, ho * wo))
+        input.to(coord_dtype),
+        grid,
+        mode='bilinear',
+        padding_mode='zeros',
+        align_corners=False,
+    ).to(input.dtype)  # (n, c, taps * ho, wo)
+    columns = sampled.view(n, c, taps, ho * wo) * mask.to(
+        sampled.dtype
+    ).reshape(n, 1, taps, ho * wo)
+    out = torch.matmul(
+        weight.view(co, c * taps), columns.view(n, c * taps, ho * wo)
+    )
     if bias is not None:
         out = out + bias.view(1, co, 1)
     return out.view(n, co, ho, wo)
@@ -163,16 +205,25 @@ def exporting() -> bool:
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """The dtype autocast would run a convolution in, else ``t``'s."""
     device_type = t.device.type
-    if _autocast_enabled(device_type) and t.dtype in (torch.float32, torch.float64):
+    if _autocast_enabled(device_type) and t.dtype in (
+        torch.float32,
+        torch.float64,
+    ):
         return torch.get_autocast_dtype(device_type)
     return t.dtype
 
 
-def deform_conv2d_on_table(table: PixelTable, sources: Sequence[int],
-                           offsets: Sequence[Tensor], masks: Sequence[Tensor],
-                           weight: Tensor, bias: Optional[Tensor] = None,
-                           stride: _IntPair = 1, padding: _IntPair = 1,
-                           dilation: _IntPair = 1) -> List[Tensor]:
+def deform_conv2d_on_table(
+    table: PixelTable,
+    sources: Sequence[int],
+    offsets: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: _IntPair = 1,
+    padding: _IntPair = 1,
+    dilation: _IntPair = 1,
+) -> List[Tensor]:
     """One DCNv2 (one weight) applied to several maps in a single call.
 
     Term ``t`` samples map ``sources[t]`` of ``table`` with ``offsets[t]``
@@ -199,9 +250,10 @@ def deform_conv2d_on_table(table: PixelTable, sources: Sequence[int],
         ho, wo = off.shape[-2:]
         if (ho, wo) != tuple(want) or tuple(msk.shape[-2:]) != tuple(want):
             raise ValueError(
-                f'DCN offset/mask shapes {tuple(off.shape)}/{tuple(msk.shape)} '
-                f'do not match the output grid {tuple(want)} of a map of size '
-                f'{table.sizes[src]}.')
+                f'DCN offset/mask shapes {tuple(off.shape)}/'
+                f'{tuple(msk.shape)} do not match the output grid '
+                f'{tuple(want)} of a map of size {table.sizes[src]}.'
+            )
         terms.append(SampledMap(table.bases[src], table.sizes[src], (ho, wo)))
     # Casts happen out here so autograd converts the gradients back; the
     # function runs in one dtype with autocast off (it calls mm(out=...)).
@@ -209,11 +261,25 @@ def deform_conv2d_on_table(table: PixelTable, sources: Sequence[int],
     device_type = table.rows.device.type
     if _autocast_enabled(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
-            outs = gather_conv(table.rows.to(dtype), table.maps, terms, offsets,
-                               masks, weight.to(dtype), *geometry)
+            outs = gather_conv(
+                table.rows.to(dtype),
+                table.maps,
+                terms,
+                offsets,
+                masks,
+                weight.to(dtype),
+                *geometry,
+            )
     else:
-        outs = gather_conv(table.rows, table.maps, terms, offsets, masks,
-                           weight.to(table.rows.dtype), *geometry)
+        outs = gather_conv(
+            table.rows,
+            table.maps,
+            terms,
+            offsets,
+            masks,
+            weight.to(table.rows.dtype),
+            *geometry,
+        )
     return apply_bias(outs, bias)
 
 
@@ -224,18 +290,37 @@ def native_path_active(backend: str, input: Tensor) -> bool:
     :func:`deform_conv2d_on_table` call use this to know when batching is
     possible (not for mmcv's kernel, nor while tracing).
     """
-    return resolve_dcn_backend(backend, input.device) == 'torch' and not exporting()
+    return (
+        resolve_dcn_backend(backend, input.device) == 'torch'
+        and not exporting()
+    )
 
 
-def _native_modulated_deform_conv2d(input: Tensor, offset: Tensor,
-                                    mask: Tensor, weight: Tensor,
-                                    bias: Optional[Tensor], stride, padding,
-                                    dilation) -> Tensor:
+def _native_modulated_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride,
+    padding,
+    dilation,
+) -> Tensor:
     if exporting():
-        return _grid_sample_deform_conv2d(input, offset, mask, weight, bias,
-                                          stride, padding, dilation)
-    return deform_conv2d_on_table(pixel_table([input]), [0], [offset], [mask],
-                                  weight, bias, stride, padding, dilation)[0]
+        return _grid_sample_deform_conv2d(
+            input, offset, mask, weight, bias, stride, padding, dilation
+        )
+    return deform_conv2d_on_table(
+        pixel_table([input]),
+        [0],
+        [offset],
+        [mask],
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+    )[0]
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -247,35 +332,54 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _mmcv_modulated_deform_conv2d(input, offset, mask, weight, bias, stride,
-                                  padding, dilation) -> Tensor:
+def _mmcv_modulated_deform_conv2d(
+    input, offset, mask, weight, bias, stride, padding, dilation
+) -> Tensor:
     from mmcv.ops import modulated_deform_conv2d as mmcv_mdconv
+
     device_type = input.device.type
     if _autocast_enabled(device_type):
         # mmcv's kernels have no autocast rules and need one dtype for all
         # operands; run them in float32 (the CPU kernel has no bfloat16).
         with torch.autocast(device_type=device_type, enabled=False):
-            return mmcv_mdconv(input.float().contiguous(),
-                               offset.float().contiguous(),
-                               mask.float().contiguous(), weight.float(),
-                               None if bias is None else bias.float(),
-                               stride, padding, dilation, 1, 1)
+            return mmcv_mdconv(
+                input.float().contiguous(),
+                offset.float().contiguous(),
+                mask.float().contiguous(),
+                weight.float(),
+                None if bias is None else bias.float(),
+                stride,
+                padding,
+                dilation,
+                1,
+                1,
+            )
     dtype = input.dtype
-    return mmcv_mdconv(input.contiguous(), offset.to(dtype).contiguous(),
-                       mask.to(dtype).contiguous(), weight.to(dtype),
-                       None if bias is None else bias.to(dtype), stride,
-                       padding, dilation, 1, 1)
+    return mmcv_mdconv(
+        input.contiguous(),
+        offset.to(dtype).contiguous(),
+        mask.to(dtype).contiguous(),
+        weight.to(dtype),
+        None if bias is None else bias.to(dtype),
+        stride,
+        padding,
+        dilation,
+        1,
+        1,
+    )
 
 
-def modulated_deform_conv2d(input: Tensor,
-                            offset: Tensor,
-                            mask: Tensor,
-                            weight: Tensor,
-                            bias: Optional[Tensor] = None,
-                            stride: _IntPair = 1,
-                            padding: _IntPair = 1,
-                            dilation: _IntPair = 1,
-                            backend: str = 'auto') -> Tensor:
+def modulated_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: _IntPair = 1,
+    padding: _IntPair = 1,
+    dilation: _IntPair = 1,
+    backend: str = 'auto',
+) -> Tensor:
     """DCNv2: ``y(p) = sum_k w_k * x(p + p_k + dp_k) * m_k (+ b)``.
 
     Args:
@@ -296,10 +400,12 @@ def modulated_deform_conv2d(input: Tensor,
     backend = resolve_dcn_backend(backend, input.device)
     _check_shapes(input, offset, mask, weight, stride, padding, dilation)
     if backend == 'mmcv':
-        return _mmcv_modulated_deform_conv2d(input, offset, mask, weight, bias,
-                                             stride, padding, dilation)
-    return _native_modulated_deform_conv2d(input, offset, mask, weight, bias,
-                                           stride, padding, dilation)
+        return _mmcv_modulated_deform_conv2d(
+            input, offset, mask, weight, bias, stride, padding, dilation
+        )
+    return _native_modulated_deform_conv2d(
+        input, offset, mask, weight, bias, stride, padding, dilation
+    )
 
 
 class ModulatedDeformConv(nn.Module):
@@ -319,19 +425,23 @@ class ModulatedDeformConv(nn.Module):
         backend (str): DCN backend, ``'auto'|'mmcv'|'torch'``.
     """
 
-    def __init__(self,
-                 in_channels: int,
-                 out_channels: int,
-                 kernel_size: int = 3,
-                 stride: int = 1,
-                 padding: int = 1,
-                 dilation: int = 1,
-                 bias: bool = False,
-                 backend: str = 'auto') -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        dilation: int = 1,
+        bias: bool = False,
+        backend: str = 'auto',
+    ) -> None:
         super().__init__()
         if backend not in DCN_BACKENDS:
-            raise ValueError(f'dcn_backend={backend!r} does not exist; '
-                             f'choose one of {DCN_BACKENDS}.')
+            raise ValueError(
+                f'dcn_backend={backend!r} does not exist; '
+                f'choose one of {DCN_BACKENDS}.'
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -340,25 +450,36 @@ class ModulatedDeformConv(nn.Module):
         self.dilation = _pair(dilation)
         self.backend = backend
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels, *self.kernel_size))
+            torch.empty(out_channels, in_channels, *self.kernel_size)
+        )
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # The initialisation mmcv's ModulatedDeformConv2d uses.
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        stdv = 1. / math.sqrt(fan_in)
+        stdv = 1.0 / math.sqrt(fan_in)
         self.weight.data.uniform_(-stdv, stdv)
         if self.bias is not None:
             self.bias.data.zero_()
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
-        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias,
-                                       self.stride, self.padding,
-                                       self.dilation, self.backend)
+        return modulated_deform_conv2d(
+            x,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f'{self.in_channels}, {self.out_channels}, '
-                f'kernel_size={self.kernel_size}, stride={self.stride}, '
-                f'padding={self.padding}, bias={self.bias is not None}, '
-                f'backend={self.backend!r}')
+        return (
+            f'{self.in_channels}, {self.out_channels}, '
+            f'kernel_size={self.kernel_size}, stride={self.stride}, '
+            f'padding={self.padding}, bias={self.bias is not None}, '
+            f'backend={self.backend!r}'
+        )

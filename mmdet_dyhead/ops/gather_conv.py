@@ -4,7 +4,8 @@
 term (one output map sampling one map of the pixel table)::
 
     index, tap_weight = bilinear_taps(offset[:, p], mask[:, p], ...)
-    cols[p, k, :] = sum_{j<4} tap_weight[p*K + k, j] * rows[index[p*K + k, j], :]
+    cols[p, k, :] = sum_{j<4} tap_weight[p*K + k, j]
+                              * rows[index[p*K + k, j], :]
     out[:, p]     = W (C_out, K * C_in) @ cols[p].flatten()
 
 i.e. DCNv2 over a channels-last table of pixel rows (see
@@ -32,6 +33,7 @@ Why this shape (measured in docs/design.md):
 - Several maps can share one call when they share the weight (one DyHead
   branch on every pyramid level).
 """
+
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +59,7 @@ class SampledMap(NamedTuple):
         in_size (tuple[int, int]): (H, W) of the sampled map.
         out_size (tuple[int, int]): (H_out, W_out) of the term's output.
     """
+
     row_base: int
     in_size: Tuple[int, int]
     out_size: Tuple[int, int]
@@ -75,15 +78,25 @@ def _chunks(terms: Sequence[SampledMap], batch: int, device: torch.device):
         pixel += batch * hw
 
 
-def _all_taps(terms: Sequence[SampledMap], offsets: Sequence[Tensor],
-              masks: Sequence[Tensor], geometry,
-              dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _all_taps(
+    terms: Sequence[SampledMap],
+    offsets: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    geometry,
+    dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor]:
     """(B, 4) row indices and weights of every tap of every term."""
     indices, weights = [], []
     for term, off, msk in zip(terms, offsets, masks):
         shape = (off.shape[0], -1, *term.out_size)
-        idx, tw = bilinear_taps(off.reshape(shape), msk.reshape(shape), term.in_size,
-                                term.row_base, *geometry, weight_dtype=dtype)
+        idx, tw = bilinear_taps(
+            off.reshape(shape),
+            msk.reshape(shape),
+            term.in_size,
+            term.row_base,
+            *geometry,
+            weight_dtype=dtype,
+        )
         indices.append(idx)
         weights.append(tw)
     if len(indices) == 1:
@@ -91,8 +104,9 @@ def _all_taps(terms: Sequence[SampledMap], offsets: Sequence[Tensor],
     return torch.cat(indices), torch.cat(weights)
 
 
-def _scatter_rows(grad_rows: Tensor, index: Tensor, tap_weight: Tensor,
-                  grad_cols: Tensor) -> None:
+def _scatter_rows(
+    grad_rows: Tensor, index: Tensor, tap_weight: Tensor, grad_cols: Tensor
+) -> None:
     """``grad_rows[index[b, j]] += tap_weight[b, j] * grad_cols[b]``.
 
     Done as a gather: the (b, j) pairs are sorted by row, so each touched
@@ -106,8 +120,12 @@ def _scatter_rows(grad_rows: Tensor, index: Tensor, tap_weight: Tensor,
     counts = torch.bincount(sorted_rows, minlength=hi - lo)
     starts = torch.cumsum(counts, 0) - counts
     grad_rows[lo:hi] += F.embedding_bag(
-        order // 4, grad_cols, starts,
-        per_sample_weights=tap_weight.reshape(-1)[order], mode='sum')
+        order // 4,
+        grad_cols,
+        starts,
+        per_sample_weights=tap_weight.reshape(-1)[order],
+        mode='sum',
+    )
 
 
 class GatherConvFunction(torch.autograd.Function):
@@ -120,22 +138,37 @@ class GatherConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, weight: Tensor,
-                terms: Tuple[SampledMap, ...], geometry, num_maps: int,
-                *tensors: Tensor):
+    def forward(
+        ctx,
+        rows: Tensor,
+        weight: Tensor,
+        terms: Tuple[SampledMap, ...],
+        geometry,
+        num_maps: int,
+        *tensors: Tensor,
+    ):
         co, ci, kh, kw = weight.shape
         taps = kh * kw
         num = len(terms)
-        offsets = tensors[num_maps:num_maps + num]
-        masks = tensors[num_maps + num:]
+        offsets = tensors[num_maps : num_maps + num]
+        masks = tensors[num_maps + num :]
         batch = offsets[0].shape[0]
         kernel = weight.permute(0, 2, 3, 1).reshape(co, taps * ci)
-        index, tap_weight = _all_taps(terms, offsets, masks, geometry, rows.dtype)
-        outs = [rows.new_empty(batch, co, t.out_size[0] * t.out_size[1]) for t in terms]
+        index, tap_weight = _all_taps(
+            terms, offsets, masks, geometry, rows.dtype
+        )
+        outs = [
+            rows.new_empty(batch, co, t.out_size[0] * t.out_size[1])
+            for t in terms
+        ]
         for t, s, p0, p1, t0 in _chunks(terms, batch, rows.device):
             b0, b1 = t0 * taps, (t0 + p1 - p0) * taps
-            cols = F.embedding_bag(index[b0:b1], rows, per_sample_weights=tap_weight[b0:b1],
-                                   mode='sum').view(p1 - p0, taps * ci)
+            cols = F.embedding_bag(
+                index[b0:b1],
+                rows,
+                per_sample_weights=tap_weight[b0:b1],
+                mode='sum',
+            ).view(p1 - p0, taps * ci)
             torch.mm(kernel, cols.t(), out=outs[t][s, :, p0:p1])
         # Neither the taps, the table nor the (C_out, K * C_in) kernel copy
         # is kept: backward rebuilds them from what the graph holds anyway.
@@ -144,7 +177,9 @@ class GatherConvFunction(torch.autograd.Function):
         ctx.geometry = geometry
         ctx.num_maps = num_maps
         ctx.rows_dtype = rows.dtype
-        return tuple(o.view(batch, co, *t.out_size) for o, t in zip(outs, terms))
+        return tuple(
+            o.view(batch, co, *t.out_size) for o, t in zip(outs, terms)
+        )
 
     @staticmethod
     @once_differentiable
@@ -153,29 +188,39 @@ class GatherConvFunction(torch.autograd.Function):
         terms, geometry, num_maps = ctx.terms, ctx.geometry, ctx.num_maps
         num = len(terms)
         maps = tensors[:num_maps]
-        offsets = tensors[num_maps:num_maps + num]
-        masks = tensors[num_maps + num:]
+        offsets = tensors[num_maps : num_maps + num]
+        masks = tensors[num_maps + num :]
         need = ctx.needs_input_grad
         need_weight = need[1]
-        need_maps = need[5:5 + num_maps]
-        need_off = need[5 + num_maps:5 + num_maps + num]
-        need_mask = need[5 + num_maps + num:]
+        need_maps = need[5 : 5 + num_maps]
+        need_off = need[5 + num_maps : 5 + num_maps + num]
+        need_mask = need[5 + num_maps + num :]
         need_rows = any(need_maps)
         need_tap = any(need_off) or any(need_mask)
         rows = table_rows(maps).to(ctx.rows_dtype)
         co, ci, kh, kw = weight.shape
         taps = kh * kw
-        kernel = weight.to(rows.dtype).permute(0, 2, 3, 1).reshape(co, taps * ci)
+        kernel = (
+            weight.to(rows.dtype).permute(0, 2, 3, 1).reshape(co, taps * ci)
+        )
         batch = offsets[0].shape[0]
         on_cpu = rows.device.type == 'cpu'
-        off_leaves = [o.detach().requires_grad_(n) for o, n in zip(offsets, need_off)]
-        mask_leaves = [m.detach().requires_grad_(n) for m, n in zip(masks, need_mask)]
+        off_leaves = [
+            o.detach().requires_grad_(n) for o, n in zip(offsets, need_off)
+        ]
+        mask_leaves = [
+            m.detach().requires_grad_(n) for m, n in zip(masks, need_mask)
+        ]
         with torch.enable_grad():
-            index, tap_weight = _all_taps(terms, off_leaves, mask_leaves, geometry, rows.dtype)
+            index, tap_weight = _all_taps(
+                terms, off_leaves, mask_leaves, geometry, rows.dtype
+            )
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_tap = torch.zeros_like(tap_weight) if need_tap else None
         grad_kernel = kernel.new_zeros(kernel.shape) if need_weight else None
-        grads = [None if g is None else g.reshape(batch, co, -1) for g in grad_outs]
+        grads = [
+            None if g is None else g.reshape(batch, co, -1) for g in grad_outs
+        ]
         # Rows get their gradient from the sorted scatter on CPU, from
         # embedding_bag's own (atomic) backward elsewhere.
         rows_leaf = rows.requires_grad_(need_rows and not on_cpu)
@@ -187,14 +232,17 @@ class GatherConvFunction(torch.autograd.Function):
             idx = index[b0:b1]
             tap_leaf = tap_weight[b0:b1].detach().requires_grad_(need_tap)
             with torch.enable_grad():
-                cols = F.embedding_bag(idx, rows_leaf, per_sample_weights=tap_leaf,
-                                       mode='sum')
+                cols = F.embedding_bag(
+                    idx, rows_leaf, per_sample_weights=tap_leaf, mode='sum'
+                )
             if need_weight:
                 grad_kernel.addmm_(go, cols.detach().view(p1 - p0, taps * ci))
             if not (need_rows or need_tap):
                 continue
             grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
-            leaves = [leaf for leaf in (tap_leaf, rows_leaf) if leaf.requires_grad]
+            leaves = [
+                leaf for leaf in (tap_leaf, rows_leaf) if leaf.requires_grad
+            ]
             if leaves:
                 got = torch.autograd.grad(cols, leaves, grad_cols)
                 if need_tap:
@@ -202,12 +250,19 @@ class GatherConvFunction(torch.autograd.Function):
                 if rows_leaf.requires_grad:
                     grad_rows += got[-1]
             if need_rows and on_cpu:
-                _scatter_rows(grad_rows, idx, tap_weight[b0:b1].detach(), grad_cols)
+                _scatter_rows(
+                    grad_rows, idx, tap_weight[b0:b1].detach(), grad_cols
+                )
         grad_offsets, grad_masks = [None] * num, [None] * num
         if need_tap:
-            wanted = [(i, leaf) for i, leaf in enumerate(off_leaves + mask_leaves)
-                      if leaf.requires_grad]
-            got = torch.autograd.grad(tap_weight, [leaf for _, leaf in wanted], grad_tap)
+            wanted = [
+                (i, leaf)
+                for i, leaf in enumerate(off_leaves + mask_leaves)
+                if leaf.requires_grad
+            ]
+            got = torch.autograd.grad(
+                tap_weight, [leaf for _, leaf in wanted], grad_tap
+            )
             for (i, _), g in zip(wanted, got):
                 if i < num:
                     grad_offsets[i] = g
@@ -215,25 +270,48 @@ class GatherConvFunction(torch.autograd.Function):
                     grad_masks[i - num] = g
         grad_weight = None
         if need_weight:
-            grad_weight = grad_kernel.view(co, kh, kw, ci).permute(0, 3, 1, 2).contiguous()
+            grad_weight = (
+                grad_kernel.view(co, kh, kw, ci)
+                .permute(0, 3, 1, 2)
+                .contiguous()
+            )
         grad_maps, row0 = [], 0
         for m, n in zip(maps, need_maps):
             b, c, h, w = m.shape
             if n:
-                grad_maps.append(grad_rows[row0:row0 + b * h * w].view(b, h, w, c)
-                                 .permute(0, 3, 1, 2).to(m.dtype))
+                grad_maps.append(
+                    grad_rows[row0 : row0 + b * h * w]
+                    .view(b, h, w, c)
+                    .permute(0, 3, 1, 2)
+                    .to(m.dtype)
+                )
             else:
                 grad_maps.append(None)
             row0 += b * h * w
-        return (None, grad_weight, None, None, None, *grad_maps, *grad_offsets,
-                *grad_masks)
+        return (
+            None,
+            grad_weight,
+            None,
+            None,
+            None,
+            *grad_maps,
+            *grad_offsets,
+            *grad_masks,
+        )
 
 
-def gather_conv(rows: Tensor, maps: Sequence[Tensor], terms: Sequence[SampledMap],
-                offsets: Sequence[Tensor], masks: Sequence[Tensor],
-                weight: Tensor, kernel_size: Tuple[int, int],
-                stride: Tuple[int, int], padding: Tuple[int, int],
-                dilation: Tuple[int, int]) -> List[Tensor]:
+def gather_conv(
+    rows: Tensor,
+    maps: Sequence[Tensor],
+    terms: Sequence[SampledMap],
+    offsets: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    weight: Tensor,
+    kernel_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+) -> List[Tensor]:
     """Deformable conv of one weight over one or several maps of a table.
 
     Args:
@@ -252,13 +330,24 @@ def gather_conv(rows: Tensor, maps: Sequence[Tensor], terms: Sequence[SampledMap
     """
     # Plain ints: under torch.jit.trace, sizes read off tensors are traced
     # values, which an autograd function cannot take as constants.
-    terms = tuple(SampledMap(int(t.row_base), tuple(int(v) for v in t.in_size),
-                             tuple(int(v) for v in t.out_size)) for t in terms)
-    geometry = tuple(tuple(int(v) for v in g)
-                     for g in (kernel_size, stride, padding, dilation))
+    terms = tuple(
+        SampledMap(
+            int(t.row_base),
+            tuple(int(v) for v in t.in_size),
+            tuple(int(v) for v in t.out_size),
+        )
+        for t in terms
+    )
+    geometry = tuple(
+        tuple(int(v) for v in g)
+        for g in (kernel_size, stride, padding, dilation)
+    )
     flat = [o.reshape(o.shape[0], o.shape[1], -1) for o in (*offsets, *masks)]
-    return list(GatherConvFunction.apply(rows.detach(), weight, terms, geometry,
-                                         len(maps), *maps, *flat))
+    return list(
+        GatherConvFunction.apply(
+            rows.detach(), weight, terms, geometry, len(maps), *maps, *flat
+        )
+    )
 
 
 def apply_bias(outs: List[Tensor], bias: Optional[Tensor]) -> List[Tensor]:

@@ -11,6 +11,7 @@ Everything is drawn with numpy and OpenCV. Image ``i`` of a split depends only
 on ``(seed, split, i)`` and the drawing options, so a larger ``num_train``
 adds images without changing the existing ones.
 """
+
 import json
 import math
 import os
@@ -21,8 +22,14 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-SYNTHETIC_CLASSES = ('ellipse', 'rectangle', 'triangle', 'star', 'cross',
-                     'ring')
+SYNTHETIC_CLASSES = (
+    'ellipse',
+    'rectangle',
+    'triangle',
+    'star',
+    'cross',
+    'ring',
+)
 
 # Written next to the data; tells a later call that the folder is ours and
 # which options made it.
@@ -47,61 +54,86 @@ def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
 
 def _parse_image_size(image_size) -> Tuple[int, int]:
     if isinstance(image_size, (int, np.integer)) and not isinstance(
-            image_size, bool):
+        image_size, bool
+    ):
         image_size = (image_size, image_size)
-    if (not isinstance(image_size, (tuple, list))
-            or len(image_size) != 2):
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
         raise ValueError(
             f'image_size must be an int or a (height, width) pair, got '
-            f'{image_size!r}.')
-    h = _check_int('image_size height', image_size[0], _MIN_IMAGE_SIDE,
-                   _MAX_IMAGE_SIDE)
-    w = _check_int('image_size width', image_size[1], _MIN_IMAGE_SIDE,
-                   _MAX_IMAGE_SIDE)
+            f'{image_size!r}.'
+        )
+    h = _check_int(
+        'image_size height', image_size[0], _MIN_IMAGE_SIDE, _MAX_IMAGE_SIDE
+    )
+    w = _check_int(
+        'image_size width', image_size[1], _MIN_IMAGE_SIDE, _MAX_IMAGE_SIDE
+    )
     return h, w
 
 
-def _parse_options(num_train, num_val, image_size, objects_per_image,
-                   size_range, aspect_range, min_visible, clutter,
-                   class_weights) -> dict:
+def _parse_options(
+    num_train,
+    num_val,
+    image_size,
+    objects_per_image,
+    size_range,
+    aspect_range,
+    min_visible,
+    clutter,
+    class_weights,
+) -> dict:
     num_train = _check_int('num_train', num_train, 1, 1_000_000)
     num_val = _check_int('num_val', num_val, 1, 1_000_000)
     h, w = _parse_image_size(image_size)
-    if (not isinstance(objects_per_image, (tuple, list))
-            or len(objects_per_image) != 2):
-        raise ValueError('objects_per_image must be a (min, max) pair, got '
-                         f'{objects_per_image!r}.')
+    if (
+        not isinstance(objects_per_image, (tuple, list))
+        or len(objects_per_image) != 2
+    ):
+        raise ValueError(
+            'objects_per_image must be a (min, max) pair, got '
+            f'{objects_per_image!r}.'
+        )
     lo_n = _check_int('objects_per_image min', objects_per_image[0], 1, 200)
-    hi_n = _check_int('objects_per_image max', objects_per_image[1], lo_n,
-                      200)
+    hi_n = _check_int('objects_per_image max', objects_per_image[1], lo_n, 200)
     lo_s, hi_s = (float(v) for v in size_range)
     if not 0 < lo_s < hi_s <= 1:
         raise ValueError(
             'size_range=(min, max) is the object side as a fraction of the '
             f'shorter image side and needs 0 < min < max <= 1, got '
-            f'{tuple(size_range)}.')
+            f'{tuple(size_range)}.'
+        )
     if min(h, w) * hi_s < _MIN_OBJECT_SIDE * 2:
         raise ValueError(
             f'image_size={h}x{w} with size_range max {hi_s} leaves objects '
-            f'under {2 * _MIN_OBJECT_SIDE} px; use larger images or size_range.')
+            f'under {2 * _MIN_OBJECT_SIDE} px; use larger images or '
+            'size_range.'
+        )
     lo_a, hi_a = (float(v) for v in aspect_range)
     if not 0 < lo_a <= 1 <= hi_a:
-        raise ValueError('aspect_range=(min, max) (width / height) needs '
-                         f'0 < min <= 1 <= max, got {tuple(aspect_range)}.')
+        raise ValueError(
+            'aspect_range=(min, max) (width / height) needs '
+            f'0 < min <= 1 <= max, got {tuple(aspect_range)}.'
+        )
     if not 0 < float(min_visible) <= 1:
-        raise ValueError('min_visible is the least visible fraction of an '
-                         f'occluded object, in (0, 1]; got {min_visible}.')
+        raise ValueError(
+            'min_visible is the least visible fraction of an '
+            f'occluded object, in (0, 1]; got {min_visible}.'
+        )
     if not 0 <= float(clutter) <= 1:
         raise ValueError(f'clutter must be in [0, 1], got {clutter}.')
     if class_weights is None:
         class_weights = [1.0] * len(SYNTHETIC_CLASSES)
     class_weights = [float(v) for v in class_weights]
-    if (len(class_weights) != len(SYNTHETIC_CLASSES)
-            or min(class_weights) < 0 or sum(class_weights) <= 0):
+    if (
+        len(class_weights) != len(SYNTHETIC_CLASSES)
+        or min(class_weights) < 0
+        or sum(class_weights) <= 0
+    ):
         raise ValueError(
             f'class_weights needs {len(SYNTHETIC_CLASSES)} non-negative '
             f'values (one per class of {SYNTHETIC_CLASSES}) with a positive '
-            f'sum, got {class_weights}.')
+            f'sum, got {class_weights}.'
+        )
     total = sum(class_weights)
     return dict(
         format_version=FORMAT_VERSION,
@@ -122,19 +154,33 @@ def _parse_options(num_train, num_val, image_size, objects_per_image,
 
 def _random_color(rng: np.random.Generator) -> np.ndarray:
     """A saturated BGR colour (HSV with high S and V) so objects stand out."""
-    hsv = np.array([[[rng.integers(0, 180), rng.integers(120, 256),
-                      rng.integers(130, 256)]]], dtype=np.uint8)
+    hsv = np.array(
+        [
+            [
+                [
+                    rng.integers(0, 180),
+                    rng.integers(120, 256),
+                    rng.integers(130, 256),
+                ]
+            ]
+        ],
+        dtype=np.uint8,
+    )
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
 
 
-def _background(rng: np.random.Generator, h: int, w: int,
-                clutter: float) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, h: int, w: int, clutter: float
+) -> np.ndarray:
     """Smooth colour gradient + noise + distractor strokes, (H, W, 3) float."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = np.empty((h, w, 3), np.float32)
     for c in range(3):
-        a, b, base = rng.uniform(-40, 40), rng.uniform(-40, 40), rng.uniform(
-            40, 120)
+        a, b, base = (
+            rng.uniform(-40, 40),
+            rng.uniform(-40, 40),
+            rng.uniform(40, 120),
+        )
         img[..., c] = base + a * yy / h + b * xx / w
     img += rng.normal(0, 4 + 12 * clutter, (h, w, 1)).astype(np.float32)
     # Thin strokes and small blobs of object-like colours: they share colour
@@ -164,15 +210,36 @@ _POLYGONS = {
     'rectangle': np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64),
     'triangle': np.array([[0, -1], [1, 1], [-1, 1]], np.float64),
     'star': _star_polygon(),
-    'cross': np.array([[-0.33, -1], [0.33, -1], [0.33, -0.33], [1, -0.33],
-                       [1, 0.33], [0.33, 0.33], [0.33, 1], [-0.33, 1],
-                       [-0.33, 0.33], [-1, 0.33], [-1, -0.33], [-0.33, -0.33]],
-                      np.float64),
+    'cross': np.array(
+        [
+            [-0.33, -1],
+            [0.33, -1],
+            [0.33, -0.33],
+            [1, -0.33],
+            [1, 0.33],
+            [0.33, 0.33],
+            [0.33, 1],
+            [-0.33, 1],
+            [-0.33, 0.33],
+            [-1, 0.33],
+            [-1, -0.33],
+            [-0.33, -0.33],
+        ],
+        np.float64,
+    ),
 }
 
 
-def _shape_mask(name: str, h: int, w: int, cx: float, cy: float, bw: float,
-                bh: float, angle: float) -> np.ndarray:
+def _shape_mask(
+    name: str,
+    h: int,
+    w: int,
+    cx: float,
+    cy: float,
+    bw: float,
+    bh: float,
+    angle: float,
+) -> np.ndarray:
     """Boolean (H, W) mask of one shape centred at (cx, cy), box bw x bh."""
     canvas = np.zeros((h, w), np.uint8)
     if name in ('ellipse', 'ring'):
@@ -181,8 +248,9 @@ def _shape_mask(name: str, h: int, w: int, cx: float, cy: float, bw: float,
         cv2.ellipse(canvas, center, axes, math.degrees(angle), 0, 360, 1, -1)
         if name == 'ring':
             inner = (max(1, int(axes[0] * 0.55)), max(1, int(axes[1] * 0.55)))
-            cv2.ellipse(canvas, center, inner, math.degrees(angle), 0, 360, 0,
-                        -1)
+            cv2.ellipse(
+                canvas, center, inner, math.degrees(angle), 0, 360, 0, -1
+            )
     else:
         pts = _POLYGONS[name] * np.array([bw / 2, bh / 2])
         cos, sin = math.cos(angle), math.sin(angle)
@@ -216,8 +284,11 @@ def _draw_image(rng: np.random.Generator, opts: dict):
             bh = min(size / math.sqrt(aspect), h - 2)
             # Small tilts keep the classes apart (a rectangle turned 45
             # degrees would look like a rotated diamond, not another class).
-            angle = rng.uniform(-0.35, 0.35) if name != 'star' else \
-                rng.uniform(-math.pi, math.pi)
+            angle = (
+                rng.uniform(-0.35, 0.35)
+                if name != 'star'
+                else rng.uniform(-math.pi, math.pi)
+            )
             # The rotated box must stay inside the image.
             ext_w = abs(bw * math.cos(angle)) + abs(bh * math.sin(angle))
             ext_h = abs(bw * math.sin(angle)) + abs(bh * math.cos(angle))
@@ -230,9 +301,11 @@ def _draw_image(rng: np.random.Generator, opts: dict):
                 continue
             lost = np.bincount(labels[mask], minlength=len(objects) + 1)
             visible = np.bincount(labels.ravel(), minlength=len(objects) + 1)
-            ok = all(visible[k + 1] - lost[k + 1] >=
-                     opts['min_visible'] * objects[k][1]
-                     for k in range(len(objects)))
+            ok = all(
+                visible[k + 1] - lost[k + 1]
+                >= opts['min_visible'] * objects[k][1]
+                for k in range(len(objects))
+            )
             if ok:
                 break
         else:
@@ -254,12 +327,15 @@ def _draw_image(rng: np.random.Generator, opts: dict):
         if ys.size == 0:
             continue
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        anns.append(dict(
-            category_id=cls + 1,
-            bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-            area=float(ys.size),
-            iscrowd=0,
-            segmentation=_encode_rle(vis)))
+        anns.append(
+            dict(
+                category_id=cls + 1,
+                bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                area=float(ys.size),
+                iscrowd=0,
+                segmentation=_encode_rle(vis),
+            )
+        )
     return img, anns
 
 
@@ -296,8 +372,9 @@ def read_synthetic_meta(out_dir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def _write_split(split: str, count: int, opts: dict, seed: int,
-                 paths: dict) -> None:
+def _write_split(
+    split: str, count: int, opts: dict, seed: int, paths: dict
+) -> None:
     img_dir = paths[f'{split}_img_dir']
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
@@ -305,41 +382,54 @@ def _write_split(split: str, count: int, opts: dict, seed: int,
         rng = np.random.default_rng([seed, _SPLIT_IDS[split], i])
         img, anns = _draw_image(rng, opts)
         file_name = f'{i:06d}.png'
-        if not cv2.imwrite(osp.join(img_dir, file_name), img,
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        if not cv2.imwrite(
+            osp.join(img_dir, file_name), img, [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        ):
             raise OSError(f'could not write {osp.join(img_dir, file_name)}.')
         image_id = i + 1
-        images.append(dict(id=image_id, file_name=file_name,
-                           height=img.shape[0], width=img.shape[1]))
+        images.append(
+            dict(
+                id=image_id,
+                file_name=file_name,
+                height=img.shape[0],
+                width=img.shape[1],
+            )
+        )
         for ann in anns:
             ann.update(id=len(annotations) + 1, image_id=image_id)
             annotations.append(ann)
     coco = dict(
-        info=dict(description=f'mmdet-dyhead synthetic shapes ({split})',
-                  version=str(FORMAT_VERSION)),
+        info=dict(
+            description=f'mmdet-dyhead synthetic shapes ({split})',
+            version=str(FORMAT_VERSION),
+        ),
         licenses=[],
         images=images,
         annotations=annotations,
-        categories=[dict(id=k + 1, name=n, supercategory='shape')
-                    for k, n in enumerate(SYNTHETIC_CLASSES)])
+        categories=[
+            dict(id=k + 1, name=n, supercategory='shape')
+            for k, n in enumerate(SYNTHETIC_CLASSES)
+        ],
+    )
     with open(paths[f'{split}_ann'], 'w') as f:
         json.dump(coco, f, separators=(',', ':'))
 
 
 def generate_synthetic_coco(
-        out_dir: str,
-        num_train: int = 400,
-        num_val: int = 100,
-        image_size: Union[int, Tuple[int, int]] = 192,
-        seed: int = 0,
-        overwrite: bool = False,
-        objects_per_image: Sequence[int] = (2, 8),
-        size_range: Sequence[float] = (0.05, 0.9),
-        aspect_range: Sequence[float] = (0.5, 2.0),
-        min_visible: float = 0.5,
-        clutter: float = 0.5,
-        class_weights: Optional[Sequence[float]] = None,
-        reuse: bool = False) -> Dict[str, str]:
+    out_dir: str,
+    num_train: int = 400,
+    num_val: int = 100,
+    image_size: Union[int, Tuple[int, int]] = 192,
+    seed: int = 0,
+    overwrite: bool = False,
+    objects_per_image: Sequence[int] = (2, 8),
+    size_range: Sequence[float] = (0.05, 0.9),
+    aspect_range: Sequence[float] = (0.5, 2.0),
+    min_visible: float = 0.5,
+    clutter: float = 0.5,
+    class_weights: Optional[Sequence[float]] = None,
+    reuse: bool = False,
+) -> Dict[str, str]:
     """Write a deterministic COCO-format detection dataset to ``out_dir``.
 
     Layout: ``out_dir/annotations/instances_{train,val}.json``,
@@ -376,9 +466,17 @@ def generate_synthetic_coco(
         dict[str, str]: absolute ``data_root``, ``train_ann``, ``val_ann``,
         ``train_img_dir``, ``val_img_dir``.
     """
-    opts = _parse_options(num_train, num_val, image_size, objects_per_image,
-                          size_range, aspect_range, min_visible, clutter,
-                          class_weights)
+    opts = _parse_options(
+        num_train,
+        num_val,
+        image_size,
+        objects_per_image,
+        size_range,
+        aspect_range,
+        min_visible,
+        clutter,
+        class_weights,
+    )
     opts['seed'] = _check_int('seed', seed, 0)
     out_dir = osp.abspath(out_dir)
     paths = _split_paths(out_dir)
@@ -390,16 +488,22 @@ def generate_synthetic_coco(
             raise FileExistsError(
                 f'{out_dir} is not empty and was not made by '
                 f'generate_synthetic_coco (no {META_FILE}); refusing to write '
-                f'into it. Choose an empty or new folder.')
+                f'into it. Choose an empty or new folder.'
+            )
         complete = meta.pop('complete', False)
-        if reuse and complete and meta == opts and all(
-                osp.exists(p) for p in paths.values()):
+        if (
+            reuse
+            and complete
+            and meta == opts
+            and all(osp.exists(p) for p in paths.values())
+        ):
             return paths
         if not overwrite:
             raise FileExistsError(
                 f'{out_dir} already holds a synthetic dataset; pass '
                 f'overwrite=True (--overwrite) to replace it, or reuse=True '
-                f'to keep it when the options match.')
+                f'to keep it when the options match.'
+            )
         # Only what this function writes is removed; other files stay.
         for sub in ('annotations', 'train', 'val'):
             shutil.rmtree(osp.join(out_dir, sub), ignore_errors=True)

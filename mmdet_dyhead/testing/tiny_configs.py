@@ -5,6 +5,7 @@ configs, and mmdet's own, through mmengine's Runner and the tools: ResNet-18
 with 8 base channels, a 32-channel pyramid, 64 px images. Everything else
 (head, losses, assigners, optimizer type) stays what the config says.
 """
+
 import os.path as osp
 from typing import Dict, Optional
 
@@ -12,13 +13,19 @@ from mmengine.config import Config
 
 from .synthetic_coco import SYNTHETIC_CLASSES
 
-TEST_META_KEYS = ('img_id', 'img_path', 'ori_shape', 'img_shape',
-                  'scale_factor')
+TEST_META_KEYS = (
+    'img_id',
+    'img_path',
+    'ori_shape',
+    'img_shape',
+    'scale_factor',
+)
 
 
 def mmdet_config_path(rel_path: str) -> str:
     """``configs/<rel_path>`` as shipped in the installed mmdet wheel."""
     import mmdet
+
     return osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', rel_path)
 
 
@@ -40,7 +47,8 @@ def shrink_model(model: dict, channels: int = 32) -> None:
         model.bbox_head.update(
             num_classes=num_classes,
             in_channels=channels,
-            feat_channels=channels)
+            feat_channels=channels,
+        )
         if model.bbox_head.type == 'RepPointsHead':
             model.bbox_head.point_feat_channels = channels
         model.test_cfg.score_thr = 0.0
@@ -54,14 +62,16 @@ def shrink_model(model: dict, channels: int = 32) -> None:
         model.test_cfg.rcnn.score_thr = 0.0
 
 
-def tiny_detector_cfg(config_file: str,
-                      data: Dict[str, str],
-                      work_dir: str,
-                      iters: int = 6,
-                      image: int = 64,
-                      batch_size: int = 2,
-                      lr: Optional[float] = 0.05,
-                      checkpoint_interval: Optional[int] = None) -> Config:
+def tiny_detector_cfg(
+    config_file: str,
+    data: Dict[str, str],
+    work_dir: str,
+    iters: int = 6,
+    image: int = 64,
+    batch_size: int = 2,
+    lr: Optional[float] = 0.05,
+    checkpoint_interval: Optional[int] = None,
+) -> Config:
     """Load ``config_file`` as a user would and shrink it for ``data``.
 
     Args:
@@ -111,7 +121,9 @@ def tiny_detector_cfg(config_file: str,
                 metainfo=dict(classes=SYNTHETIC_CLASSES),
                 filter_cfg=dict(filter_empty_gt=split == 'train'),
                 test_mode=split != 'train',
-                pipeline=pipeline))
+                pipeline=pipeline,
+            ),
+        )
 
     cfg.train_dataloader = loader('train', train_pipeline)
     cfg.val_dataloader = cfg.test_dataloader = loader('val', test_pipeline)
@@ -119,9 +131,11 @@ def tiny_detector_cfg(config_file: str,
         type='CocoMetric',
         ann_file=data['val_ann'],
         metric='bbox',
-        outfile_prefix=osp.join(work_dir, 'dets'))
+        outfile_prefix=osp.join(work_dir, 'dets'),
+    )
     cfg.train_cfg = dict(
-        type='IterBasedTrainLoop', max_iters=iters, val_interval=iters + 1)
+        type='IterBasedTrainLoop', max_iters=iters, val_interval=iters + 1
+    )
     # Keep the family's optimizer; drop the 500-iteration warm-up, which
     # would hold the learning rate near zero for the whole run.
     cfg.param_scheduler = []
@@ -129,9 +143,12 @@ def tiny_detector_cfg(config_file: str,
         cfg.optim_wrapper.optimizer.lr = lr
     cfg.optim_wrapper.clip_grad = dict(max_norm=10, norm_type=2)
     cfg.default_hooks.checkpoint = (
-        dict(type='CheckpointHook', by_epoch=False,
-             interval=checkpoint_interval)
-        if checkpoint_interval else None)
+        dict(
+            type='CheckpointHook', by_epoch=False, interval=checkpoint_interval
+        )
+        if checkpoint_interval
+        else None
+    )
     cfg.default_hooks.logger.interval = 1
     cfg.log_processor = dict(by_epoch=False)
     cfg.log_level = 'WARNING'

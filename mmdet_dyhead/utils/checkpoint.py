@@ -16,6 +16,7 @@ What torch and mmengine already do is used as it is: torch.hub downloads
   file is (an HTML page, a git-LFS pointer, JSON, a numpy array, a
   truncated archive) and name a refused code-running payload.
 """
+
 import hashlib
 import os
 import os.path as osp
@@ -36,7 +37,8 @@ CODE_RUNNING = re.compile(
     r'^(os|posix|nt|subprocess|sys|shutil|socket|runpy|importlib|pty|'
     r'webbrowser|code|marshal|pickle|ctypes)\.|'
     r'^builtins\.(eval|exec|compile|__import__|open|getattr|setattr|'
-    r'globals|locals|vars|input|breakpoint)$')
+    r'globals|locals|vars|input|breakpoint)$'
+)
 
 
 class CheckpointError(RuntimeError):
@@ -82,18 +84,24 @@ def describe_non_checkpoint(path: str) -> Optional[str]:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
-            return ('it is a truncated or corrupt zip archive (an '
-                    'interrupted download or copy)')
+            return (
+                'it is a truncated or corrupt zip archive (an '
+                'interrupted download or copy)'
+            )
         if any(n.endswith('data.pkl') for n in names):
             return None
-        return (f'it is a zip archive without data.pkl, not a torch '
-                f'checkpoint (entries: {names[:5]})')
+        return (
+            f'it is a zip archive without data.pkl, not a torch '
+            f'checkpoint (entries: {names[:5]})'
+        )
     if head.startswith(b'\x80\x02'):  # torch.save's legacy format
         return None
     if head[:1] == b'\x80' and 3 <= head[1] <= 5:
-        return (f'it is a plain Python pickle (protocol {head[1]}), not a '
-                f'file written by torch.save; unpickling it could run code, '
-                f'so it is not loaded')
+        return (
+            f'it is a plain Python pickle (protocol {head[1]}), not a '
+            f'file written by torch.save; unpickling it could run code, '
+            f'so it is not loaded'
+        )
     if head.startswith(b'\x93NUMPY'):
         return 'it is a numpy .npy array (load it with numpy.load)'
     if head.startswith(b'\x89HDF'):
@@ -103,12 +111,16 @@ def describe_non_checkpoint(path: str) -> Optional[str]:
     text = head.decode('utf-8', errors='replace').lstrip('\ufeff').lstrip()
     lowered = text.lower()
     if lowered.startswith('version https://git-lfs'):
-        return ('it is a git-LFS pointer file, not the weights (run '
-                '`git lfs pull` in its repository, or download the file '
-                'itself)')
+        return (
+            'it is a git-LFS pointer file, not the weights (run '
+            '`git lfs pull` in its repository, or download the file '
+            'itself)'
+        )
     if lowered.startswith(('<!doctype', '<html', '<?xml', '<head', '<body')):
-        return ('it is an HTML/XML page (a login, error or redirect page '
-                'saved instead of the file)')
+        return (
+            'it is an HTML/XML page (a login, error or redirect page '
+            'saved instead of the file)'
+        )
     if text.startswith(('{', '[')):
         return 'it is JSON text'
     first_line = text.splitlines()[0][:60] if text else ''
@@ -139,7 +151,8 @@ def load_weights_only(path: str, map_location=None) -> object:
     if problem:
         raise CheckpointError(
             f'{path} is not a torch checkpoint: {problem}. Fix: check the '
-            f'path, or download or copy the file again.')
+            f'path, or download or copy the file again.'
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -149,7 +162,8 @@ def load_weights_only(path: str, map_location=None) -> object:
                 f'Refused {path}: loading it would call {name}, which runs '
                 f'commands or code. It is not a checkpoint but a payload; do '
                 f'not load it with weights_only=False. Delete it unless you '
-                f'know why it is there.') from err
+                f'know why it is there.'
+            ) from err
         if name:
             raise CheckpointError(
                 f'Checkpoint {path} holds a {name} object, which a '
@@ -158,16 +172,19 @@ def load_weights_only(path: str, map_location=None) -> object:
                 f"{{'state_dict': tensors}} file (official DyHead files: "
                 f'tools/convert_official_dyhead.py); mmengine checkpoints '
                 f'load through the package tools, see '
-                f'docs/model_zoo.md.') from err
+                f'docs/model_zoo.md.'
+            ) from err
         raise CheckpointError(
             f'Cannot unpickle {path}: {str(err).splitlines()[0]}. The file '
             f'is truncated or corrupt. Fix: download or copy it '
-            f'again.') from err
+            f'again.'
+        ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(
             f'Cannot read checkpoint {path}: {str(err).splitlines()[0]}. The '
             f'file is truncated or corrupt. Fix: download or copy it '
-            f'again.') from err
+            f'again.'
+        ) from err
 
 
 # ----------------------------------------------------------------------------
@@ -185,21 +202,25 @@ def _check_cached(path: str, url: str, sha256: Optional[str]) -> None:
         if not digest.startswith(sha256.lower()):
             raise CheckpointHashError(
                 f'The cached copy of {url} at {path} has sha256 '
-                f'{digest[:len(sha256)]}..., but the file is published with '
+                f'{digest[: len(sha256)]}..., but the file is published with '
                 f'{sha256}... It is truncated or was replaced. Fix: delete '
-                f'{path} (a cached download) and run again.')
+                f'{path} (a cached download) and run again.'
+            )
     problem = describe_non_checkpoint(path)
     if problem:
         raise CheckpointError(
             f'The cached copy of {url} at {path} is not a torch checkpoint: '
             f'{problem}. Fix: delete {path} (a cached download) and run '
-            f'again.')
+            f'again.'
+        )
 
 
-def download_checkpoint(url: str,
-                        sha256: Optional[str] = None,
-                        cache_dir: Optional[str] = None,
-                        progress: bool = False) -> str:
+def download_checkpoint(
+    url: str,
+    sha256: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    progress: bool = False,
+) -> str:
     """Download ``url`` into ``cache_dir`` once; only a complete, verified
     torch checkpoint reaches the cached name.
 
@@ -227,13 +248,15 @@ def download_checkpoint(url: str,
         _check_cached(path, url, sha256)
         return path
     os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.part',
-                               dir=cache_dir)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f'.{name}.', suffix='.part', dir=cache_dir
+    )
     os.close(fd)
     try:
         try:
             torch.hub.download_url_to_file(
-                url, tmp, hash_prefix=sha256, progress=progress)
+                url, tmp, hash_prefix=sha256, progress=progress
+            )
         except RuntimeError as err:
             if 'invalid hash value' not in str(err):
                 raise
@@ -242,18 +265,21 @@ def download_checkpoint(url: str,
                 f'with the published {sha256} ({err}). The server sent '
                 f'another file or the transfer was damaged; nothing was '
                 f'cached. Fix: run again; if it persists, the published file '
-                f'changed: report it.') from err
+                f'changed: report it.'
+            ) from err
         except OSError as err:
             raise CheckpointError(
                 f'Could not download {url}: {err}. Fix: check the network, '
                 f'or fetch the file by other means and put it at {path} (it '
-                f'is checked there before use).') from err
+                f'is checked there before use).'
+            ) from err
         problem = describe_non_checkpoint(tmp)
         if problem:
             raise CheckpointError(
                 f'The download of {url} is not a torch checkpoint: {problem}. '
                 f'Nothing was cached. Fix: check the URL (and whether it '
-                f'needs a login).')
+                f'needs a login).'
+            )
         os.replace(tmp, path)
     finally:
         if osp.exists(tmp):
@@ -277,6 +303,7 @@ def zoo_weights() -> Dict[str, Tuple[str, str]]:
     """``{model name: (weights URL, sha256 prefix)}`` from the model index,
     for every zoo entry that has weights."""
     import yaml
+
     root = _mim_root()
     with open(osp.join(root, 'model-index.yml')) as f:
         index = yaml.safe_load(f)
@@ -287,8 +314,9 @@ def zoo_weights() -> Dict[str, Tuple[str, str]]:
         for model in meta.get('Models', []):
             url = model.get('Weights')
             if url:
-                sha = str(model.get('Metadata', {}).get(
-                    'Weights SHA256 Prefix', ''))
+                sha = str(
+                    model.get('Metadata', {}).get('Weights SHA256 Prefix', '')
+                )
                 entries[model['Name']] = (url, sha)
     return entries
 
@@ -299,22 +327,25 @@ def resolve_zoo_name(filename: str) -> Tuple[str, str]:
     Raises:
         CheckpointError: Unknown name, or an entry without a hash.
     """
-    name = filename[len(SCHEME):] if filename.startswith(SCHEME) else filename
+    name = filename[len(SCHEME) :] if filename.startswith(SCHEME) else filename
     zoo = zoo_weights()
     if name not in zoo:
         raise CheckpointError(
             f'{SCHEME}{name} is not in the model zoo. Models with weights: '
-            f'{sorted(zoo)} (see docs/model_zoo.md).')
+            f'{sorted(zoo)} (see docs/model_zoo.md).'
+        )
     url, sha = zoo[name]
     if not sha:
-        raise CheckpointError(f'{SCHEME}{name} has no published sha256 in '
-                              f'its metafile; refusing an unchecked file.')
+        raise CheckpointError(
+            f'{SCHEME}{name} has no published sha256 in '
+            f'its metafile; refusing an unchecked file.'
+        )
     return url, sha
 
 
-def load_from_dyhead(filename: str,
-                     map_location=None,
-                     model_dir: Optional[str] = None) -> object:
+def load_from_dyhead(
+    filename: str, map_location=None, model_dir: Optional[str] = None
+) -> object:
     """mmengine scheme loader for ``dyhead://<model name>``.
 
     In distributed runs rank 0 downloads first; the others then read the
@@ -326,6 +357,7 @@ def load_from_dyhead(filename: str,
         model_dir (str, optional): Cache directory (default torch.hub's).
     """
     from mmengine.dist import get_dist_info
+
     url, sha = resolve_zoo_name(filename)
     rank, world_size = get_dist_info()
     if rank == 0:

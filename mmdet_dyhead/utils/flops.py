@@ -25,6 +25,7 @@ or let :func:`flop_handles_registered` add them to mmengine's defaults for
 the duration of a ``with`` block (what ``tools/get_flops.py`` does around
 ``get_model_complexity_info`` and mmdet's ``get_flops.py``).
 """
+
 import contextlib
 from typing import Any, Iterator, List
 
@@ -54,6 +55,7 @@ def mmcv_deform_conv_flop_jit(weight_index: int):
         out_shape = get_shape(outputs[0])
         w_shape = get_shape(inputs[weight_index])
         return _prod(out_shape) * _prod(w_shape[1:])
+
     return handle
 
 
@@ -93,6 +95,7 @@ def flop_handles_registered() -> Iterator[None]:
     the block behave as mmengine ships them.
     """
     from mmengine.analysis import complexity_analysis
+
     table = complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS
     saved = dict(table)
     table.update(FLOP_HANDLES)

@@ -8,6 +8,7 @@ once, and recognises common causes. :func:`load_state_dict` loads with it,
 :func:`load_checkpoint` reads a file first (weights-only, with the errors
 of :mod:`.checkpoint`). The official-weights converter reports with it too.
 """
+
 import logging
 import re
 from collections import OrderedDict
@@ -15,8 +16,12 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
-from .checkpoint import (SCHEME, CheckpointError, download_checkpoint,
-                         load_weights_only)
+from .checkpoint import (
+    SCHEME,
+    CheckpointError,
+    download_checkpoint,
+    load_weights_only,
+)
 from .safe_load import mmengine_safe_globals
 
 
@@ -33,7 +38,11 @@ def _ranges(numbers: Iterable[int]) -> str:
         if i + 1 == len(nums) or nums[i + 1] != n + 1:
             parts.append(str(start) if start == n else f'{start}-{n}')
             start = None
-    return parts[0] if len(parts) == 1 and '-' not in parts[0] else '{' + ','.join(parts) + '}'
+    return (
+        parts[0]
+        if len(parts) == 1 and '-' not in parts[0]
+        else '{' + ','.join(parts) + '}'
+    )
 
 
 def group_keys(keys: Iterable[str]) -> List[Tuple[str, List[str], int]]:
@@ -63,8 +72,10 @@ def group_keys(keys: Iterable[str]) -> List[Tuple[str, List[str], int]]:
         group['count'] += 1
     out = []
     for shape, group in groups.items():
-        name = '.'.join(_ranges(group['nums'][pos]) if part == '#' else part
-                        for pos, part in enumerate(shape))
+        name = '.'.join(
+            _ranges(group['nums'][pos]) if part == '#' else part
+            for pos, part in enumerate(shape)
+        )
         out.append((name or '<root>', group['leaves'], group['count']))
     return out
 
@@ -78,9 +89,12 @@ class KeyReport:
         mismatched (Sequence[tuple]): ``(key, checkpoint shape, model shape)``.
     """
 
-    def __init__(self, missing: Sequence[str] = (),
-                 unexpected: Sequence[str] = (),
-                 mismatched: Sequence[Tuple[str, tuple, tuple]] = ()) -> None:
+    def __init__(
+        self,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[Tuple[str, tuple, tuple]] = (),
+    ) -> None:
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
@@ -94,21 +108,33 @@ class KeyReport:
         """Likely causes, recognised from the key names."""
         hints = []
         if any('dyhead_tower' in k for k in self.unexpected):
-            hints.append('The checkpoint is an official microsoft/DynamicHead '
-                         '(detectron2) one: convert it first with '
-                         'tools/convert_official_dyhead.py.')
-        if self.unexpected and all(k.startswith('module.') for k in self.unexpected):
-            hints.append("Every unexpected key starts with 'module.': strip it "
-                         "(revise_keys=[(r'^module\\.', '')]).")
-        branch_bias = re.compile(r'(spatial_conv_(high|mid|low)|_branch)\.conv\.bias$')
+            hints.append(
+                'The checkpoint is an official microsoft/DynamicHead '
+                '(detectron2) one: convert it first with '
+                'tools/convert_official_dyhead.py.'
+            )
+        if self.unexpected and all(
+            k.startswith('module.') for k in self.unexpected
+        ):
+            hints.append(
+                "Every unexpected key starts with 'module.': strip it "
+                "(revise_keys=[(r'^module\\.', '')])."
+            )
+        branch_bias = re.compile(
+            r'(spatial_conv_(high|mid|low)|_branch)\.conv\.bias$'
+        )
         if any(branch_bias.search(k) for k in self.missing):
-            hints.append("The model has DCN biases (preset='official') but the "
-                         "checkpoint does not (mmdet's DyHead): use "
-                         "DyHeadNeck(preset='mmdet') or dcn_bias=False.")
+            hints.append(
+                "The model has DCN biases (preset='official') but the "
+                "checkpoint does not (mmdet's DyHead): use "
+                "DyHeadNeck(preset='mmdet') or dcn_bias=False."
+            )
         if any(branch_bias.search(k) for k in self.unexpected):
-            hints.append("The checkpoint has DCN biases (official DyHead) but "
-                         "the model does not: use DyHeadNeck(preset='official') "
-                         'or dcn_bias=True.')
+            hints.append(
+                'The checkpoint has DCN biases (official DyHead) but '
+                "the model does not: use DyHeadNeck(preset='official') "
+                'or dcn_bias=True.'
+            )
         return hints
 
     def format(self, max_groups: int = 30) -> str:
@@ -118,8 +144,16 @@ class KeyReport:
             max_groups (int): Groups shown per section before eliding.
         """
         lines = []
-        sections = (('missing keys (in the model, not in the checkpoint)', self.missing),
-                    ('unexpected keys (in the checkpoint, not in the model)', self.unexpected))
+        sections = (
+            (
+                'missing keys (in the model, not in the checkpoint)',
+                self.missing,
+            ),
+            (
+                'unexpected keys (in the checkpoint, not in the model)',
+                self.unexpected,
+            ),
+        )
         for title, keys in sections:
             if not keys:
                 continue
@@ -127,20 +161,32 @@ class KeyReport:
             for k in keys:
                 tops[k.split('.')[0]] = tops.get(k.split('.')[0], 0) + 1
             groups = group_keys(keys)
-            lines.append(f'{len(keys)} {title}, {len(groups)} module group(s); '
-                         'by top-level module: ' +
-                         ', '.join(f'{t} {n}' for t, n in tops.items()))
+            lines.append(
+                f'{len(keys)} {title}, {len(groups)} module group(s); '
+                'by top-level module: '
+                + ', '.join(f'{t} {n}' for t, n in tops.items())
+            )
             for name, leaves, count in groups[:max_groups]:
-                lines.append(f'  {name}: {", ".join(leaves)} ({count} key'
-                             f'{"s" if count > 1 else ""})')
+                lines.append(
+                    f'  {name}: {", ".join(leaves)} ({count} key'
+                    f'{"s" if count > 1 else ""})'
+                )
             if len(groups) > max_groups:
-                lines.append(f'  ... and {len(groups) - max_groups} more groups')
+                lines.append(
+                    f'  ... and {len(groups) - max_groups} more groups'
+                )
         if self.mismatched:
-            lines.append(f'{len(self.mismatched)} shape mismatch(es) (not loaded):')
+            lines.append(
+                f'{len(self.mismatched)} shape mismatch(es) (not loaded):'
+            )
             for key, got, want in self.mismatched[:max_groups]:
-                lines.append(f'  {key}: checkpoint {tuple(got)}, model {tuple(want)}')
+                lines.append(
+                    f'  {key}: checkpoint {tuple(got)}, model {tuple(want)}'
+                )
             if len(self.mismatched) > max_groups:
-                lines.append(f'  ... and {len(self.mismatched) - max_groups} more')
+                lines.append(
+                    f'  ... and {len(self.mismatched) - max_groups} more'
+                )
         for hint in self.hints():
             lines.append(f'hint: {hint}')
         return '\n'.join(lines) if lines else 'all keys matched'
@@ -153,6 +199,7 @@ def _fit_mmdet_names(state_dict: Dict, own: Dict) -> 'OrderedDict':
     shapes can be compared before loading (``DyHeadNeck`` renames them on
     load anyway)."""
     from mmdet_dyhead.models.key_mapping import from_mmdet_keys
+
     out = OrderedDict()
     for key, value in state_dict.items():
         if key not in own:
@@ -162,10 +209,12 @@ def _fit_mmdet_names(state_dict: Dict, own: Dict) -> 'OrderedDict':
     return out
 
 
-def load_state_dict(module: torch.nn.Module,
-                    state_dict: Dict,
-                    strict: bool = False,
-                    logger=None) -> KeyReport:
+def load_state_dict(
+    module: torch.nn.Module,
+    state_dict: Dict,
+    strict: bool = False,
+    logger=None,
+) -> KeyReport:
     """Load ``state_dict`` into ``module``, reporting keys grouped by module.
 
     Same semantics as ``mmengine.runner.checkpoint.load_state_dict``: model
@@ -186,18 +235,21 @@ def load_state_dict(module: torch.nn.Module,
     """
     from mmengine.logging import print_log
     from mmengine.model import BaseTTAModel, is_model_wrapper
+
     if is_model_wrapper(module) or isinstance(module, BaseTTAModel):
         module = module.module
     metadata = getattr(state_dict, '_metadata', None)
     own = module.state_dict()
     state_dict = _fit_mmdet_names(state_dict, own)
-    mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
-                  for k, v in state_dict.items()
-                  if k in own and hasattr(v, 'shape')
-                  and v.shape != own[k].shape]
+    mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in state_dict.items()
+        if k in own and hasattr(v, 'shape') and v.shape != own[k].shape
+    ]
     skip = {k for k, _, _ in mismatched}
     filtered = OrderedDict(
-        (k, v) for k, v in state_dict.items() if k not in skip)
+        (k, v) for k, v in state_dict.items() if k not in skip
+    )
     if metadata is not None:
         filtered._metadata = metadata
     try:
@@ -206,9 +258,11 @@ def load_state_dict(module: torch.nn.Module,
         # Shapes of keys that a submodule renames while loading, under
         # names this report does not know, are only checked by torch.
         raise CheckpointKeyError(
-            f'Checkpoint does not fit the model: {err}') from err
+            f'Checkpoint does not fit the model: {err}'
+        ) from err
     missing = [
-        k for k in result.missing_keys
+        k
+        for k in result.missing_keys
         if k not in skip and not k.endswith('num_batches_tracked')
     ]
     report = KeyReport(missing, result.unexpected_keys, mismatched)
@@ -220,8 +274,7 @@ def load_state_dict(module: torch.nn.Module,
     return report
 
 
-def extract_state_dict(checkpoint: object,
-                       source: str = 'checkpoint') -> Dict:
+def extract_state_dict(checkpoint: object, source: str = 'checkpoint') -> Dict:
     """The weights inside a loaded checkpoint (``state_dict`` or ``model``
     entry, or the dict itself).
 
@@ -230,8 +283,10 @@ def extract_state_dict(checkpoint: object,
         source (str): Name for the error message.
     """
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}'
-                              ', not a dict of weights.')
+        raise CheckpointError(
+            f'{source} holds a {type(checkpoint).__name__}'
+            ', not a dict of weights.'
+        )
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
@@ -239,7 +294,8 @@ def extract_state_dict(checkpoint: object,
         return checkpoint
     raise CheckpointError(
         f'{source} has no weights: no "state_dict" or "model" entry and its '
-        f'values are not tensors (top-level keys: {sorted(checkpoint)[:10]}).')
+        f'values are not tensors (top-level keys: {sorted(checkpoint)[:10]}).'
+    )
 
 
 def read_checkpoint(filename: str, map_location='cpu') -> object:
@@ -251,23 +307,27 @@ def read_checkpoint(filename: str, map_location='cpu') -> object:
     """
     if filename.startswith(SCHEME):
         from mmengine.runner.checkpoint import CheckpointLoader
+
         return CheckpointLoader.load_checkpoint(filename, map_location)
     if filename.startswith(('http://', 'https://')):
         from torch.hub import HASH_REGEX
+
         found = HASH_REGEX.search(filename.rsplit('/', 1)[-1])
-        filename = download_checkpoint(filename,
-                                       found.group(1) if found else None)
+        filename = download_checkpoint(
+            filename, found.group(1) if found else None
+        )
     with mmengine_safe_globals():
         return load_weights_only(filename, map_location)
 
 
-def load_checkpoint(model: torch.nn.Module,
-                    filename: str,
-                    map_location='cpu',
-                    strict: bool = True,
-                    revise_keys: Sequence[Tuple[str, str]] = ((r'^module\.',
-                                                               ''), ),
-                    logger=None) -> KeyReport:
+def load_checkpoint(
+    model: torch.nn.Module,
+    filename: str,
+    map_location='cpu',
+    strict: bool = True,
+    revise_keys: Sequence[Tuple[str, str]] = ((r'^module\.', ''),),
+    logger=None,
+) -> KeyReport:
     """Load a checkpoint into ``model``, checked, with a grouped report.
 
     Args:
@@ -283,8 +343,10 @@ def load_checkpoint(model: torch.nn.Module,
         KeyReport: What did not fit (empty when strict succeeded).
     """
     state_dict = extract_state_dict(
-        read_checkpoint(filename, map_location), filename)
+        read_checkpoint(filename, map_location), filename
+    )
     for pattern, repl in revise_keys:
         state_dict = OrderedDict(
-            (re.sub(pattern, repl, k), v) for k, v in state_dict.items())
+            (re.sub(pattern, repl, k), v) for k, v in state_dict.items()
+        )
     return load_state_dict(model, state_dict, strict=strict, logger=logger)

@@ -20,6 +20,7 @@ would let a checkpoint read any attribute of any loadable object, so the name
 ``builtins.getattr`` is bound to :func:`history_buffer_getattr`, which only
 returns HistoryBuffer's registered statistics methods.
 """
+
 import contextlib
 import pickle
 from typing import ContextManager, List
@@ -30,33 +31,44 @@ import torch
 def history_buffer_getattr(obj, name: str):
     """``getattr`` as seen by the weights-only unpickler: statistics only."""
     from mmengine.logging.history_buffer import HistoryBuffer
+
     allowed = set(HistoryBuffer._statistics_methods) | {
-        'min', 'max', 'current', 'mean'
+        'min',
+        'max',
+        'current',
+        'mean',
     }
     if obj is HistoryBuffer and name in allowed:
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(
         f'checkpoint asks for getattr({obj!r}, {name!r}); only '
-        f'HistoryBuffer statistics methods are allowed in weights_only loads.')
+        f'HistoryBuffer statistics methods are allowed in weights_only loads.'
+    )
 
 
 def mmengine_checkpoint_globals() -> List[object]:
     """The non-tensor classes and functions an mmengine checkpoint pickles."""
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
+
     try:  # numpy >= 2
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar
     safe = [
-        HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype,
-        (history_buffer_getattr, 'builtins.getattr')
+        HistoryBuffer,
+        _reconstruct,
+        scalar,
+        np.ndarray,
+        np.dtype,
+        (history_buffer_getattr, 'builtins.getattr'),
     ]
     # numpy >= 1.25 pickles dtypes by their class (numpy.dtypes.Float64DType).
     dtypes = getattr(np, 'dtypes', None)
     if dtypes is not None:
         safe += [
-            getattr(dtypes, name) for name in dir(dtypes)
+            getattr(dtypes, name)
+            for name in dir(dtypes)
             if name.endswith('DType')
             and isinstance(getattr(dtypes, name), type)
         ]

@@ -2,14 +2,27 @@
 
 See docs/visualization.md and tools/visualize_attention.py.
 """
-from .collectors import (BlockFeatureCollector, ScaleWeightCollector,
-                         find_layers, fusion_order, resolve_layer)
-from .plots import (activation_map, plot_feature_stages,
-                    plot_scale_ratio_histograms)
+
+from .collectors import (
+    BlockFeatureCollector,
+    ScaleWeightCollector,
+    find_layers,
+    fusion_order,
+    resolve_layer,
+)
+from .plots import (
+    activation_map,
+    plot_feature_stages,
+    plot_scale_ratio_histograms,
+)
 
 __all__ = [
-    'BlockFeatureCollector', 'ScaleWeightCollector', 'find_layers',
+    'BlockFeatureCollector',
+    'ScaleWeightCollector',
+    'find_layers',
     'fusion_order',
-    'resolve_layer', 'activation_map', 'plot_feature_stages',
-    'plot_scale_ratio_histograms'
+    'resolve_layer',
+    'activation_map',
+    'plot_feature_stages',
+    'plot_scale_ratio_histograms',
 ]

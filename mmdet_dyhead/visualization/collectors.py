@@ -4,6 +4,7 @@ Nothing here changes the model: hooks are attached to existing modules,
 read tensors as they pass, and are removed on :meth:`remove` (or when the
 collector is used as a context manager).
 """
+
 from collections import defaultdict, deque
 from typing import Dict, List, Optional, Tuple
 
@@ -26,11 +27,17 @@ def find_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """
     from mmdet_dyhead.models.layers import DynamicHeadBlock
     from mmdet_dyhead.models.necks import DyHeadNeck
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (DyHeadNeck, DynamicHeadBlock))}
+
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (DyHeadNeck, DynamicHeadBlock))
+    }
 
 
-def resolve_layer(model: nn.Module, name: Optional[str] = None) -> Tuple[str, nn.Module]:
+def resolve_layer(
+    model: nn.Module, name: Optional[str] = None
+) -> Tuple[str, nn.Module]:
     """The DyHead neck (or block) called ``name``; the first neck if None.
 
     Args:
@@ -44,16 +51,21 @@ def resolve_layer(model: nn.Module, name: Optional[str] = None) -> Tuple[str, nn
         ValueError: No such layer; the message lists the available ones.
     """
     from mmdet_dyhead.models.necks import DyHeadNeck
+
     layers = find_layers(model)
     if not layers:
-        raise ValueError(f'{type(model).__name__} has no DyHeadNeck; the '
-                         f"attention plots need a neck of type='DyHeadNeck'.")
+        raise ValueError(
+            f'{type(model).__name__} has no DyHeadNeck; the '
+            f"attention plots need a neck of type='DyHeadNeck'."
+        )
     if name is None:
         name = next(n for n, m in layers.items() if isinstance(m, DyHeadNeck))
     if name not in layers:
         listing = '\n  '.join(layers)
-        raise ValueError(f"layer '{name}' does not exist in this model. "
-                         f'Layers that can be visualised:\n  {listing}')
+        raise ValueError(
+            f"layer '{name}' does not exist in this model. "
+            f'Layers that can be visualised:\n  {listing}'
+        )
     return name, layers[name]
 
 
@@ -88,8 +100,11 @@ class BlockFeatureCollector:
         first = self.blocks[0]
         self._handles.append(first.register_forward_pre_hook(self._before))
         for k, block in enumerate(self.blocks, start=1):
-            self._handles.append(block.register_forward_hook(
-                lambda m, inputs, output, k=k: self._after(k, output)))
+            self._handles.append(
+                block.register_forward_hook(
+                    lambda m, inputs, output, k=k: self._after(k, output)
+                )
+            )
 
     def _before(self, module, inputs) -> None:
         self.stages = {0: _detach_levels(inputs[0])}
@@ -159,9 +174,11 @@ class ScaleWeightCollector:
                 continue
             self._handles += [
                 block.register_forward_pre_hook(
-                    lambda m, inputs, k=k: self._start(k, m, inputs[0])),
+                    lambda m, inputs, k=k: self._start(k, m, inputs[0])
+                ),
                 block.scale_attn.register_forward_hook(
-                    lambda m, inputs, out, k=k: self._weight(k, inputs[0], out)),
+                    lambda m, inputs, out, k=k: self._weight(k, inputs[0], out)
+                ),
             ]
 
     def _start(self, k: int, block: nn.Module, feats) -> None:
@@ -172,14 +189,17 @@ class ScaleWeightCollector:
             sizes=[tuple(f.shape[-2:]) for f in feats],
             # scale_first: one call per input level, in level order.
             pending=deque(range(len(feats)) if scale_first else order),
-            order=order)
+            order=order,
+        )
 
     def _weight(self, k: int, source: Tensor, out: Tensor) -> None:
         st = self._state[k]
         if not st['pending']:
-            raise RuntimeError(f'block {k} computed more scale weights than '
-                               f'it has terms; DynamicHeadBlock.forward no longer '
-                               f'matches ScaleWeightCollector.')
+            raise RuntimeError(
+                f'block {k} computed more scale weights than '
+                f'it has terms; DynamicHeadBlock.forward no longer '
+                f'matches ScaleWeightCollector.'
+            )
         item = st['pending'].popleft()
         w = out.detach().float().cpu().flatten()
         size_level = item if st['scale_first'] else item[0]
@@ -187,8 +207,9 @@ class ScaleWeightCollector:
             raise RuntimeError(
                 f'block {k}: scale weight for {item} was computed from a '
                 f'{tuple(source.shape[-2:])} map, expected level {size_level} '
-                f'{st["sizes"][size_level]}; DynamicHeadBlock.forward no longer '
-                f'matches ScaleWeightCollector.')
+                f'{st["sizes"][size_level]}; DynamicHeadBlock.forward no '
+                f'longer matches ScaleWeightCollector.'
+            )
         if st['scale_first']:
             for level, src in st['order']:
                 if src == item:
@@ -214,8 +235,10 @@ class ScaleWeightCollector:
             dict[int, Tensor]: Output level -> ratios, one per image seen.
         """
         if block not in self.weights:
-            raise KeyError(f'no scale weights recorded for block {block}; '
-                           f'recorded: {sorted(self.weights)}.')
+            raise KeyError(
+                f'no scale weights recorded for block {block}; '
+                f'recorded: {sorted(self.weights)}.'
+            )
         rec = self.weights[block]
         out = {}
         for level in sorted({lv for lv, _ in rec}):

@@ -1,4 +1,5 @@
 """Matplotlib figures for paper Figures 3 and 4 (PNG, Agg backend)."""
+
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -9,13 +10,16 @@ from torch import Tensor
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use('Agg')  # files only; no display needed
     import matplotlib.pyplot as plt
+
     return plt
 
 
-def activation_map(feat: Tensor, valid_hw: Tuple[int, int],
-                   out_hw: Tuple[int, int]) -> np.ndarray:
+def activation_map(
+    feat: Tensor, valid_hw: Tuple[int, int], out_hw: Tuple[int, int]
+) -> np.ndarray:
     """Where a feature map responds: channel L2 norm, scaled to [0, 1].
 
     Args:
@@ -28,18 +32,24 @@ def activation_map(feat: Tensor, valid_hw: Tuple[int, int],
     Returns:
         np.ndarray: (out_h, out_w) float array in [0, 1].
     """
-    energy = feat.float().norm(dim=0)[:valid_hw[0], :valid_hw[1]]
-    energy = F.interpolate(energy[None, None], size=out_hw, mode='bilinear',
-                           align_corners=False)[0, 0]
+    energy = feat.float().norm(dim=0)[: valid_hw[0], : valid_hw[1]]
+    energy = F.interpolate(
+        energy[None, None], size=out_hw, mode='bilinear', align_corners=False
+    )[0, 0]
     lo, hi = energy.min(), energy.max()
     return ((energy - lo) / (hi - lo).clamp_min(1e-12)).numpy()
 
 
-def plot_feature_stages(image: np.ndarray, stages: Dict[int, Sequence[Tensor]],
-                        index: int, img_shape: Tuple[int, int],
-                        pad_shape: Tuple[int, int], out_file: str,
-                        levels: Optional[Sequence[int]] = None,
-                        title: str = '') -> None:
+def plot_feature_stages(
+    image: np.ndarray,
+    stages: Dict[int, Sequence[Tensor]],
+    index: int,
+    img_shape: Tuple[int, int],
+    pad_shape: Tuple[int, int],
+    out_file: str,
+    levels: Optional[Sequence[int]] = None,
+    title: str = '',
+) -> None:
     """Paper Figure 4: activation maps before and after DyHead blocks.
 
     One row per pyramid level, one column per stage (the image, the neck
@@ -63,8 +73,12 @@ def plot_feature_stages(image: np.ndarray, stages: Dict[int, Sequence[Tensor]],
     num_levels = len(stages[order[0]])
     levels = list(range(num_levels)) if levels is None else list(levels)
     h, w = img_shape
-    fig, axes = plt.subplots(len(levels), len(order) + 1, squeeze=False,
-                             figsize=(2.2 * (len(order) + 1), 2.2 * len(levels) * h / w + 0.6))
+    fig, axes = plt.subplots(
+        len(levels),
+        len(order) + 1,
+        squeeze=False,
+        figsize=(2.2 * (len(order) + 1), 2.2 * len(levels) * h / w + 0.6),
+    )
     for row, level in enumerate(levels):
         axes[row, 0].imshow(image)
         axes[row, 0].set_ylabel(f'level {level}')
@@ -73,13 +87,22 @@ def plot_feature_stages(image: np.ndarray, stages: Dict[int, Sequence[Tensor]],
             fh, fw = feat.shape[-2:]
             # Padding is at the bottom/right: keep the rows/cols that
             # cover the image.
-            valid = (max(1, round(fh * h / pad_shape[0])),
-                     max(1, round(fw * w / pad_shape[1])))
+            valid = (
+                max(1, round(fh * h / pad_shape[0])),
+                max(1, round(fw * w / pad_shape[1])),
+            )
             axes[row, col].imshow(image)
-            axes[row, col].imshow(activation_map(feat, valid, (h, w)),
-                                  cmap='jet', alpha=0.5, vmin=0, vmax=1)
+            axes[row, col].imshow(
+                activation_map(feat, valid, (h, w)),
+                cmap='jet',
+                alpha=0.5,
+                vmin=0,
+                vmax=1,
+            )
             if row == 0:
-                axes[row, col].set_title('before' if stage == 0 else f'block {stage}')
+                axes[row, col].set_title(
+                    'before' if stage == 0 else f'block {stage}'
+                )
     axes[0, 0].set_title('image')
     for ax in axes.flat:
         ax.set_xticks([])
@@ -91,8 +114,9 @@ def plot_feature_stages(image: np.ndarray, stages: Dict[int, Sequence[Tensor]],
     plt.close(fig)
 
 
-def plot_scale_ratio_histograms(ratios: Dict[int, Tensor], out_file: str,
-                                title: str = '', bins: int = 30) -> None:
+def plot_scale_ratio_histograms(
+    ratios: Dict[int, Tensor], out_file: str, title: str = '', bins: int = 30
+) -> None:
     """Paper Figure 3: histogram of learned scale ratios, one per level.
 
     Args:
@@ -116,7 +140,9 @@ def plot_scale_ratio_histograms(ratios: Dict[int, Tensor], out_file: str,
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for level, r in sorted(finite.items()):
         dropped = len(ratios[level]) - len(r)
-        label = f'level {level}' + (f' ({dropped} off-scale)' if dropped else '')
+        label = f'level {level}' + (
+            f' ({dropped} off-scale)' if dropped else ''
+        )
         ax.hist(r.numpy(), bins=edges, alpha=0.55, label=label)
     ax.axvline(1.0, color='k', lw=0.8, ls='--')
     ax.set_xscale('log')

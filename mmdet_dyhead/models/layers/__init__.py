@@ -5,6 +5,10 @@ from .spatial_attention import DeformConvNorm, SpatialAwareAttention
 from .task_attention import TaskAwareAttention
 
 __all__ = [
-    'DynamicHeadBlock', 'DeformConvNorm', 'ScaleAwareAttention',
-    'SpatialAwareAttention', 'TaskAwareAttention', 'build_hard_sigmoid'
+    'DynamicHeadBlock',
+    'DeformConvNorm',
+    'ScaleAwareAttention',
+    'SpatialAwareAttention',
+    'TaskAwareAttention',
+    'build_hard_sigmoid',
 ]

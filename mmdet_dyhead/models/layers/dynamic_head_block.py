@@ -1,4 +1,5 @@
 """One DyHead block: pi_C(pi_S(pi_L(F))) (paper Eq. 2, Figure 2a)."""
+
 from typing import List, Optional, Sequence
 
 import torch.nn as nn
@@ -16,12 +17,17 @@ ATTENTION_ORDERS = ('spatial_first', 'scale_first')
 
 
 def _hooked(module: Optional[nn.Module]) -> bool:
-    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks)
+    return module is not None and bool(
+        module._forward_hooks or module._forward_pre_hooks
+    )
+
+
 INIT_STYLES = ('mmdet', 'official')
 
 
 class DynamicHeadBlock(BaseModule):
-    """A DyHead block on an L-level pyramid; every attention can be switched off.
+    """A DyHead block on an L-level pyramid; every attention can be switched
+    off.
 
     Per output level l (Eq. 2, nested as in Figure 2a)::
 
@@ -60,43 +66,63 @@ class DynamicHeadBlock(BaseModule):
         init_cfg (dict, optional): mmengine init config.
     """
 
-    def __init__(self,
-                 in_channels: int,
-                 out_channels: int,
-                 use_scale_attn: bool = True,
-                 use_spatial_attn: bool = True,
-                 use_task_attn: bool = True,
-                 attention_order: str = 'spatial_first',
-                 hsigmoid: str = 'official',
-                 offset_mode: str = 'legacy',
-                 dcn_bias: bool = False,
-                 dcn_backend: str = 'auto',
-                 zero_init_offset: bool = True,
-                 init_style: str = 'mmdet',
-                 norm_cfg: Optional[dict] = dict(type='GN', num_groups=16, requires_grad=True),
-                 task_attn_ratio: int = 4,
-                 init_cfg: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        use_scale_attn: bool = True,
+        use_spatial_attn: bool = True,
+        use_task_attn: bool = True,
+        attention_order: str = 'spatial_first',
+        hsigmoid: str = 'official',
+        offset_mode: str = 'legacy',
+        dcn_bias: bool = False,
+        dcn_backend: str = 'auto',
+        zero_init_offset: bool = True,
+        init_style: str = 'mmdet',
+        norm_cfg: Optional[dict] = dict(
+            type='GN', num_groups=16, requires_grad=True
+        ),
+        task_attn_ratio: int = 4,
+        init_cfg: Optional[dict] = None,
+    ) -> None:
         super().__init__(init_cfg=init_cfg)
         if attention_order not in ATTENTION_ORDERS:
-            raise ValueError(f'attention_order={attention_order!r} does not '
-                             f'exist; choose one of {ATTENTION_ORDERS}.')
+            raise ValueError(
+                f'attention_order={attention_order!r} does not '
+                f'exist; choose one of {ATTENTION_ORDERS}.'
+            )
         if init_style not in INIT_STYLES:
-            raise ValueError(f'init_style={init_style!r} does not exist; '
-                             f'choose one of {INIT_STYLES}.')
+            raise ValueError(
+                f'init_style={init_style!r} does not exist; '
+                f'choose one of {INIT_STYLES}.'
+            )
         check_hsigmoid_style(hsigmoid)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.attention_order = attention_order
         self.spatial_attn = SpatialAwareAttention(
-            in_channels, out_channels, deformable=use_spatial_attn,
-            offset_mode=offset_mode, dcn_bias=dcn_bias, norm_cfg=norm_cfg,
-            dcn_backend=dcn_backend)
+            in_channels,
+            out_channels,
+            deformable=use_spatial_attn,
+            offset_mode=offset_mode,
+            dcn_bias=dcn_bias,
+            norm_cfg=norm_cfg,
+            dcn_backend=dcn_backend,
+        )
         self.scale_attn = None
         if use_scale_attn:
-            scale_channels = in_channels if attention_order == 'scale_first' else out_channels
+            scale_channels = (
+                in_channels
+                if attention_order == 'scale_first'
+                else out_channels
+            )
             self.scale_attn = ScaleAwareAttention(scale_channels, hsigmoid)
-        self.task_attn = TaskAwareAttention(
-            out_channels, task_attn_ratio, hsigmoid) if use_task_attn else None
+        self.task_attn = (
+            TaskAwareAttention(out_channels, task_attn_ratio, hsigmoid)
+            if use_task_attn
+            else None
+        )
         self._init_weights(zero_init_offset, init_style)
 
     def _init_weights(self, zero_init_offset: bool, init_style: str) -> None:
@@ -104,8 +130,14 @@ class DynamicHeadBlock(BaseModule):
         if self.scale_attn is not None:
             normal_init(self.scale_attn.fc, 0, 0.01)
         if init_style == 'mmdet':
-            for m in (offset_conv, *(
-                    (self.task_attn.fc1, self.task_attn.fc2) if self.task_attn else ())):
+            for m in (
+                offset_conv,
+                *(
+                    (self.task_attn.fc1, self.task_attn.fc2)
+                    if self.task_attn
+                    else ()
+                ),
+            ):
                 if m is not None:
                     normal_init(m, 0, 0.01)
         if zero_init_offset and offset_conv is not None:
@@ -118,11 +150,16 @@ class DynamicHeadBlock(BaseModule):
         """
         spatial = self.spatial_attn
         level_weights = None
-        if self.scale_attn is not None and self.attention_order == 'scale_first':
+        if (
+            self.scale_attn is not None
+            and self.attention_order == 'scale_first'
+        ):
             level_weights = [self.scale_attn(f) for f in feats]
         offsets = masks = None
         if spatial.deformable:
-            offsets, masks = zip(*[spatial.offsets_and_masks(f) for f in feats])
+            offsets, masks = zip(
+                *[spatial.offsets_and_masks(f) for f in feats]
+            )
         outs = []
         for terms in spatial.pyramid_terms(feats, offsets, masks):
             outs.append(self._fuse(terms, level_weights))
@@ -150,14 +187,26 @@ class DynamicHeadBlock(BaseModule):
             # modules called on full maps, as in the plain formulation.
             coeffs = [self.scale_attn(term) * inv for _, term in terms]
         else:
-            pooled_terms = [term.mean(dim=(2, 3), keepdim=True) for _, term in terms]
-            coeffs = [self.scale_attn.from_pooled(p) * inv for p in pooled_terms]
+            pooled_terms = [
+                term.mean(dim=(2, 3), keepdim=True) for _, term in terms
+            ]
+            coeffs = [
+                self.scale_attn.from_pooled(p) * inv for p in pooled_terms
+            ]
         fused = pooled = None
         for i, ((_, term), coef) in enumerate(zip(terms, coeffs)):
             if coef is None:
-                fused = term * inv if fused is None else fused.add_(term, alpha=inv)
+                fused = (
+                    term * inv
+                    if fused is None
+                    else fused.add_(term, alpha=inv)
+                )
             else:
-                fused = term * coef if fused is None else fused.addcmul_(term, coef)
+                fused = (
+                    term * coef
+                    if fused is None
+                    else fused.addcmul_(term, coef)
+                )
             if pooled_terms is not None:
                 part = pooled_terms[i] * coef
                 pooled = part if pooled is None else pooled + part
@@ -168,23 +217,42 @@ class DynamicHeadBlock(BaseModule):
         if pooled is None:
             pooled = fused.mean(dim=(2, 3), keepdim=True)
         return self.task_attn.apply_coefficients(
-            fused, *self.task_attn.coefficients_from_pooled(pooled))
+            fused, *self.task_attn.coefficients_from_pooled(pooled)
+        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ):
         # Checkpoints of mmdet's DyHead (and the mmdet model zoo) name the
         # block's parts differently; rename them in place, see key_mapping.
         if has_mmdet_keys(state_dict, prefix):
             for key in [k for k in state_dict if k.startswith(prefix)]:
-                rel = key[len(prefix):]
+                rel = key[len(prefix) :]
                 for old, new in MMDET_TO_OURS:
                     if rel.startswith(old):
-                        state_dict[prefix + new + rel[len(old):]] = state_dict.pop(key)
+                        state_dict[prefix + new + rel[len(old) :]] = (
+                            state_dict.pop(key)
+                        )
                         break
             if prefix.endswith('dyhead_blocks.0.'):
-                print_log('Loading mmdet DyHead keys into DyHeadNeck '
-                          '(renamed with mmdet_dyhead.models.key_mapping).',
-                          logger='current')
-        super()._load_from_state_dict(state_dict, prefix, local_metadata,
-                                      strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                print_log(
+                    'Loading mmdet DyHead keys into DyHeadNeck '
+                    '(renamed with mmdet_dyhead.models.key_mapping).',
+                    logger='current',
+                )
+        super()._load_from_state_dict(
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )

@@ -1,4 +1,5 @@
 """The two hard-sigmoid definitions in circulation for DyHead."""
+
 import torch.nn as nn
 from mmcv.cnn import build_activation_layer
 
@@ -7,10 +8,12 @@ HSIGMOID_STYLES = ('official', 'paper')
 
 def check_hsigmoid_style(style: str) -> None:
     if style not in HSIGMOID_STYLES:
-        raise ValueError(f'hsigmoid={style!r} does not exist; choose one of '
-                         f"{HSIGMOID_STYLES} ('official': relu6(x+3)/6 as in "
-                         "the released code and mmdet; 'paper': "
-                         'max(0, min(1, (x+1)/2)) as in Eq. 3).')
+        raise ValueError(
+            f'hsigmoid={style!r} does not exist; choose one of '
+            f"{HSIGMOID_STYLES} ('official': relu6(x+3)/6 as in "
+            "the released code and mmdet; 'paper': "
+            'max(0, min(1, (x+1)/2)) as in Eq. 3).'
+        )
 
 
 def build_hard_sigmoid(style: str) -> nn.Module:
@@ -21,5 +24,7 @@ def build_hard_sigmoid(style: str) -> nn.Module:
     """
     check_hsigmoid_style(style)
     if style == 'official':
-        return build_activation_layer(dict(type='HSigmoid', bias=3.0, divisor=6.0))
+        return build_activation_layer(
+            dict(type='HSigmoid', bias=3.0, divisor=6.0)
+        )
     return build_activation_layer(dict(type='HSigmoid', bias=1.0, divisor=2.0))

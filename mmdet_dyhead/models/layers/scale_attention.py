@@ -1,4 +1,5 @@
 """Scale-aware attention pi_L (paper Eq. 3)."""
+
 import torch.nn as nn
 from torch import Tensor
 
@@ -31,7 +32,9 @@ class ScaleAwareAttention(nn.Module):
         check_hsigmoid_style(hsigmoid)
         self.hsigmoid_style = hsigmoid
         self.fc = nn.Conv2d(channels, 1, 1)
-        self.relu = nn.ReLU(inplace=True) if hsigmoid == 'official' else nn.Identity()
+        self.relu = (
+            nn.ReLU(inplace=True) if hsigmoid == 'official' else nn.Identity()
+        )
         self.hsigmoid = build_hard_sigmoid(hsigmoid)
 
     def forward(self, x: Tensor) -> Tensor:

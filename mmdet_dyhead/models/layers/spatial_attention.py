@@ -1,4 +1,5 @@
 """Spatial-aware attention pi_S (paper Eq. 4)."""
+
 from typing import List, Optional, Sequence, Tuple
 
 import torch.nn as nn
@@ -7,8 +8,11 @@ from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
 from mmdet_dyhead.ops import ModulatedDeformConv
-from mmdet_dyhead.ops.deform_conv import (deform_conv2d_on_table,
-                                          native_path_active, pixel_table)
+from mmdet_dyhead.ops.deform_conv import (
+    deform_conv2d_on_table,
+    native_path_active,
+    pixel_table,
+)
 
 OFFSET_MODES = ('legacy', 'aligned')
 
@@ -28,23 +32,49 @@ class DeformConvNorm(nn.Module):
         dcn_backend (str): ``'auto'|'mmcv'|'torch'``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
-                 deformable: bool = True, bias: bool = False,
-                 norm_cfg: Optional[dict] = dict(type='GN', num_groups=16, requires_grad=True),
-                 dcn_backend: str = 'auto') -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        deformable: bool = True,
+        bias: bool = False,
+        norm_cfg: Optional[dict] = dict(
+            type='GN', num_groups=16, requires_grad=True
+        ),
+        dcn_backend: str = 'auto',
+    ) -> None:
         super().__init__()
         self.deformable = deformable
         if deformable:
-            self.conv = ModulatedDeformConv(in_channels, out_channels, 3,
-                                            stride=stride, padding=1, bias=bias,
-                                            backend=dcn_backend)
+            self.conv = ModulatedDeformConv(
+                in_channels,
+                out_channels,
+                3,
+                stride=stride,
+                padding=1,
+                bias=bias,
+                backend=dcn_backend,
+            )
         else:
-            self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride,
-                                  padding=1, bias=bias)
-        self.norm = build_norm_layer(norm_cfg, out_channels)[1] if norm_cfg else None
+            self.conv = nn.Conv2d(
+                in_channels,
+                out_channels,
+                3,
+                stride=stride,
+                padding=1,
+                bias=bias,
+            )
+        self.norm = (
+            build_norm_layer(norm_cfg, out_channels)[1] if norm_cfg else None
+        )
 
-    def forward(self, x: Tensor, offset: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        offset: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+    ) -> Tensor:
         x = self.conv(x, offset, mask) if self.deformable else self.conv(x)
         return self.norm(x) if self.norm is not None else x
 
@@ -90,48 +120,82 @@ class SpatialAwareAttention(nn.Module):
         dcn_backend (str): ``'auto'|'mmcv'|'torch'``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int,
-                 deformable: bool = True, offset_mode: str = 'legacy',
-                 dcn_bias: bool = False,
-                 norm_cfg: Optional[dict] = dict(type='GN', num_groups=16, requires_grad=True),
-                 dcn_backend: str = 'auto') -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        deformable: bool = True,
+        offset_mode: str = 'legacy',
+        dcn_bias: bool = False,
+        norm_cfg: Optional[dict] = dict(
+            type='GN', num_groups=16, requires_grad=True
+        ),
+        dcn_backend: str = 'auto',
+    ) -> None:
         super().__init__()
         if offset_mode not in OFFSET_MODES:
             raise ValueError(
                 f'offset_mode={offset_mode!r} does not exist; choose '
-                f"'legacy' (bit-compatible with mmdet/official checkpoints) or "
-                f"'aligned' (offsets resampled to the coarser level, Eq. 4).")
+                f"'legacy' (bit-compatible with mmdet/official "
+                f"checkpoints) or 'aligned' (offsets resampled to the "
+                f'coarser level, Eq. 4).'
+            )
         self.deformable = deformable
         self.offset_mode = offset_mode
         self.num_taps = 9
         if deformable:
-            self.offset_conv = nn.Conv2d(in_channels, 3 * self.num_taps, 3, padding=1)
-        branch = dict(deformable=deformable, bias=dcn_bias, norm_cfg=norm_cfg,
-                      dcn_backend=dcn_backend)
-        self.high_branch = DeformConvNorm(in_channels, out_channels, 1, **branch)
-        self.mid_branch = DeformConvNorm(in_channels, out_channels, 1, **branch)
-        self.low_branch = DeformConvNorm(in_channels, out_channels, 2, **branch)
+            self.offset_conv = nn.Conv2d(
+                in_channels, 3 * self.num_taps, 3, padding=1
+            )
+        branch = dict(
+            deformable=deformable,
+            bias=dcn_bias,
+            norm_cfg=norm_cfg,
+            dcn_backend=dcn_backend,
+        )
+        self.high_branch = DeformConvNorm(
+            in_channels, out_channels, 1, **branch
+        )
+        self.mid_branch = DeformConvNorm(
+            in_channels, out_channels, 1, **branch
+        )
+        self.low_branch = DeformConvNorm(
+            in_channels, out_channels, 2, **branch
+        )
 
     def offsets_and_masks(self, feat: Tensor) -> Tuple[Tensor, Tensor]:
-        """Predict (N, 18, H, W) offsets and (N, 9, H, W) masks from ``feat``."""
+        """Predict (N, 18, H, W) offsets and (N, 9, H, W) masks from
+        ``feat``.
+        """
         out = self.offset_conv(feat)
-        return out[:, :2 * self.num_taps], out[:, 2 * self.num_taps:].sigmoid()
+        return out[:, : 2 * self.num_taps], out[
+            :, 2 * self.num_taps :
+        ].sigmoid()
 
-    def coarser_level_offsets(self, offset: Tensor, mask: Tensor,
-                              size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    def coarser_level_offsets(
+        self, offset: Tensor, mask: Tensor, size: Tuple[int, int]
+    ) -> Tuple[Tensor, Tensor]:
         """Offsets/masks of level l for a DCN whose output grid is ``size``."""
         h, w = size
         n = offset.shape[0]
         if self.offset_mode == 'legacy':
             # Emulate mmcv reading the per-sample buffer flat (see class doc).
             taps = self.num_taps
-            return (offset.reshape(n, -1)[:, :2 * taps * h * w].view(n, 2 * taps, h, w),
-                    mask.reshape(n, -1)[:, :taps * h * w].view(n, taps, h, w))
+            return (
+                offset.reshape(n, -1)[:, : 2 * taps * h * w].view(
+                    n, 2 * taps, h, w
+                ),
+                mask.reshape(n, -1)[:, : taps * h * w].view(n, taps, h, w),
+            )
         return offset[:, :, ::2, ::2] * 0.5, mask[:, :, ::2, ::2]
 
-    def level_terms(self, feats: Sequence[Tensor], level: int,
-                    offset: Optional[Tensor] = None,
-                    mask: Optional[Tensor] = None) -> List[Tuple[int, Tensor]]:
+    def level_terms(
+        self,
+        feats: Sequence[Tensor],
+        level: int,
+        offset: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+    ) -> List[Tuple[int, Tensor]]:
         """The resampled neighbours of ``level``, each on ``level``'s grid.
 
         Returns:
@@ -140,22 +204,31 @@ class SpatialAwareAttention(nn.Module):
         """
         terms = [(level, self.mid_branch(feats[level], offset, mask))]
         if level > 0:
-            terms.append((level - 1, self.low_branch(feats[level - 1], offset, mask)))
+            terms.append(
+                (level - 1, self.low_branch(feats[level - 1], offset, mask))
+            )
         if level < len(feats) - 1:
             coarse = feats[level + 1]
             off_hi = mask_hi = None
             if self.deformable:
-                off_hi, mask_hi = self.coarser_level_offsets(offset, mask, coarse.shape[-2:])
+                off_hi, mask_hi = self.coarser_level_offsets(
+                    offset, mask, coarse.shape[-2:]
+                )
             high = F.interpolate(
                 self.high_branch(coarse, off_hi, mask_hi),
-                size=feats[level].shape[-2:], mode='bilinear', align_corners=True)
+                size=feats[level].shape[-2:],
+                mode='bilinear',
+                align_corners=True,
+            )
             terms.append((level + 1, high))
         return terms
 
-    def pyramid_terms(self, feats: Sequence[Tensor],
-                      offsets: Optional[Sequence[Tensor]] = None,
-                      masks: Optional[Sequence[Tensor]] = None
-                      ) -> List[List[Tuple[int, Tensor]]]:
+    def pyramid_terms(
+        self,
+        feats: Sequence[Tensor],
+        offsets: Optional[Sequence[Tensor]] = None,
+        masks: Optional[Sequence[Tensor]] = None,
+    ) -> List[List[Tuple[int, Tensor]]]:
         """:meth:`level_terms` of every level, each branch batched over levels.
 
         With the native DCN, a branch has one weight for all levels, so its
@@ -176,33 +249,68 @@ class SpatialAwareAttention(nn.Module):
         num = len(feats)
         branches = (self.mid_branch, self.low_branch, self.high_branch)
         if not self.deformable or not all(
-                native_path_active(b.conv.backend, feats[0]) for b in branches):
-            return [self.level_terms(feats, lvl, None if offsets is None else offsets[lvl],
-                                     None if masks is None else masks[lvl])
-                    for lvl in range(num)]
+            native_path_active(b.conv.backend, feats[0]) for b in branches
+        ):
+            return [
+                self.level_terms(
+                    feats,
+                    lvl,
+                    None if offsets is None else offsets[lvl],
+                    None if masks is None else masks[lvl],
+                )
+                for lvl in range(num)
+            ]
         table = pixel_table(feats)
 
         def run(branch, sources, offs, msks):
             conv = branch.conv
-            outs = deform_conv2d_on_table(table, sources, offs, msks, conv.weight,
-                                          conv.bias, conv.stride, conv.padding,
-                                          conv.dilation)
-            return [branch.norm(o) if branch.norm is not None else o for o in outs]
+            outs = deform_conv2d_on_table(
+                table,
+                sources,
+                offs,
+                msks,
+                conv.weight,
+                conv.bias,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+            )
+            return [
+                branch.norm(o) if branch.norm is not None else o for o in outs
+            ]
 
         mid = run(self.mid_branch, list(range(num)), offsets, masks)
-        low = run(self.low_branch, list(range(num - 1)), offsets[1:], masks[1:])
-        coarse = [self.coarser_level_offsets(offsets[lvl], masks[lvl], feats[lvl + 1].shape[-2:])
-                  for lvl in range(num - 1)]
-        high = run(self.high_branch, list(range(1, num)), [o for o, _ in coarse],
-                   [m for _, m in coarse])
+        low = run(
+            self.low_branch, list(range(num - 1)), offsets[1:], masks[1:]
+        )
+        coarse = [
+            self.coarser_level_offsets(
+                offsets[lvl], masks[lvl], feats[lvl + 1].shape[-2:]
+            )
+            for lvl in range(num - 1)
+        ]
+        high = run(
+            self.high_branch,
+            list(range(1, num)),
+            [o for o, _ in coarse],
+            [m for _, m in coarse],
+        )
         terms = []
         for lvl in range(num):
             level = [(lvl, mid[lvl])]
             if lvl > 0:
                 level.append((lvl - 1, low[lvl - 1]))
             if lvl < num - 1:
-                level.append((lvl + 1, F.interpolate(
-                    high[lvl], size=feats[lvl].shape[-2:], mode='bilinear',
-                    align_corners=True)))
+                level.append(
+                    (
+                        lvl + 1,
+                        F.interpolate(
+                            high[lvl],
+                            size=feats[lvl].shape[-2:],
+                            mode='bilinear',
+                            align_corners=True,
+                        ),
+                    )
+                )
             terms.append(level)
         return terms

@@ -1,10 +1,12 @@
 """Task-aware attention pi_C (paper Eq. 5)."""
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mmdet_dyhead.ops.deform_conv import exporting
+
 from .hard_sigmoid import build_hard_sigmoid
 
 
@@ -19,8 +21,9 @@ class TwoPieceMaxFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor,
-                b2: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(x, a1, b1, a2, b2)
         out = torch.addcmul(b1, x, a1)
         return torch.maximum(out, torch.addcmul(b2, x, a2), out=out)
@@ -40,15 +43,20 @@ class TwoPieceMaxFunction(torch.autograd.Function):
         del ties
         grad2 = grad - grad1
         need = ctx.needs_input_grad
-        grad_x = (grad1 * a1).addcmul_(grad2, a2).to(x.dtype) if need[0] else None
+        grad_x = (
+            (grad1 * a1).addcmul_(grad2, a2).to(x.dtype) if need[0] else None
+        )
 
         def reduce(t, like):
             return t.sum_to_size(like.shape).to(like.dtype)
-        return (grad_x,
-                reduce(grad1 * x, a1) if need[1] else None,
-                reduce(grad1, b1) if need[2] else None,
-                reduce(grad2 * x, a2) if need[3] else None,
-                reduce(grad2, b2) if need[4] else None)
+
+        return (
+            grad_x,
+            reduce(grad1 * x, a1) if need[1] else None,
+            reduce(grad1, b1) if need[2] else None,
+            reduce(grad2 * x, a2) if need[3] else None,
+            reduce(grad2, b2) if need[4] else None,
+        )
 
 
 class TaskAwareAttention(nn.Module):
@@ -73,8 +81,9 @@ class TaskAwareAttention(nn.Module):
         input and output: (N, C, H, W).
     """
 
-    def __init__(self, channels: int, ratio: int = 4,
-                 hsigmoid: str = 'official') -> None:
+    def __init__(
+        self, channels: int, ratio: int = 4, hsigmoid: str = 'official'
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.fc1 = nn.Conv2d(channels, int(channels / ratio), 1)
@@ -93,8 +102,9 @@ class TaskAwareAttention(nn.Module):
         return a1 * 2.0 + 1.0, b1, a2 * 2.0, b2
 
     @staticmethod
-    def apply_coefficients(x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor,
-                           b2: Tensor) -> Tensor:
+    def apply_coefficients(
+        x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor
+    ) -> Tensor:
         """Eq. 5: the larger of two learned linear pieces, per channel.
 
         Args:

@@ -1,4 +1,5 @@
 """The DyHead neck: N stacked blocks on an L-level feature pyramid."""
+
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -8,29 +9,50 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mmdet_dyhead.registry import MODELS
+
 from ..layers import DynamicHeadBlock
 
 # Named settings. Every key can still be overridden one by one.
 DYHEAD_PRESETS = {
     # mmdet 3.3's DyHead, bit for bit (the default).
-    'mmdet': dict(attention_order='spatial_first', hsigmoid='official',
-                  offset_mode='legacy', dcn_bias=False, init_style='mmdet',
-                  zero_init_offset=True),
+    'mmdet': dict(
+        attention_order='spatial_first',
+        hsigmoid='official',
+        offset_mode='legacy',
+        dcn_bias=False,
+        init_style='mmdet',
+        zero_init_offset=True,
+    ),
     # microsoft/DynamicHead as released: DCN bias, PyTorch default init of
     # the offset conv and of the task-attention FCs.
-    'official': dict(attention_order='spatial_first', hsigmoid='official',
-                     offset_mode='legacy', dcn_bias=True, init_style='official',
-                     zero_init_offset=False),
+    'official': dict(
+        attention_order='spatial_first',
+        hsigmoid='official',
+        offset_mode='legacy',
+        dcn_bias=True,
+        init_style='official',
+        zero_init_offset=False,
+    ),
     # The paper's text: pi_L before pi_S (Eq. 2), sigma(x) = clamp((x+1)/2)
     # (Eq. 3), offsets aligned to the level they are applied on (Eq. 4).
-    'paper': dict(attention_order='scale_first', hsigmoid='paper',
-                  offset_mode='aligned', dcn_bias=False, init_style='mmdet',
-                  zero_init_offset=True),
+    'paper': dict(
+        attention_order='scale_first',
+        hsigmoid='paper',
+        offset_mode='aligned',
+        dcn_bias=False,
+        init_style='mmdet',
+        zero_init_offset=True,
+    ),
     # mmdet's settings with the high-branch offsets fixed (recommended for
     # new trainings; not loadable bit-exactly from released checkpoints).
-    'aligned': dict(attention_order='spatial_first', hsigmoid='official',
-                    offset_mode='aligned', dcn_bias=False, init_style='mmdet',
-                    zero_init_offset=True),
+    'aligned': dict(
+        attention_order='spatial_first',
+        hsigmoid='official',
+        offset_mode='aligned',
+        dcn_bias=False,
+        init_style='mmdet',
+        zero_init_offset=True,
+    ),
 }
 
 
@@ -68,42 +90,54 @@ class DyHeadNeck(BaseModule):
         output: tuple of L tensors (N, C_out, H_l, W_l).
     """
 
-    def __init__(self,
-                 in_channels: Union[int, Sequence[int]],
-                 out_channels: int,
-                 num_blocks: int = 6,
-                 num_levels: Optional[int] = None,
-                 preset: str = 'mmdet',
-                 use_scale_attn: bool = True,
-                 use_spatial_attn: bool = True,
-                 use_task_attn: bool = True,
-                 dcn_backend: str = 'auto',
-                 with_cp: bool = False,
-                 init_cfg: Optional[dict] = None,
-                 **block_overrides) -> None:
+    def __init__(
+        self,
+        in_channels: Union[int, Sequence[int]],
+        out_channels: int,
+        num_blocks: int = 6,
+        num_levels: Optional[int] = None,
+        preset: str = 'mmdet',
+        use_scale_attn: bool = True,
+        use_spatial_attn: bool = True,
+        use_task_attn: bool = True,
+        dcn_backend: str = 'auto',
+        with_cp: bool = False,
+        init_cfg: Optional[dict] = None,
+        **block_overrides,
+    ) -> None:
         super().__init__(init_cfg=init_cfg)
         if preset not in DYHEAD_PRESETS:
-            raise ValueError(f'preset={preset!r} does not exist; choose one of '
-                             f'{tuple(DYHEAD_PRESETS)}.')
+            raise ValueError(
+                f'preset={preset!r} does not exist; choose one of '
+                f'{tuple(DYHEAD_PRESETS)}.'
+            )
         if not isinstance(in_channels, int):
             in_channels = list(in_channels)
             if len(set(in_channels)) != 1:
                 raise ValueError(
                     f'DyHeadNeck needs the same channel count on every level, '
                     f'got in_channels={in_channels}. Put an FPN (out_channels='
-                    f'{max(in_channels)}) before it.')
+                    f'{max(in_channels)}) before it.'
+                )
             if num_levels is None:
                 num_levels = len(in_channels)
             elif num_levels != len(in_channels):
-                raise ValueError(f'in_channels lists {len(in_channels)} levels '
-                                 f'but num_levels={num_levels}.')
+                raise ValueError(
+                    f'in_channels lists {len(in_channels)} levels '
+                    f'but num_levels={num_levels}.'
+                )
             in_channels = in_channels[0]
         if num_blocks < 1:
             raise ValueError(f'num_blocks must be >= 1, got {num_blocks}.')
-        unknown = set(block_overrides) - set(DYHEAD_PRESETS['mmdet']) - {
-            'norm_cfg', 'task_attn_ratio'}
+        unknown = (
+            set(block_overrides)
+            - set(DYHEAD_PRESETS['mmdet'])
+            - {'norm_cfg', 'task_attn_ratio'}
+        )
         if unknown:
-            raise TypeError(f'DyHeadNeck got unknown arguments {sorted(unknown)}.')
+            raise TypeError(
+                f'DyHeadNeck got unknown arguments {sorted(unknown)}.'
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_blocks = num_blocks
@@ -112,29 +146,40 @@ class DyHeadNeck(BaseModule):
         self.with_cp = with_cp
         block_cfg = dict(DYHEAD_PRESETS[preset], **block_overrides)
         self.block_cfg = block_cfg
-        self.dyhead_blocks = nn.Sequential(*[
-            DynamicHeadBlock(in_channels if i == 0 else out_channels, out_channels,
-                        use_scale_attn=use_scale_attn,
-                        use_spatial_attn=use_spatial_attn,
-                        use_task_attn=use_task_attn, dcn_backend=dcn_backend,
-                        **block_cfg) for i in range(num_blocks)
-        ])
+        self.dyhead_blocks = nn.Sequential(
+            *[
+                DynamicHeadBlock(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    use_scale_attn=use_scale_attn,
+                    use_spatial_attn=use_spatial_attn,
+                    use_task_attn=use_task_attn,
+                    dcn_backend=dcn_backend,
+                    **block_cfg,
+                )
+                for i in range(num_blocks)
+            ]
+        )
 
     def _check_inputs(self, inputs: Sequence[Tensor]) -> None:
         if not isinstance(inputs, (list, tuple)) or not inputs:
-            raise ValueError('DyHeadNeck expects a tuple of pyramid levels '
-                             f'(N, C, H, W), got {type(inputs).__name__}.')
+            raise ValueError(
+                'DyHeadNeck expects a tuple of pyramid levels '
+                f'(N, C, H, W), got {type(inputs).__name__}.'
+            )
         if self.num_levels is not None and len(inputs) != self.num_levels:
             raise ValueError(
                 f'DyHeadNeck was built for {self.num_levels} levels but got '
                 f'{len(inputs)}; make FPN num_outs and DyHeadNeck num_levels '
-                f'agree (and the head strides).')
+                f'agree (and the head strides).'
+            )
         for i, feat in enumerate(inputs):
             if feat.dim() != 4 or feat.shape[1] != self.in_channels:
                 raise ValueError(
                     f'DyHeadNeck level {i} has shape {tuple(feat.shape)} but '
                     f'in_channels={self.in_channels}; set DyHeadNeck '
-                    f'in_channels to the FPN out_channels.')
+                    f'in_channels to the FPN out_channels.'
+                )
         for i in range(1, len(inputs)):
             prev, cur = inputs[i - 1].shape[-2:], inputs[i].shape[-2:]
             want = (math.ceil(prev[0] / 2), math.ceil(prev[1] / 2))
@@ -144,15 +189,19 @@ class DyHeadNeck(BaseModule):
                     f'is {tuple(prev)}; DyHead mixes neighbouring levels with '
                     f'stride-2 convolutions, so each level must be '
                     f'ceil(previous / 2) = {want}. Feed consecutive pyramid '
-                    f'levels (strides doubling, e.g. FPN outputs in order).')
+                    f'levels (strides doubling, e.g. FPN outputs in order).'
+                )
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         self._check_inputs(inputs)
         feats = list(inputs)
         for block in self.dyhead_blocks:
             if self.with_cp and any(f.requires_grad for f in feats):
-                feats = checkpoint(lambda *fs, b=block: tuple(b(list(fs))),
-                                   *feats, use_reentrant=False)
+                feats = checkpoint(
+                    lambda *fs, b=block: tuple(b(list(fs))),
+                    *feats,
+                    use_reentrant=False,
+                )
                 feats = list(feats)
             else:
                 feats = block(feats)

@@ -1,4 +1,5 @@
 """RoI box head with task-aware attention as hidden layers (Fig. 2c)."""
+
 from typing import Optional
 
 import torch.nn as nn
@@ -7,6 +8,7 @@ from mmengine.model import normal_init
 from torch import Tensor
 
 from mmdet_dyhead.registry import MODELS
+
 from ..layers import TaskAwareAttention
 
 
@@ -43,30 +45,37 @@ class TaskAttnBBoxHead(BBoxHead):
         (R, 4 * num_classes), or (R, 4) if ``reg_class_agnostic``.
     """
 
-    def __init__(self,
-                 num_task_attn: int = 2,
-                 task_attn_ratio: int = 4,
-                 hsigmoid: str = 'official',
-                 with_avg_pool: bool = False,
-                 init_cfg: Optional[dict] = None,
-                 **kwargs) -> None:
-        super().__init__(with_avg_pool=with_avg_pool, init_cfg=init_cfg,
-                         **kwargs)
+    def __init__(
+        self,
+        num_task_attn: int = 2,
+        task_attn_ratio: int = 4,
+        hsigmoid: str = 'official',
+        with_avg_pool: bool = False,
+        init_cfg: Optional[dict] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            with_avg_pool=with_avg_pool, init_cfg=init_cfg, **kwargs
+        )
         if not isinstance(num_task_attn, int) or num_task_attn < 1:
             raise ValueError(
                 f'num_task_attn must be an integer >= 1, got '
-                f'{num_task_attn!r}; use mmdet\'s BBoxHead for a head '
-                f'without hidden layers.')
+                f"{num_task_attn!r}; use mmdet's BBoxHead for a head "
+                f'without hidden layers.'
+            )
         if self.in_channels % task_attn_ratio:
             raise ValueError(
                 f'in_channels={self.in_channels} is not divisible by '
                 f'task_attn_ratio={task_attn_ratio}; pick a ratio that '
-                f'divides the RoI feature channels.')
+                f'divides the RoI feature channels.'
+            )
         self.num_task_attn = num_task_attn
-        self.task_attns = nn.ModuleList([
-            TaskAwareAttention(self.in_channels, task_attn_ratio, hsigmoid)
-            for _ in range(num_task_attn)
-        ])
+        self.task_attns = nn.ModuleList(
+            [
+                TaskAwareAttention(self.in_channels, task_attn_ratio, hsigmoid)
+                for _ in range(num_task_attn)
+            ]
+        )
         # Small FC weights start every attention near a plain ReLU (the
         # mmdet DyHead init); done here because TaskAwareAttention is a
         # plain nn.Module that init_weights() does not visit.
@@ -83,7 +92,8 @@ class TaskAttnBBoxHead(BBoxHead):
             raise ValueError(
                 f'TaskAttnBBoxHead expects RoI features (R, {self.in_channels}'
                 f', S, S), got {tuple(x.shape)}; set bbox_head.in_channels to '
-                f'the RoI extractor out_channels.')
+                f'the RoI extractor out_channels.'
+            )
         for attn in self.task_attns:
             x = attn(x)
         if not self.with_avg_pool:
