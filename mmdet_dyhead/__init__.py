@@ -1,9 +1,10 @@
 """mmdet-dyhead: Dynamic Head (CVPR 2021) for MMDetection 3.x.
 
 Importing the package (configs do it through ``custom_imports``) registers
-its modules in mmdet's registries under names mmdet does not use, and the
-``dyhead://`` checkpoint scheme in mmengine's ``CheckpointLoader``. Nothing
-else in the process changes; each extra behaviour is opt-in (see
+its modules in mmdet's registries under names mmdet does not use, the
+``dyhead://`` checkpoint scheme in mmengine's ``CheckpointLoader`` and the
+``mmdet_dyhead::`` config scope (:mod:`.registry`). Nothing else in the
+process changes; each extra behaviour is opt-in (see
 ``docs/user_guide.md``, "What importing does").
 """
 

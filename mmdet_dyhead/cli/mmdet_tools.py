@@ -115,8 +115,8 @@ def _cpu_amp(cfg, argv: List[str]) -> List[str]:
             f"optim_wrapper.type='CPUAmpOptimWrapper' in the config instead."
         )
     print_log(
-        '--amp without a GPU: training with CPUAmpOptimWrapper (CPU '
-        'autocast).',
+        f'--amp / {wrapper} without a GPU: training with '
+        'CPUAmpOptimWrapper (CPU autocast).',
         logger='current',
         level=logging.INFO,
     )

@@ -1,0 +1,108 @@
+"""Inference as mmdet users run it: ``DetInferencer`` through
+``tools/image_demo.py``, on generated images, against ``tools/test.py``."""
+
+import copy
+import json
+import os
+import os.path as osp
+import pickle
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from mmengine.config import Config
+
+from mmdet_dyhead.cli import image_demo
+from mmdet_dyhead.cli import test as test_tool
+from mmdet_dyhead.cli import train as train_tool
+from mmdet_dyhead.testing import generate_synthetic_coco, tiny_detector_cfg
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
+DYHEAD_ATSS = osp.join(
+    REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
+)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny ATSS + DyHead trained for 2 iterations by tools/train.py."""
+    root = tmp_path_factory.mktemp('inference')
+    data = generate_synthetic_coco(
+        str(root / 'data'),
+        num_train=2,
+        num_val=2,
+        image_size=64,
+        objects_per_image=(2, 3),
+    )
+    cfg = tiny_detector_cfg(
+        DYHEAD_ATSS,
+        data,
+        str(root / 'work'),
+        iters=2,
+        checkpoint_interval=2,
+    )
+    cfg.model.test_cfg.score_thr = 0.0
+    cfg.experiment_name = 'inference_train'
+    config = str(root / 'tiny_atss_dyhead.py')
+    cfg.dump(config)
+    train_tool.main([config])
+    return root, data, config, str(root / 'work' / 'iter_2.pth')
+
+
+def test_image_demo_predicts_what_the_test_tool_predicts(trained, tmp_path):
+    root, data, config, ckpt = trained
+    val_dir = osp.join(data['data_root'], data['val_img_dir'])
+    out_dir = tmp_path / 'demo'
+    result = image_demo.main(
+        [
+            val_dir,
+            config,
+            '--weights',
+            ckpt,
+            '--out-dir',
+            str(out_dir),
+            '--pred-score-thr',
+            '0',
+        ]
+    )
+    images = sorted(os.listdir(val_dir))
+    assert sorted(os.listdir(out_dir / 'vis')) == images
+    assert len(result['predictions']) == len(images)
+
+    # The same checkpoint through mmdet's test script.
+    cfg = Config.fromfile(config)
+    cfg.experiment_name = 'inference_test'
+    test_config = str(tmp_path / 'test_cfg.py')
+    cfg.dump(test_config)
+    dumped = str(tmp_path / 'preds.pkl')
+    test_tool.main([test_config, ckpt, '--out', dumped])
+    with open(dumped, 'rb') as f:
+        reference = {
+            osp.basename(r['img_path']): r['pred_instances']
+            for r in pickle.load(f)
+        }
+    for image in images:
+        with open(out_dir / 'preds' / (osp.splitext(image)[0] + '.json')) as f:
+            pred = json.load(f)
+        ref = reference[image]
+        n = min(20, len(ref['scores']))
+        np.testing.assert_allclose(
+            pred['scores'][:n], ref['scores'][:n].numpy(), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            pred['bboxes'][:n], ref['bboxes'][:n].numpy(), rtol=1e-4, atol=1e-2
+        )
+        assert pred['labels'][:n] == ref['labels'][:n].tolist()
+
+
+def test_image_demo_refuses_a_dyhead_config_without_custom_imports(
+    trained, tmp_path
+):
+    _, data, config, ckpt = trained
+    plain = copy.deepcopy(Config.fromfile(config).to_dict())
+    del plain['custom_imports']
+    bad = str(tmp_path / 'no_imports.py')
+    Config(plain).dump(bad)
+    image = osp.join(data['data_root'], data['val_img_dir'])
+    with pytest.raises(SystemExit, match='custom_imports'):
+        image_demo.main([image, bad, '--weights', ckpt])
