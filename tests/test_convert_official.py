@@ -346,3 +346,90 @@ def test_non_official_checkpoints_are_refused(tmp_path, converted):
     pkl.write_bytes(b'\x80\x04junk')
     with pytest.raises(tool.ConversionError, match='plain pickles'):
         tool.load_official(str(pkl))
+
+
+def test_anchor_buffers_are_dropped_at_the_top_level_and_under_head(
+    official, converted
+):
+    with_anchors = dict(official)
+    anchors = {
+        'anchor_generator.cell_anchors.0': torch.randn(1, 4),
+        'anchor_generator.cell_anchors.4': torch.randn(1, 4),
+        'head.anchor_generator.cell_anchors.1': torch.randn(1, 4),
+    }
+    with_anchors.update(anchors)
+    state, dropped = tool.convert_state_dict(with_anchors)
+    assert sorted(dropped) == sorted(['pixel_mean', 'pixel_std', *anchors])
+    assert list(state) == list(converted[0])
+    # anything else named like them still has no rule
+    bad = dict(official, **{'neck.anchor_generator.cell_anchors.0': 0})
+    with pytest.raises(tool.ConversionError, match='neck.anchor_generator'):
+        tool.convert_state_dict(bad)
+
+
+def test_an_extra_block_is_reported_as_a_block_count_mismatch(
+    tmp_path, capsys
+):
+    torch.manual_seed(2)
+    src = tmp_path / 'dyhead_7_blocks.pth'
+    torch.save({'model': official_atss_r50_state_dict(num_blocks=7)}, src)
+    assert tool.main([str(src), str(tmp_path / 'out.pth')]) == 1
+    err = capsys.readouterr().err
+    assert (
+        'The checkpoint has 7 DyHead blocks (neck.1.dyhead_blocks.0-6) but '
+        'the model has 6' in err
+    )
+    assert 'num_blocks=7' in err
+    assert 'DCN biases' not in err  # the old, wrong hint
+    assert not (tmp_path / 'out.pth').exists()
+
+
+def test_a_missing_block_and_stray_keys_get_the_right_hints(official, model):
+    from mmdet_dyhead.utils import CheckpointKeyError, KeyReport
+    from mmdet_dyhead.utils import load_state_dict as load
+
+    state, _ = tool.convert_state_dict(official)
+    five = {k: v for k, v in state.items() if '.dyhead_blocks.5.' not in k}
+    with pytest.raises(CheckpointKeyError) as info:
+        load(model, five, strict=True)
+    text = str(info.value)
+    assert (
+        'The model has 6 DyHead blocks (neck.1.dyhead_blocks.0-5) but the '
+        'checkpoint has only 5' in text
+    )
+    assert 'num_blocks=5' in text and 'DCN biases' not in text
+    # one stray tensor in a block is not a block count
+    stray = KeyReport(unexpected=['neck.1.dyhead_blocks.3.extra.weight'])
+    assert not any('blocks' in h for h in stray.hints())
+    # DCN biases alone still point at the preset
+    biases = KeyReport(
+        unexpected=[
+            f'neck.1.dyhead_blocks.{i}.spatial_attn.{b}_branch.conv.bias'
+            for i in range(6)
+            for b in ('high', 'mid', 'low')
+        ]
+    )
+    (hint,) = biases.hints()
+    assert "preset='official'" in hint
+
+
+def test_a_ddp_saved_official_file_converts_with_the_prefix_stripped(
+    official, converted, tmp_path, capsys
+):
+    src = tmp_path / 'ddp.pth'
+    torch.save({f'module.{k}': v for k, v in official.items()}, src)
+    state = tool.load_official(str(src))
+    assert list(state) == list(official)
+    assert all(torch.equal(state[k], official[k]) for k in official)
+    assert "every key starts with DDP's 'module.'" in capsys.readouterr().err
+    assert list(tool.convert_state_dict(state)[0]) == list(converted[0])
+    # another wrapper prefix is named, with the fix
+    other = tmp_path / 'wrapped.pth'
+    torch.save(
+        {'model': {f'detector.{k}': v for k, v in official.items()}}, other
+    )
+    with pytest.raises(
+        tool.ConversionError,
+        match=r"extra prefix 'detector\.'.*strip 'detector\.' from every key",
+    ):
+        tool.load_official(str(other))

@@ -42,7 +42,17 @@ def our_models():
 # ----------------------------------------------------------------------------
 # metafiles
 # ----------------------------------------------------------------------------
-def test_model_index_imports_every_metafile_and_entries_are_consistent():
+def metafiles():
+    """``{family folder: parsed metafile}`` for every metafile on disk."""
+    return {
+        osp.basename(osp.dirname(p)): yaml.safe_load(open(p))
+        for p in sorted(
+            glob.glob(osp.join(REPO_ROOT, 'configs/*/metafile.yml'))
+        )
+    }
+
+
+def test_model_index_imports_every_metafile():
     index, models = our_models()
     on_disk = sorted(
         osp.relpath(p, REPO_ROOT)
@@ -51,20 +61,134 @@ def test_model_index_imports_every_metafile_and_entries_are_consistent():
     assert sorted(index['Import']) == on_disk
     names = [m['Name'] for m in models]
     assert len(names) == len(set(names))
+
+
+# The only metadata fields that may hold a box AP: the paper's number and
+# the one microsoft/DynamicHead reports for its own weights. A measured AP
+# goes in Results, and only next to the weights it was measured for.
+NUMBER_FIELDS = {
+    'Paper box AP': 'Paper Source',
+    'Release box AP': 'Release Source',
+}
+
+
+def zoo_entries():
+    return [
+        (family, meta['Collections'], model)
+        for family, meta in metafiles().items()
+        for model in meta['Models']
+    ]
+
+
+@pytest.mark.parametrize(
+    'family,collections,m',
+    zoo_entries(),
+    ids=[e[2]['Name'] for e in zoo_entries()],
+)
+def test_zoo_entry_is_consistent_and_honest(family, collections, m):
+    # name, config, collection
+    assert m['Config'] == f'configs/{family}/{m["Name"]}.py'
+    assert osp.isfile(osp.join(REPO_ROOT, m['Config']))
+    assert m['In Collection'] in [c['Name'] for c in collections]
+    meta = m['Metadata']
+    # no result without the weights it was measured for
+    if 'Results' in m:
+        assert 'Weights' in m, 'Results (a measured AP) without Weights'
+        assert meta['Results Source'].startswith('mmdet model zoo')
+        for result in m['Results']:
+            assert set(result['Metrics']) == {'box AP'}
+    if 'Weights' in m:
+        assert 'Results' in m
+        found = HASH_REGEX.search(osp.basename(m['Weights']))
+        assert found, m['Weights']
+        assert str(meta['Weights SHA256 Prefix']) == found.group(1)
+    else:
+        assert 'Weights SHA256 Prefix' not in meta
+        assert 'Results Source' not in meta
+    # paper (and release) numbers only in their own, named fields
+    for key, value in meta.items():
+        if 'AP' in key.split():
+            assert key in NUMBER_FIELDS, f'{key}: {value}'
+    for number, source in NUMBER_FIELDS.items():
+        if number in meta:
+            assert isinstance(meta[number], float) and source in meta
+    assert ('Release box AP' in meta) == ('Release Source' in meta)
+    # every entry says where its paper number is from, or that it has none
+    found = re.fullmatch(
+        r'paper Table ([1-5]) \(.+\), COCO (val2017|test-dev)',
+        meta['Paper Source'],
+    )
+    if 'Paper box AP' in meta:
+        assert found, meta['Paper Source']
+        # the paper's Tables 4 and 5 are on test-dev, 1-3 on val2017
+        assert (found.group(2) == 'test-dev') == (found.group(1) in '45')
+    else:
+        assert meta['Paper Source'].startswith('none (')
+    # baselines are listed under their family but do not claim DyHead
+    architecture = meta.get('Architecture') or next(
+        c['Metadata']['Architecture']
+        for c in collections
+        if c['Name'] == m['In Collection']
+    )
+    assert ('DyHead' in architecture) == ('dyhead' in m['Name'])
+
+
+def test_collections_are_named_after_the_family_users_search_for():
+    names = []
+    for family, meta in metafiles().items():
+        (collection,) = meta['Collections']
+        name = collection['Name']
+        names.append(name)
+        # what `mim search --model` compares with: the lower-cased name,
+        # which is the family prefix of the configs' names
+        assert name.lower() == family.replace('_', '-'), name
+        for m in meta['Models']:
+            assert m['In Collection'] == name
+            assert m['Name'].startswith(name.lower()), m['Name']
+        assert collection['Paper']['URL'] == 'https://arxiv.org/abs/2106.08322'
+    assert len(names) == len(set(names))
+
+
+def docs_table_numbers():
+    """The AP cells of docs/configs.md, whose tables were read from the paper
+    by hand, apart from the metafiles: ``({table number: paper APs in it},
+    {config path: paper APs of its rows}, {config path: APs of its rows in
+    the "AP elsewhere" tables})``."""
+    by_table, paper, elsewhere = {}, {}, {}
+    table, column = None, None
+    ap = re.compile(r'(?<![\d.])(\d{2}\.\d)(?![\d])')
+    for row in open(osp.join(REPO_ROOT, 'docs/configs.md')):
+        heading = re.match(r'## Table (\d)', row)
+        if heading:
+            table = int(heading.group(1))
+        if row.startswith('|') and 'AP' in row and '`' not in row:
+            column = paper if 'Paper AP' in row else elsewhere
+        found = re.search(r'`(configs/\S+\.py)`', row)
+        if not (row.startswith('|') and found):
+            continue
+        cells = {float(x) for x in ap.findall(row.replace(found.group(0), ''))}
+        column.setdefault(found.group(1), set()).update(cells)
+        if column is paper:
+            by_table.setdefault(table, set()).update(cells)
+    return by_table, paper, elsewhere
+
+
+def test_paper_and_release_numbers_are_the_ones_docs_configs_lists():
+    by_table, paper, elsewhere = docs_table_numbers()
+    _, models = our_models()
+    checked = 0
     for m in models:
-        assert osp.isfile(osp.join(REPO_ROOT, m['Config'])), m['Config']
-        assert osp.splitext(osp.basename(m['Config']))[0] == m['Name']
-        assert (
-            'Results' in m
-            or 'no paper number' in m['Metadata']['AP Source']
-            or 'not legible' in m['Metadata']['AP Source']
-        )
-        for result in m.get('Results', []):
-            assert 30 < result['Metrics']['box AP'] < 65
-        if 'Weights' in m:
-            assert m['Metadata']['Weights SHA256 Prefix'] == HASH_REGEX.search(
-                osp.basename(m['Weights'])
-            ).group(1)
+        meta = m['Metadata']
+        if 'Paper box AP' in meta:
+            table = int(re.match(r'paper Table (\d)', meta['Paper Source'])[1])
+            assert meta['Paper box AP'] in by_table[table], m['Name']
+            if m['Config'] in paper:  # a row of the paper itself
+                assert meta['Paper box AP'] in paper[m['Config']], m['Name']
+            checked += 1
+        if 'Release box AP' in meta:
+            assert meta['Release box AP'] in elsewhere[m['Config']]
+            checked += 1
+    assert checked >= 20
 
 
 def test_released_weights_and_ap_are_mmdets():
@@ -268,14 +392,70 @@ def mim(args, env, cwd):
     )
 
 
-def test_mim_search_lists_the_zoo(tmp_path):
+def mim_search_rows(stdout):
+    """``{config id: {field: value}}`` from what ``mim search`` prints."""
+    rows, row = {}, None
+    for line in stdout.splitlines():
+        found = re.fullmatch(r'config id: (\S+)', line.strip())
+        if found:
+            row = rows.setdefault(found.group(1), {})
+        elif row is not None and re.match(r'\S+ {2,}\S', line):
+            key, value = re.split(r' {2,}', line.strip(), maxsplit=1)
+            row[key] = value
+    return rows
+
+
+def test_mim_search_lists_the_zoo_with_results_only_for_weights(tmp_path):
     _, env = installed_package_dir(tmp_path)
-    out = mim(['search', 'mmdet_dyhead'], env, tmp_path)
+    out = mim(
+        ['search', 'mmdet_dyhead', '--display-width', '400'], env, tmp_path
+    )
     assert out.returncode == 0, out.stderr
     _, models = our_models()
+    rows = mim_search_rows(out.stdout)
+    assert sorted(rows) == sorted(m['Name'] for m in models)
+    for m in models:
+        row = rows[m['Name']]
+        if 'Weights' in m:
+            assert row['weight'] == m['Weights']
+            assert (
+                float(row['coco/box_ap'])
+                == (m['Results'][0]['Metrics']['box AP'])
+            )
+            assert row['weights_sha256_prefix'] == str(
+                m['Metadata']['Weights SHA256 Prefix']
+            )
+        else:  # no column that reads as a measured AP
+            assert not [k for k in row if k.startswith('coco')], row
+        if 'Paper box AP' in m['Metadata']:
+            assert float(row['paper_box_ap']) == m['Metadata']['Paper box AP']
+    assert rows['atss_r50_fpn_1x_coco']['architecture'] == 'atss,fpn,resnet'
+
+
+# What users type after `mim search mmdet_dyhead --model`, and the config
+# folder whose entries it must list. mim compares it with the lower-cased
+# collection name (openmim 0.3.9, mim/commands/search.py filter_by_models).
+FAMILIES = [
+    ('atss', 'atss'),
+    ('retinanet', 'retinanet'),
+    ('fcos', 'fcos'),
+    ('reppoints', 'reppoints'),
+    ('faster-rcnn', 'faster_rcnn'),
+]
+
+
+@pytest.mark.parametrize(
+    'typed,folder', FAMILIES, ids=[f for f, _ in FAMILIES]
+)
+def test_mim_search_model_filter_finds_each_family(typed, folder, tmp_path):
+    _, env = installed_package_dir(tmp_path)
+    out = mim(['search', 'mmdet_dyhead', '--model', typed], env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
     listed = re.findall(r'^config id: (\S+)$', out.stdout, re.M)
-    assert sorted(listed) == sorted(m['Name'] for m in models)
-    assert 'weights_sha256_prefix  162888e6' in out.stdout
+    meta = yaml.safe_load(
+        open(osp.join(REPO_ROOT, 'configs', folder, 'metafile.yml'))
+    )
+    assert sorted(listed) == sorted(m['Name'] for m in meta['Models'])
 
 
 def test_mim_download_fetches_weights_and_config_and_hash_is_enforced(

@@ -51,6 +51,10 @@ HEAD_RULES = {
 # fixed by the config instead (checked where it matters).
 CAFFE_MEAN = (103.53, 116.28, 123.675)
 CAFFE_STD = (1.0, 1.0, 1.0)
+# detectron2's anchor buffers, on the meta-architecture or on the head.
+ANCHOR_BUFFER = re.compile(r'(head\.)?anchor_generator\.cell_anchors\.\d+')
+# DistributedDataParallel's wrapper prefix, in a state dict saved from it.
+DDP_PREFIX = 'module.'
 
 
 class ConversionError(ValueError):
@@ -133,7 +137,8 @@ def convert_state_dict(
         tuple: the converted state dict (our key names, BN
         ``num_batches_tracked`` counters added) and the source keys that were
         consumed without a target (``pixel_mean``/``pixel_std``, anchor
-        buffers).
+        buffers ``anchor_generator.cell_anchors.<i>``, at the top level or
+        under ``head.``).
 
     Raises:
         ConversionError: a key has no rule, or two keys map to one target.
@@ -154,6 +159,9 @@ def convert_state_dict(
     n_fpn = len(laterals)
     for key, value in src.items():
         target, unsqueeze = None, False
+        if ANCHOR_BUFFER.fullmatch(key):
+            dropped.append(key)  # rebuilt from the config's anchor settings
+            continue
         if key.startswith('backbone.backbone.bottom_up.'):
             target = _resnet_key(key[len('backbone.backbone.bottom_up.') :])
         elif key.startswith('backbone.backbone.'):
@@ -185,11 +193,6 @@ def convert_state_dict(
             elif s:
                 target = f'bbox_head.scales.{s.group(1)}.scale'
                 value = value.reshape(())  # mmcv's Scale is a 0-d parameter
-            elif re.fullmatch(r'anchor_generator\.cell_anchors\.\d+', rest):
-                dropped.append(
-                    key
-                )  # rebuilt from the config's anchor settings
-                continue
         elif key in ('pixel_mean', 'pixel_std'):
             _check_pixel_stats(key, value)
             dropped.append(key)
@@ -226,6 +229,9 @@ def convert_state_dict(
 def load_official(path: str) -> Dict[str, torch.Tensor]:
     """Read the ``model`` state dict of a detectron2 checkpoint (weights only).
 
+    A state dict saved from a ``DistributedDataParallel``-wrapped model
+    (every key starting with ``module.``) is read with that prefix stripped.
+
     Args:
         path (str): ``.pth``/``.bin`` file saved by detectron2's Checkpointer.
     """
@@ -243,13 +249,40 @@ def load_official(path: str) -> Dict[str, torch.Tensor]:
             f'{path} holds a {type(ckpt).__name__}, not a dict.'
         )
     state = ckpt.get('model', ckpt)
-    if not isinstance(state, dict) or not any(
-        k.startswith('backbone.dyhead_tower.') for k in state
+    if (
+        isinstance(state, dict)
+        and state
+        and all(str(k).startswith(DDP_PREFIX) for k in state)
     ):
+        # saved from a DistributedDataParallel-wrapped model
+        state = OrderedDict(
+            (k[len(DDP_PREFIX) :], v) for k, v in state.items()
+        )
+        print(
+            f"note: {path}: every key starts with DDP's {DDP_PREFIX!r}; "
+            'converting with that prefix stripped.',
+            file=sys.stderr,
+        )
+    tower = 'backbone.dyhead_tower.'
+    if not isinstance(state, dict) or not any(
+        k.startswith(tower) for k in state
+    ):
+        nested = (
+            [k for k in state if tower in k] if isinstance(state, dict) else []
+        )
+        if nested:
+            prefix = nested[0][: nested[0].index(tower)]
+            raise ConversionError(
+                f'{path} looks like an official DynamicHead checkpoint whose '
+                f'keys carry an extra prefix {prefix!r} (e.g. {nested[0]!r}); '
+                f'the converter expects {tower!r} at the start. Fix: load '
+                f'it, strip {prefix!r} from every key, save it again and '
+                'convert that file.'
+            )
         top = sorted(ckpt)[:8]
         raise ConversionError(
             f'{path} is not an official DynamicHead checkpoint: no '
-            f"'backbone.dyhead_tower.*' weights (top-level keys: {top}). "
+            f"'{tower}*' weights (top-level keys: {top}). "
             'mmdet DyHead checkpoints need no conversion: load them '
             'directly.'
         )

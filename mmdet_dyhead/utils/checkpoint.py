@@ -343,6 +343,41 @@ def resolve_zoo_name(filename: str) -> Tuple[str, str]:
     return url, sha
 
 
+def zoo_cache_path(name: str, cache_dir: Optional[str] = None) -> str:
+    """Where the weights of zoo model ``name`` belong on this machine.
+
+    That is ``cache_dir/<file name of the weights URL>``: the file
+    ``dyhead://<name>`` checks and then reads instead of downloading
+    (mmengine's loader for the URL itself reads it too, unchecked).
+
+    Args:
+        name (str): A model name of the zoo, or ``dyhead://<name>``.
+        cache_dir (str, optional): Default torch.hub's checkpoint cache.
+
+    Raises:
+        CheckpointError: ``name`` has no weights in the zoo.
+    """
+    url, _ = resolve_zoo_name(name)
+    return osp.join(
+        cache_dir or default_cache_dir(), osp.basename(urlparse(url).path)
+    )
+
+
+def check_cached_file(path: str, url: str, sha256: Optional[str]) -> None:
+    """Check a file in the cache as ``dyhead://`` does before using it.
+
+    Args:
+        path (str): The cached file.
+        url (str): Where it was published (for the message).
+        sha256 (str, optional): Expected hex prefix of its sha256.
+
+    Raises:
+        CheckpointHashError: Its sha256 does not start with ``sha256``.
+        CheckpointError: It is not a torch checkpoint.
+    """
+    _check_cached(path, url, sha256)
+
+
 def load_from_dyhead(
     filename: str, map_location=None, model_dir: Optional[str] = None
 ) -> object:

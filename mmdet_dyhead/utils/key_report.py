@@ -80,6 +80,14 @@ def group_keys(keys: Iterable[str]) -> List[Tuple[str, List[str], int]]:
     return out
 
 
+# DCN biases of the spatial-attention branches (our names and mmdet's).
+_BRANCH_BIAS = re.compile(
+    r'(spatial_conv_(high|mid|low)|_branch)\.conv\.bias$'
+)
+# ``<prefix>.dyhead_blocks.<i>.`` (the same in our names and mmdet's).
+_BLOCK = re.compile(r'^(.*\bdyhead_blocks)\.(\d+)\.')
+
+
 class KeyReport:
     """How a state dict fitted a model.
 
@@ -104,6 +112,62 @@ class KeyReport:
         """True when every key fitted."""
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def _whole_blocks(self) -> Tuple[List[str], set]:
+        """Hints for DyHead blocks that only one side has (a ``num_blocks``
+        mismatch), and the keys they explain."""
+        hints, explained = [], set()
+        sides = (
+            ('checkpoint', self.unexpected, self.missing),
+            ('model', self.missing, self.unexpected),
+        )
+        for side, keys, other in sides:
+            found: Dict[str, Dict[int, List[str]]] = OrderedDict()
+            for key in keys:
+                m = _BLOCK.match(key)
+                if m:
+                    blocks = found.setdefault(m.group(1), {})
+                    blocks.setdefault(int(m.group(2)), []).append(key)
+            for prefix, blocks in found.items():
+                in_other = {
+                    int(m.group(2))
+                    for k in other
+                    for m in [_BLOCK.match(k)]
+                    if m and m.group(1) == prefix
+                }
+                # A whole block: nothing of it on the other side, and more
+                # than DCN biases or a stray tensor (every block of any
+                # preset has parameters in two or more modules).
+                whole = sorted(
+                    i
+                    for i, ks in blocks.items()
+                    if i not in in_other
+                    and any(not _BRANCH_BIAS.search(k) for k in ks)
+                    and len({k.rsplit('.', 1)[0] for k in ks}) > 1
+                )
+                first = whole[0] if whole else 0
+                if first == 0 or whole != list(range(first, whole[-1] + 1)):
+                    continue  # blocks 0.. of both sides must have matched
+                more, fewer = whole[-1] + 1, first
+                for i in whole:
+                    explained.update(blocks[i])
+                if side == 'checkpoint':
+                    hints.append(
+                        f'The checkpoint has {more} DyHead blocks '
+                        f'({prefix}.0-{more - 1}) but the model has '
+                        f'{fewer}. Fix: set '
+                        f"num_blocks={more} in the config's DyHeadNeck, or "
+                        f'load a checkpoint trained with {fewer} blocks.'
+                    )
+                else:
+                    hints.append(
+                        f'The model has {more} DyHead blocks '
+                        f'({prefix}.0-{more - 1}) but the checkpoint has '
+                        f'only {fewer}. Fix: set '
+                        f"num_blocks={fewer} in the config's DyHeadNeck, "
+                        f'or load a checkpoint trained with {more} blocks.'
+                    )
+        return hints, explained
+
     def hints(self) -> List[str]:
         """Likely causes, recognised from the key names."""
         hints = []
@@ -120,16 +184,17 @@ class KeyReport:
                 "Every unexpected key starts with 'module.': strip it "
                 "(revise_keys=[(r'^module\\.', '')])."
             )
-        branch_bias = re.compile(
-            r'(spatial_conv_(high|mid|low)|_branch)\.conv\.bias$'
-        )
-        if any(branch_bias.search(k) for k in self.missing):
+        block_hints, explained = self._whole_blocks()
+        hints += block_hints
+        missing = [k for k in self.missing if k not in explained]
+        unexpected = [k for k in self.unexpected if k not in explained]
+        if any(_BRANCH_BIAS.search(k) for k in missing):
             hints.append(
                 "The model has DCN biases (preset='official') but the "
                 "checkpoint does not (mmdet's DyHead): use "
                 "DyHeadNeck(preset='mmdet') or dcn_bias=False."
             )
-        if any(branch_bias.search(k) for k in self.unexpected):
+        if any(_BRANCH_BIAS.search(k) for k in unexpected):
             hints.append(
                 'The checkpoint has DCN biases (official DyHead) but '
                 "the model does not: use DyHeadNeck(preset='official') "
