@@ -19,6 +19,70 @@ MIM_DEPS=("click" "colorama" "model-index" "pandas" "rich" "tabulate" "requests"
 log() { printf '[install] %s\n' "$*"; }
 die() { printf '\n[install] ERROR: %s\n' "$*" >&2; exit 1; }
 
+# Filters pip's output (stdin to stdout). Drops the "Location ... is ignored"
+# lines some machines' pip.conf produce, and the one dependency conflict this
+# script causes on purpose: openmim is installed without opendatalab (see
+# MIM_DEPS), so pip's resolver check ends an install with
+#   ERROR: pip's dependency resolver does not currently take into account ...
+#   openmim 0.3.9 requires opendatalab, which is not installed.
+# Only that line goes (and the ERROR line when nothing else follows it); any
+# other conflict is printed with the ERROR line, and every other line as is.
+pip_filter() {
+  awk '
+    function end_paragraph() {
+      if (header != "" && !dropped) print header
+      header = ""; dropped = 0; para = 0
+    }
+    /is ignored: it is neither a file nor a directory/ { next }
+    /^ERROR: pip.s dependency resolver does not currently take into account/ {
+      end_paragraph(); header = $0; para = 1; next
+    }
+    para && /^openmim [^ ]+ requires (opendatalab|openxlab)[^,]*, which is not installed\.$/ {
+      dropped = 1; next
+    }
+    para && /^[^ ]+ [^ ]+ (requires|has requirement) / {
+      if (header != "") print header
+      header = ""; print; fflush(); next
+    }
+    para { end_paragraph() }
+    { print; fflush() }
+    END { end_paragraph() }
+  '
+}
+
+# pip, with its output through pip_filter; returns pip's exit status.
+pip_run() {
+  "${PIP[@]}" "$@" 2>&1 | pip_filter
+  return "${PIPESTATUS[0]}"
+}
+
+# What the mmcv build is doing, read from pip's verbose log ($1). torch's
+# BuildExtension compiles with ninja, which prints "[n/m] c++ ..." as the
+# n-th of m sources is done (pip indents the line); the objects are then
+# linked into mmcv/_ext and the wheel is packed.
+mmcv_build_status() {
+  local step n m
+  if grep -qE 'Using cached mmcv-[^ ]*\.whl' "$1"; then
+    echo "installing the wheel pip cached from an earlier build"
+    return 0
+  fi
+  step=$(grep -oE '^[[:space:]]*\[[0-9]+/[0-9]+\]' "$1" | tail -n 1 | tr -dc '0-9/' || true)
+  if [ -z "$step" ]; then
+    echo "preparing the build (nothing compiled yet)"
+  else
+    n=${step%/*} m=${step#*/}
+    if [ "$n" -lt "$m" ]; then
+      echo "compiled $n/$m C++ sources ($((100 * n / m))%)"
+    else
+      echo "compiled all $m C++ sources; linking and packing the wheel"
+    fi
+  fi
+}
+
+# `source scripts/install.sh` (the tests do) defines the functions above and
+# stops here.
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then return 0; fi
+
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
@@ -36,12 +100,6 @@ fi
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
-
-# pip, minus the "Location ... is ignored" lines some machines' pip.conf produce.
-pip_run() {
-  "${PIP[@]}" "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
-  return "${PIPESTATUS[0]}"
-}
 
 STAMP="$VENV/.mmdet-dyhead-stack"
 want_stamp=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
@@ -90,12 +148,13 @@ PYEOF
     MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install -v --no-build-isolation "mmcv==$MMCV_VERSION" >"$build_log" 2>&1 &
     pid=$!
     start=$(date +%s)
+    shown=$start
     while kill -0 "$pid" 2>/dev/null; do
-      sleep 20
-      step=$(grep -oE '^\[[0-9]+/[0-9]+\]' "$build_log" | tail -1 || true)
-      cached=$(grep -c 'Using cached mmcv' "$build_log" || true)
-      if [ "$cached" != "0" ]; then step="(using cached wheel)"; fi
-      log "  mmcv build: $(( $(date +%s) - start ))s elapsed ${step:+, compile step $step}"
+      sleep 1
+      if [ $(( $(date +%s) - shown )) -ge 20 ]; then
+        shown=$(date +%s)
+        log "  mmcv build, $(( shown - start ))s: $(mmcv_build_status "$build_log")"
+      fi
     done
     if ! wait "$pid"; then
       tail -40 "$build_log" >&2
@@ -103,13 +162,16 @@ PYEOF
     fi
     "$PY" -c "import mmcv._ext" >/dev/null 2>&1 ||
       die "mmcv installed but without compiled ops (mmcv._ext missing). It must be built with --no-build-isolation after torch; see $build_log."
-    log "mmcv $MMCV_VERSION built in $(( $(date +%s) - start ))s"
+    how="built"
+    if grep -qE 'Using cached mmcv-[^ ]*\.whl' "$build_log"; then how="installed from pip's cached wheel"; fi
+    log "mmcv $MMCV_VERSION $how in $(( $(date +%s) - start ))s"
   fi
 
   # --- the rest of the stack -------------------------------------------------------
   log "installing ${STACK[*]} and test/plot/export extras"
-  pip_run install -q "${STACK[@]}" pytest pytest-timeout matplotlib onnx onnxruntime "ruff==0.17.6" ||
+  pip_run install -q "${STACK[@]}" pytest pytest-timeout matplotlib seaborn onnx onnxruntime "ruff==0.17.6" ||
     die "could not install ${STACK[*]} (see above)."
+  log "installing openmim 0.3.9 without its dependency opendatalab, on purpose: it pulls in openxlab, which downgrades setuptools; only 'mim download --dataset' uses it (pip's note that it is missing is not shown)"
   pip_run install -q --no-deps "openmim==0.3.9" || die "could not install openmim (see above)."
   pip_run install -q "${MIM_DEPS[@]}" || die "could not install mim's dependencies (see above)."
   "$PY" -c "import pkg_resources" >/dev/null 2>&1 ||

@@ -1,5 +1,8 @@
 """DCN FLOP rules in mmengine's analyzer, checked against hand counts."""
 
+import os
+import os.path as osp
+
 import pytest
 import torch
 from conftest import pyramid
@@ -116,6 +119,103 @@ def test_mmdet_dyhead_and_ours_count_the_same_convs():
     assert theirs['conv'] == ours['conv']
 
 
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_dcn_activations_are_its_outputs_and_no_warning(backend):
+    from mmengine.analysis import ActivationAnalyzer, complexity_analysis
+
+    from mmdet_dyhead.utils.flops import flop_handles_registered
+
+    acts = complexity_analysis._DEFAULT_SUPPORTED_ACT_OPS
+    before = dict(acts)
+    c = 16
+    feats = tuple(pyramid(1, c, (16, 20), levels=4))
+    model = _Neck(DyHeadNeck(c, c, num_blocks=2, dcn_backend=backend)).eval()
+    dcn_ops = {'torch': 'PythonOp.GatherConvFunction'}.get(
+        backend, 'PythonOp.ModulatedDeformConv2dFunction'
+    )
+    # mmengine's own table has no DCN rule: the op is "unsupported" there,
+    # which is what get_model_complexity_info used to warn about.
+    plain = ActivationAnalyzer(model, feats)
+    plain.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert dcn_ops not in plain.by_operator()
+    assert 'prim::' + dcn_ops in plain.unsupported_ops()
+    with flop_handles_registered():
+        fa = ActivationAnalyzer(model, feats)
+        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        by_op = fa.by_operator()
+        unsupported = fa.unsupported_ops()
+    assert acts == before  # restored on exit
+    assert not any('DeformConv' in k or 'GatherConv' in k for k in unsupported)
+    # C output channels per DCN output pixel: mid on every level, low
+    # (stride 2) onto levels 1.., high on the coarser level's grid.
+    px = [f.shape[-2] * f.shape[-1] for f in feats]
+    dcn_pixels = sum(px) + sum(px[1:]) + sum(px[1:])
+    assert by_op[dcn_ops] == 2 * dcn_pixels * c
+
+
+def test_get_flops_help_lists_both_modes(capsys):
+    from mmdet_dyhead.cli import get_flops
+
+    with pytest.raises(SystemExit):
+        get_flops.main(['--help'])
+    out = capsys.readouterr().out
+    assert 'table2' in out and 'mmdet' in out
+    with pytest.raises(SystemExit):
+        get_flops.main(['mmdet', '--help'])
+    out = capsys.readouterr().out
+    assert '--num-images' in out and '--cfg-options' in out
+    with pytest.raises(SystemExit):
+        get_flops.main(['table2', '--num-images', '3'])
+    assert 'unrecognized arguments: --num-images 3' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mmdet_mode_counts_a_dyhead_config_without_dcn_warning(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+
+    from mmdet_dyhead.testing import generate_synthetic_coco
+
+    # The quickstart config reads data/synthetic_coco/ under the cwd.
+    generate_synthetic_coco(
+        str(tmp_path / 'data' / 'synthetic_coco'),
+        num_train=1,
+        num_val=1,
+        image_size=64,
+        seed=0,
+    )
+    config = osp.join(
+        REPO_ROOT,
+        'configs',
+        'quickstart',
+        'atss_r18-tiny_fpn_dyhead-2b_synthetic.py',
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            f'{REPO_ROOT}/tools/get_flops.py',
+            'mmdet',
+            config,
+            '--num-images',
+            '1',
+        ],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert 'Input shape: (192, 192)' in log and 'Flops: ' in log
+    # mmengine still names the ops it has no rule for (elementwise ops,
+    # BN for activations...), but not the deformable conv.
+    assert 'Unsupported operator aten::' in log
+    assert 'GatherConvFunction' not in log, log[-3000:]
+
+
 def test_get_flops_registers_the_dcn_rules_itself(
     tmp_path, capsys, monkeypatch
 ):
@@ -129,8 +229,16 @@ def test_get_flops_registers_the_dcn_rules_itself(
         for k, v in complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.items()
         if k not in FLOP_HANDLES
     }
+    act_defaults = {
+        k: v
+        for k, v in complexity_analysis._DEFAULT_SUPPORTED_ACT_OPS.items()
+        if k not in FLOP_HANDLES
+    }
     monkeypatch.setattr(
         complexity_analysis, '_DEFAULT_SUPPORTED_FLOP_OPS', dict(defaults)
+    )
+    monkeypatch.setattr(
+        complexity_analysis, '_DEFAULT_SUPPORTED_ACT_OPS', dict(act_defaults)
     )
     out = tmp_path / 'table2.md'
     get_flops.main(
@@ -148,6 +256,7 @@ def test_get_flops_registers_the_dcn_rules_itself(
     )
     # Registered only while counting: mmengine's defaults are left as found.
     assert complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS == defaults
+    assert complexity_analysis._DEFAULT_SUPPORTED_ACT_OPS == act_defaults
     gflops = {}
     for line in capsys.readouterr().out.splitlines():
         if line.endswith(' GFLOPs'):
@@ -173,7 +282,9 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
 
     from conftest import REPO_ROOT, subprocess_env
 
-    out = tmp_path / 'bench.md'
+    docs = os.path.join(REPO_ROOT, 'docs', 'benchmarks.md')
+    before = open(docs).read()
+    # No --out: the table goes to work_dirs/benchmark_dyhead of the cwd.
     res = subprocess.run(
         [
             sys.executable,
@@ -182,16 +293,23 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
             '--threads',
             '1',
             '--no-scaling',
-            '--out',
-            str(out),
         ],
         capture_output=True,
         text=True,
         env=subprocess_env(),
+        cwd=str(tmp_path),
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
+    assert open(docs).read() == before
+    assert os.listdir(tmp_path) == ['work_dirs']
+    out = tmp_path / 'work_dirs' / 'benchmark_dyhead' / 'benchmarks.md'
     text = out.read_text()
+    # The file records the command line that wrote it.
+    assert (
+        'Command: `python tools/benchmark_dyhead.py --quick --threads 1 '
+        '--no-scaling`'
+    ) in text
     assert 'ours (torch)' in text and 'dense floor' in text
     if mmcv_ops_available():
         # Our outputs must equal mmdet's in the same run.
@@ -201,3 +319,13 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
             if line.startswith('| ours (torch)')
         )
         assert float(row.split('|')[-2]) < 1e-5
+
+
+def test_benchmark_out_option_overrides_the_default(tmp_path):
+    from mmdet_dyhead.cli import benchmark_dyhead
+
+    args = benchmark_dyhead.parse_args(['--out', str(tmp_path / 'b.md')])
+    assert args.out == str(tmp_path / 'b.md')
+    assert benchmark_dyhead.parse_args([]).out == os.path.join(
+        'work_dirs', 'benchmark_dyhead', 'benchmarks.md'
+    )

@@ -28,12 +28,18 @@ def quickstart():
     return quickstart_module
 
 
-def test_tools_find_the_checkouts_configs_and_docs(quickstart):
-    # The tools' logic lives in mmdet_dyhead/cli/; paths stay repo-relative.
+def test_tools_read_the_checkouts_configs_and_write_to_work_dirs(
+    quickstart,
+):
+    # The tools' logic lives in mmdet_dyhead/cli/; configs stay
+    # repo-relative, outputs go to work_dirs/ of the current directory.
     assert quickstart.config_dir() == CONFIG_DIR
-    assert study.parse_args([]).doc == osp.join(
-        REPO_ROOT, 'docs', 'ablation_synthetic.md'
+    assert quickstart.parse_args([]).out_dir == osp.join(
+        'work_dirs', 'quickstart'
     )
+    args = study.parse_args([])
+    assert args.out_dir == osp.join('work_dirs', 'study_ablation')
+    assert args.doc is None  # the table goes to --out-dir
 
 
 def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
@@ -124,8 +130,9 @@ def test_bad_counts_are_rejected(capsys, quickstart):
 
 @pytest.mark.slow
 def test_quick_run_trains_both_and_writes_the_table(tmp_path):
-    out = tmp_path / 'qs'
-    cmd = [sys.executable, QUICKSTART, '--quick', '--out-dir', str(out)]
+    # No --out-dir: everything goes to work_dirs/quickstart of the cwd.
+    out = tmp_path / 'work_dirs' / 'quickstart'
+    cmd = [sys.executable, QUICKSTART, '--quick']
     proc = subprocess.run(
         cmd,
         env=subprocess_env(),
@@ -135,6 +142,7 @@ def test_quick_run_trains_both_and_writes_the_table(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert os.listdir(tmp_path) == ['work_dirs']
     log = proc.stdout + proc.stderr
     # Progress is visible: iterations, losses and the ETA.
     assert 'Iter(train) [2/2]' in log and 'loss:' in log and 'eta:' in log
@@ -152,9 +160,7 @@ def test_quick_run_trains_both_and_writes_the_table(tmp_path):
         assert row['train_s'] > 0 and row['ms_per_img'] > 0
         # The AP numbers are mmdet's CocoMetric; recompute them with
         # pycocotools from the detections it saved.
-        work = (
-            out / 'work_dirs' / osp.splitext(quickstart_module.MODELS[name])[0]
-        )
+        work = out / osp.splitext(quickstart_module.MODELS[name])[0]
         gt = COCO(str(out / 'data' / 'annotations' / 'instances_val.json'))
         dets = json.load(open(work / 'val_predictions.bbox.json'))
         assert dets, 'score_thr 0 in --quick must leave detections'
@@ -212,3 +218,47 @@ def test_ablation_study_switches_reach_the_blocks(tmp_path, quickstart):
         assert (blocks[0].task_attn is not None) == bool(use_c)
         has_offsets = any('offset' in n for n, _ in blocks[0].named_modules())
         assert has_offsets == bool(use_s)
+
+
+def test_ablation_study_writes_its_table_to_work_dirs_unless_told(
+    tmp_path, monkeypatch, quickstart
+):
+    import torch
+
+    trained = []
+
+    def fake_train(name, cfg):
+        # The real one trains for minutes; the study's own logic is tested.
+        trained.append((name, cfg.work_dir))
+        return dict(
+            model=name,
+            train_s=60.0,
+            ms_per_img=10.0,
+            params_m=1.0,
+            **{m: 1.0 for m, _ in quickstart.METRICS},
+        )
+
+    monkeypatch.setattr(quickstart, 'train_and_evaluate', fake_train)
+    # main() sets torch's thread count for its run; not for the test session.
+    monkeypatch.setattr(torch, 'set_num_threads', lambda n: None)
+    monkeypatch.chdir(tmp_path)
+    small = ['--num-train', '2', '--num-val', '1', '--iters', '3']
+    study.main(small)
+    out = tmp_path / 'work_dirs' / 'study_ablation'
+    assert sorted(os.listdir(tmp_path)) == ['work_dirs']
+    assert [w for _, w in trained][:2] == [
+        str(out / 'baseline'),
+        str(out / 'lsc100'),
+    ]
+    doc = (out / 'ablation_synthetic.md').read_text()
+    assert (
+        '- Command: `python tools/study_ablation.py ' + ' '.join(small) + '`'
+        in doc
+    )
+    assert len(json.load(open(out / 'results.json'))) == 6
+
+    # --doc writes the table elsewhere and says so in its command line.
+    (tmp_path / 'docs').mkdir()
+    study.main(small + ['--doc', 'docs/ablation.md'])
+    doc = (tmp_path / 'docs' / 'ablation.md').read_text()
+    assert '--iters 3 --doc docs/ablation.md`' in doc

@@ -1,8 +1,7 @@
-"""Where the tools find the repository's configs/ and docs/.
+"""Where the tools find the repository's configs/.
 
-From a checkout the package sits next to ``configs/`` and ``docs/``; an
-installed wheel ships the configs in ``mmdet_dyhead/.mim/configs`` (and no
-docs).
+From a checkout the package sits next to ``configs/``; an
+installed wheel ships the configs in ``mmdet_dyhead/.mim/configs``.
 """
 
 import os.path as osp
@@ -30,14 +29,3 @@ def config_path(*parts: str) -> str:
         else osp.join(PACKAGE_DIR, '.mim', 'configs')
     )
     return osp.join(base, *parts)
-
-
-def docs_path(name: str) -> str:
-    """``docs/<name>`` of the checkout; relative to the working directory
-    when the package is installed (the wheel has no docs/)."""
-    root = repo_root()
-    return (
-        osp.join(root, 'docs', name)
-        if root is not None
-        else osp.join('docs', name)
-    )

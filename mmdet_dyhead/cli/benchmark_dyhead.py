@@ -20,7 +20,8 @@ freed pages, so mmdet's and our necks showed the same figure.) On CUDA it is
 
 Examples::
 
-    python tools/benchmark_dyhead.py  # full run, docs/benchmarks.md
+    python tools/benchmark_dyhead.py  # work_dirs/benchmark_dyhead/
+    python tools/benchmark_dyhead.py --out docs/benchmarks.md  # the doc
     python tools/benchmark_dyhead.py --quick --out /tmp/b.md
     python tools/benchmark_dyhead.py --sizes 800x1344 --batches 1 --repeats 5
 """
@@ -30,6 +31,7 @@ import os
 import os.path as osp
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -37,8 +39,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-
-from ._paths import docs_path
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -475,42 +475,103 @@ def parse_args(argv=None):
         nargs='+',
         type=parse_size,
         default=[(800, 1344), (512, 512)],
+        metavar='HxW',
+        help='image sizes of the neck tables (pyramid strides 8..128); '
+        'the first also sizes the DCN-layer table (default: 800x1344 '
+        '512x512)',
     )
-    p.add_argument('--batches', nargs='+', type=int, default=[1, 2])
     p.add_argument(
-        '--blocks', type=int, default=6, help='blocks for forward timing'
+        '--batches',
+        nargs='+',
+        type=int,
+        default=[1, 2],
+        metavar='N',
+        help='batch sizes of the neck tables (default: 1 2)',
+    )
+    p.add_argument(
+        '--blocks',
+        type=int,
+        default=6,
+        metavar='N',
+        help='blocks for forward timing (default: 6)',
     )
     p.add_argument(
         '--bwd-blocks',
         type=int,
         default=1,
-        help='blocks for forward+backward timing (mmcv CPU backward is '
-        'slow; the neck is a stack of identical blocks, so the '
-        'ratio per block is the ratio of the neck)',
+        metavar='N',
+        help='blocks for forward+backward timing (default: 1; mmcv CPU '
+        'backward is slow; the neck is a stack of identical blocks, so '
+        'the ratio per block is the ratio of the neck)',
     )
-    p.add_argument('--channels', type=int, default=256)
+    p.add_argument(
+        '--channels',
+        type=int,
+        default=256,
+        metavar='C',
+        help='channels of every pyramid level, in and out (default: 256)',
+    )
     p.add_argument(
         '--backends',
         nargs='+',
         default=['torch', 'mmcv'],
         choices=['torch', 'mmcv', 'auto'],
+        help="DyHeadNeck's dcn_backend values to time (default: torch "
+        "mmcv; 'mmcv' is dropped when mmcv has no compiled ops); the first "
+        'is used for the scaling tables',
     )
-    p.add_argument('--repeats', type=int, default=3)
-    p.add_argument('--bwd-repeats', type=int, default=2)
-    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument(
+        '--repeats',
+        type=int,
+        default=3,
+        metavar='N',
+        help='timed forward repeats per implementation, median reported '
+        '(default: 3)',
+    )
+    p.add_argument(
+        '--bwd-repeats',
+        type=int,
+        default=2,
+        metavar='N',
+        help='timed forward+backward repeats per implementation (default: 2)',
+    )
+    p.add_argument(
+        '--warmup',
+        type=int,
+        default=1,
+        metavar='N',
+        help='untimed runs of each implementation before timing (default: 1)',
+    )
     p.add_argument(
         '--threads',
         type=int,
         nargs='+',
         default=[2],
-        help='CPU threads; several values repeat every table per value',
+        metavar='N',
+        help='CPU threads (default: 2); several values repeat every table '
+        'per value',
     )
     p.add_argument(
-        '--device', default='cuda' if torch.cuda.is_available() else 'cpu'
+        '--device',
+        default='cuda' if torch.cuda.is_available() else 'cpu',
+        help='torch device to run on (default: cuda if available, else cpu)',
     )
-    p.add_argument('--no-backward', action='store_true')
-    p.add_argument('--no-mmdet', action='store_true')
-    p.add_argument('--no-scaling', action='store_true')
+    p.add_argument(
+        '--no-backward',
+        action='store_true',
+        help='neck tables: time the forward pass only',
+    )
+    p.add_argument(
+        '--no-mmdet',
+        action='store_true',
+        help="leave out mmdet's DyHead (set anyway when mmcv has no "
+        'compiled ops)',
+    )
+    p.add_argument(
+        '--no-scaling',
+        action='store_true',
+        help='skip the time-vs-size and time-vs-blocks tables',
+    )
     p.add_argument(
         '--scaling-sizes',
         nargs='+',
@@ -522,16 +583,32 @@ def parse_args(argv=None):
             (800, 1344),
             (1024, 1600),
         ],
+        metavar='HxW',
+        help='image sizes of the time-vs-size table; the middle one is '
+        'used for the time-vs-blocks table (default: 384x640 512x512 '
+        '640x1024 800x1344 1024x1600)',
     )
     p.add_argument(
-        '--scaling-blocks', nargs='+', type=int, default=[1, 2, 4, 6, 8]
+        '--scaling-blocks',
+        nargs='+',
+        type=int,
+        default=[1, 2, 4, 6, 8],
+        metavar='N',
+        help='block counts of the time-vs-blocks table (default: 1 2 4 6 8)',
     )
     p.add_argument(
         '--quick',
         action='store_true',
         help='tiny smoke run: 32 channels, one small size, 1 repeat',
     )
-    p.add_argument('--out', default=docs_path('benchmarks.md'))
+    p.add_argument(
+        '--out',
+        default=osp.join('work_dirs', 'benchmark_dyhead', 'benchmarks.md'),
+        metavar='FILE',
+        help='markdown file the tables are written to (default: '
+        '%(default)s, under the current directory; docs/benchmarks.md '
+        'is written with --out docs/benchmarks.md)',
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batches, args.channels = [(64, 96)], [1], 32
@@ -558,13 +635,16 @@ def main(argv=None):
     if not mmcv_ops_available():
         args.backends = [b for b in args.backends if b != 'mmcv'] or ['torch']
         args.no_mmdet = True
-    command = 'python tools/benchmark_dyhead.py ' + ' '.join(
-        sys.argv[1:] if argv is None else argv
+    # The command line as given, so the file says how it was made (with
+    # --out, for the copy in docs/).
+    command = shlex.join(
+        ['python', 'tools/benchmark_dyhead.py']
+        + list(sys.argv[1:] if argv is None else argv)
     )
     lines = [
         '# DyHead neck benchmarks',
         '',
-        f'Command: `{command.strip()}`',
+        f'Command: `{command}`',
         '',
         f'Machine: {machine_info(device)}',
         '',

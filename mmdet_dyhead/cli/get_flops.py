@@ -8,10 +8,17 @@ Two modes:
   counts each on one synthetic image of the given shape (no dataset needed)
   with mmengine's ``get_model_complexity_info``, and prints/writes the table
   next to the paper's numbers.
-- ``python tools/get_flops.py mmdet CONFIG [mmdet get_flops.py args]`` runs
-  mmdet's own ``tools/analysis_tools/get_flops.py`` (which reads images from
-  the config's val dataloader) after importing this package, with the DCN
+- ``python tools/get_flops.py mmdet CONFIG [--num-images N]
+  [--cfg-options ...]`` runs mmdet's own
+  ``tools/analysis_tools/get_flops.py`` (which reads images from the
+  config's val dataloader) after importing this package, with the DCN
   counting rules of :mod:`mmdet_dyhead.utils.flops` registered around it.
+
+Both modes count inside
+:func:`~mmdet_dyhead.utils.flops.flop_handles_registered`, which also adds
+an activation rule for the DCN ops: mmengine's
+``get_model_complexity_info`` counts activations with a handle table of its
+own, and would otherwise report the DCN op as unsupported.
 
 Counting convention (mmengine's): one multiply-add = one FLOP; conv, matmul,
 the deformable conv (as the conv it generalises), norms and upsampling are
@@ -25,6 +32,8 @@ import runpy
 import sys
 
 import torch
+
+from mmdet_dyhead.utils.flops import flop_handles_registered
 
 from ._paths import config_path
 
@@ -140,36 +149,114 @@ def table2(args) -> str:
     return text
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == 'mmdet':
-        import mmdet
+def mmdet_script() -> str:
+    """mmdet's ``tools/analysis_tools/get_flops.py`` in the installed
+    wheel."""
+    import mmdet
 
-        import mmdet_dyhead  # noqa: F401
-        from mmdet_dyhead.utils.flops import flop_handles_registered
-
-        script = osp.join(
-            osp.dirname(mmdet.__file__),
-            '.mim',
-            'tools',
-            'analysis_tools',
-            'get_flops.py',
-        )
-        sys.argv = [script] + argv[1:]
-        with flop_handles_registered():  # the DCN rules, while mmdet counts
-            runpy.run_path(script, run_name='__main__')
-        return
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('mode', choices=['table2'])
-    p.add_argument('--config', default=DEFAULT_CONFIG)
-    p.add_argument('--shape', type=int, nargs=2, default=[800, 1333])
-    p.add_argument(
-        '--blocks', type=int, nargs='+', default=[1, 2, 4, 6, 8, 10]
+    return osp.join(
+        osp.dirname(mmdet.__file__),
+        '.mim',
+        'tools',
+        'analysis_tools',
+        'get_flops.py',
     )
-    p.add_argument('--out', help='also write the markdown table here')
-    args = p.parse_args(argv)
-    from mmdet_dyhead.utils.flops import flop_handles_registered
 
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        epilog='Run "%(prog)s MODE --help" for the options of a mode.',
+    )
+    modes = p.add_subparsers(dest='mode', metavar='MODE')
+    modes.required = True
+    t = modes.add_parser(
+        'table2',
+        help='paper Table 2: ATSS baseline and N DyHead blocks on one '
+        'synthetic image (no dataset needed)',
+        description='Counts ATSS R-50 + FPN with 4-conv towers and ATSS + '
+        'N DyHead blocks (towers removed) on one synthetic image, and '
+        "prints the table next to the paper's numbers.",
+    )
+    t.add_argument(
+        '--config',
+        default=DEFAULT_CONFIG,
+        help='DyHead config whose backbone, FPN and DyHeadNeck settings '
+        'are used, the block count replaced by --blocks (default: '
+        f'configs/atss/{osp.basename(DEFAULT_CONFIG)})',
+    )
+    t.add_argument(
+        '--shape',
+        type=int,
+        nargs=2,
+        default=[800, 1333],
+        metavar=('H', 'W'),
+        help='input image height and width in pixels (default: 800 1333)',
+    )
+    t.add_argument(
+        '--blocks',
+        type=int,
+        nargs='+',
+        default=[1, 2, 4, 6, 8, 10],
+        metavar='N',
+        help='DyHead block counts, one row each (default: 1 2 4 6 8 10)',
+    )
+    t.add_argument(
+        '--out',
+        metavar='FILE',
+        help='also write the markdown table to FILE',
+    )
+    m = modes.add_parser(
+        'mmdet',
+        help="mmdet's tools/analysis_tools/get_flops.py (images from the "
+        "config's val dataloader) with the DCN counting rules",
+        description="Runs mmdet's own tools/analysis_tools/get_flops.py "
+        'after importing this package, with the FLOP and activation rules '
+        'of the deformable convs registered around it. The arguments are '
+        "passed to mmdet's script unchanged.",
+    )
+    m.add_argument(
+        'config',
+        help="detector config; its val dataloader's images are measured",
+    )
+    m.add_argument(
+        '--num-images',
+        type=int,
+        default=100,
+        metavar='N',
+        help="images to average over (mmdet's option; default: 100)",
+    )
+    m.add_argument(
+        '--cfg-options',
+        nargs='+',
+        metavar='KEY=VALUE',
+        help="override config settings (mmdet's option), e.g. "
+        'val_dataloader.dataset.data_root=data/coco/',
+    )
+    args, unknown = p.parse_known_args(argv)
+    if unknown and args.mode != 'mmdet':
+        p.error(f'unrecognized arguments: {" ".join(unknown)}')
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.mode == 'mmdet':
+        import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
+
+        script = mmdet_script()
+        # mmdet's script parses the command line itself; hand it over as
+        # given (options it does not know stop there, with its message).
+        saved_argv, sys.argv = sys.argv, [script] + argv[1:]
+        try:
+            with (
+                flop_handles_registered()
+            ):  # the DCN rules, while mmdet counts
+                runpy.run_path(script, run_name='__main__')
+        finally:
+            sys.argv = saved_argv
+        return
     with flop_handles_registered():  # the DCN rules, while table2 counts
         text = table2(args)
     if args.out:

@@ -2,12 +2,14 @@
 
 Generates the synthetic shapes dataset, trains the two detectors of
 configs/quickstart/ with mmengine's Runner, evaluates both with mmdet's
-CocoMetric and prints (and writes) a table and a bar chart.
+CocoMetric and prints (and writes) a table and a bar chart. Everything is
+written under --out-dir (work_dirs/quickstart/ of the current directory
+unless told).
 
 Example:
     python tools/quickstart.py                     # the full run (minutes)
     python tools/quickstart.py --quick             # a smoke test (seconds)
-    python tools/quickstart.py --iters 2000 --out-dir outputs/qs_long
+    python tools/quickstart.py --iters 2000 --out-dir work_dirs/qs_long
 """
 
 import argparse
@@ -48,8 +50,9 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         '--out-dir',
-        default='outputs/quickstart',
-        help='data, logs, checkpoints and results go here',
+        default=osp.join('work_dirs', 'quickstart'),
+        help='data, logs, checkpoints, the table and the chart go here '
+        '(relative to the current directory)',
     )
     parser.add_argument(
         '--overwrite',
@@ -378,9 +381,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
 
     rows = []
     for name in args.models:
-        work_dir = osp.join(
-            out_dir, 'work_dirs', osp.splitext(MODELS[name])[0]
-        )
+        work_dir = osp.join(out_dir, osp.splitext(MODELS[name])[0])
         cfg = build_cfg(
             osp.join(config_dir(), MODELS[name]), name, data, work_dir, args
         )

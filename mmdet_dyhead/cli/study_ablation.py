@@ -3,12 +3,14 @@
 Trains the quickstart's ATSS baseline and ATSS + DyHead with each
 combination of scale- (L), spatial- (S) and task-aware (C) attention switched
 on or off (``DyHeadNeck(use_scale_attn, use_spatial_attn, use_task_attn)``),
-evaluates every model with mmdet's CocoMetric, and writes the table to
-docs/ablation_synthetic.md (and results.json to --out-dir).
+evaluates every model with mmdet's CocoMetric, and writes the table, the
+data, the runs and results.json to --out-dir (work_dirs/study_ablation/
+unless told); --doc writes the table elsewhere.
 
 Example:
     python tools/study_ablation.py                      # paper's 6 rows
     python tools/study_ablation.py --iters 400 --all    # all 8 combinations
+    python tools/study_ablation.py --iters 300 --doc docs/ablation_synthetic.md
 """
 
 import argparse
@@ -17,11 +19,11 @@ import json
 import os
 import os.path as osp
 import platform
+import shlex
 import sys
 import time
 
 from . import quickstart
-from ._paths import docs_path
 
 # (L, S, C) rows of the paper's Table 1, in its order; 'baseline' is ATSS
 # without any DyHead block (stacked convs in the head).
@@ -46,15 +48,20 @@ PAPER_AP = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument(
+        '--out-dir',
+        default=osp.join('work_dirs', 'study_ablation'),
+        help='data, runs, results.json and (without --doc) the table go '
+        'here, relative to the current directory (default: %(default)s)',
     )
-    parser.add_argument('--out-dir', default='outputs/study_ablation')
     parser.add_argument(
         '--doc',
-        default=docs_path('ablation_synthetic.md'),
-        help='markdown file the table is written to',
+        default=None,
+        metavar='FILE',
+        help='markdown file the table is written to (default: '
+        'OUT_DIR/ablation_synthetic.md; docs/ablation_synthetic.md is '
+        'written with --doc docs/ablation_synthetic.md)',
     )
     parser.add_argument(
         '--overwrite',
@@ -70,22 +77,44 @@ def parse_args(argv=None):
         '--iters',
         type=int,
         default=None,
-        help="default: the quickstart configs' max_iters",
+        metavar='N',
+        help='training iterations per model (default: the quickstart '
+        "configs' max_iters)",
     )
     parser.add_argument(
         '--num-blocks',
         type=int,
         default=None,
+        metavar='N',
         help="DyHead blocks (default: the quickstart config's)",
     )
-    parser.add_argument('--num-train', type=int, default=400)
-    parser.add_argument('--num-val', type=int, default=100)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument(
+        '--num-train',
+        type=int,
+        default=400,
+        metavar='N',
+        help='synthetic training images (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--num-val',
+        type=int,
+        default=100,
+        metavar='N',
+        help='synthetic validation images (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--seed',
+        type=int,
+        default=0,
+        help='seed of the data and of every training (default: %(default)s)',
+    )
     parser.add_argument(
         '--threads',
         type=int,
         default=1,
-        help='torch CPU threads (see tools/quickstart.py)',
+        metavar='N',
+        help='torch CPU threads (default: %(default)s; see '
+        'tools/quickstart.py)',
     )
     args = parser.parse_args(argv)
     for key in ('iters', 'num_blocks', 'num_train', 'num_val', 'threads'):
@@ -104,7 +133,9 @@ def row_name(row) -> str:
     return 'DyHead ' + ('+'.join(parts) if parts else '(no attention)')
 
 
-def format_doc(rows, args, total_s, qs) -> str:
+def format_doc(rows, args, total_s, qs, command=None) -> str:
+    """The markdown page; ``command``: the command line it came from
+    (default: this process's)."""
     metric_names = [m for m, _ in qs.METRICS]
     head = (
         ['L.', 'S.', 'C.']
@@ -135,7 +166,9 @@ def format_doc(rows, args, total_s, qs) -> str:
             ]
         )
         lines.append('| ' + ' | '.join(cells) + ' |')
-    cmd = 'python tools/study_ablation.py ' + ' '.join(sys.argv[1:])
+    cmd = command or shlex.join(
+        ['python', 'tools/study_ablation.py'] + sys.argv[1:]
+    )
     return '\n'.join(
         [
             '# Table 1 ablation on the synthetic shapes data',
@@ -212,7 +245,9 @@ def variant_cfg(
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    command = shlex.join(['python', 'tools/study_ablation.py'] + argv)
     qs = quickstart
     start = time.perf_counter()
     import torch
@@ -264,7 +299,7 @@ def main(argv=None):
             base_file,
             dy_file,
             data,
-            osp.join(out_dir, 'work_dirs', tag),
+            osp.join(out_dir, tag),
             qs_args,
             args.num_blocks,
         )
@@ -284,9 +319,10 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
         print(qs.format_table(rows), flush=True)
     total_s = time.perf_counter() - start
-    doc = format_doc(rows, args, total_s, qs)
-    os.makedirs(osp.dirname(osp.abspath(args.doc)), exist_ok=True)
-    with open(args.doc, 'w') as f:
+    doc = format_doc(rows, args, total_s, qs, command)
+    doc_file = args.doc or osp.join(out_dir, 'ablation_synthetic.md')
+    os.makedirs(osp.dirname(osp.abspath(doc_file)), exist_ok=True)
+    with open(doc_file, 'w') as f:
         f.write(doc)
     print('\n' + doc)
-    print(f'written to {args.doc}')
+    print(f'written to {doc_file}')

@@ -59,6 +59,19 @@ def mmcv_deform_conv_flop_jit(weight_index: int):
     return handle
 
 
+def _output_elements(outputs: List[Any]) -> int:
+    """Elements of an op's outputs; a traced tuple output counts each map."""
+    total = 0
+    for out in outputs:
+        kind = out.type()
+        # The native op returns its maps as one tuple value.
+        if hasattr(kind, 'elements'):
+            total += sum(_prod(e.sizes()) for e in kind.elements())
+        else:
+            total += _prod(get_shape(out))
+    return total
+
+
 def native_deform_conv_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """Handle for :class:`~mmdet_dyhead.ops.gather_conv.GatherConvFunction`.
 
@@ -66,16 +79,15 @@ def native_deform_conv_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     (N, C_out, H_out, W_out) maps of every term of the call, so
     sum(N * C_out * H_out * W_out) * C_in * kh * kw is their MAC count.
     """
-    w_shape = get_shape(inputs[1])
-    out_shapes = []
-    for out in outputs:
-        kind = out.type()
-        # The traced op returns its maps as one tuple value.
-        if hasattr(kind, 'elements'):
-            out_shapes.extend(e.sizes() for e in kind.elements())
-        else:
-            out_shapes.append(get_shape(out))
-    return sum(_prod(shape) for shape in out_shapes) * _prod(w_shape[1:])
+    return _output_elements(outputs) * _prod(get_shape(inputs[1])[1:])
+
+
+def deform_conv_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """Activations of a deformable conv: its output elements, as mmengine
+    counts a conv's. ``get_model_complexity_info`` runs an
+    ``ActivationAnalyzer`` beside the ``FlopAnalyzer``, with a handle table
+    of its own; without an entry it calls the op unsupported."""
+    return _output_elements(outputs)
 
 
 FLOP_HANDLES = {
@@ -83,24 +95,31 @@ FLOP_HANDLES = {
     MMCV_DCNV1_OP: mmcv_deform_conv_flop_jit(2),
     NATIVE_DCN_OP: native_deform_conv_flop_jit,
 }
+ACTIVATION_HANDLES = {op: deform_conv_activation_jit for op in FLOP_HANDLES}
 
 
 @contextlib.contextmanager
 def flop_handles_registered() -> Iterator[None]:
     """Count deformable convs in every analyzer built inside the block.
 
-    ``FlopAnalyzer.__init__`` (and so ``get_model_complexity_info``) copies
-    mmengine's default handle table, which has no entry for these ops. The
-    table is extended on entry and restored on exit, so analyzers outside
-    the block behave as mmengine ships them.
+    ``FlopAnalyzer.__init__`` and ``ActivationAnalyzer.__init__`` (and so
+    ``get_model_complexity_info``) copy mmengine's default handle tables,
+    which have no entry for these ops. Both tables are extended on entry and
+    restored on exit, so analyzers outside the block behave as mmengine
+    ships them.
     """
-    from mmengine.analysis import complexity_analysis
+    from mmengine.analysis import complexity_analysis as ca
 
-    table = complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS
-    saved = dict(table)
-    table.update(FLOP_HANDLES)
+    tables = (
+        (ca._DEFAULT_SUPPORTED_FLOP_OPS, FLOP_HANDLES),
+        (ca._DEFAULT_SUPPORTED_ACT_OPS, ACTIVATION_HANDLES),
+    )
+    saved = [dict(table) for table, _ in tables]
+    for table, handles in tables:
+        table.update(handles)
     try:
         yield
     finally:
-        table.clear()
-        table.update(saved)
+        for (table, _), old in zip(tables, saved):
+            table.clear()
+            table.update(old)
