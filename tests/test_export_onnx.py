@@ -1,4 +1,8 @@
-"""ONNX export of a tiny ATSS + DyHead detector, checked with onnxruntime."""
+"""ONNX export of a tiny ATSS + DyHead detector, checked with onnxruntime.
+
+Both DCN forms: the standard ``DeformConv`` node (default at opset 19) and
+the ``GridSample`` decomposition (``dcn_export='grid_sample'``).
+"""
 
 import os
 import os.path as osp
@@ -11,14 +15,21 @@ from conftest import REPO_ROOT
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 
-from mmdet_dyhead.deploy import (
+from mmdet_dyhead.deploy import (  # noqa: E402
     NativeBackendError,
-    build_detector,  # noqa: E402
+    build_detector,
     export_onnx,
+    graph_op_counts,
     load_images,
     match_detections,
+    resolve_dcn_export,
     use_native_dcn,
     verify_onnx,
+)
+from mmdet_dyhead.ops import (  # noqa: E402
+    ModulatedDeformConv,
+    mmcv_ops_available,
+    onnx_dcn_export,
 )
 
 BASE_CONFIG = osp.join(
@@ -103,27 +114,84 @@ def assets(tmp_path_factory):
     )
 
 
-def test_dynamic_export_matches_pytorch_and_mmdet_predict(assets):
+def dcn_nodes(onnx_file):
+    """The DeformConv nodes of ``onnx_file`` with their attributes."""
+    import onnx
+
+    return [
+        {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        for n in onnx.load(onnx_file).graph.node
+        if n.op_type == 'DeformConv'
+    ]
+
+
+@pytest.fixture(scope='module')
+def exported(assets, one_thread):
+    """The tiny model and one dynamic-axes file per DCN form (opset 19)."""
     model = build_detector(
         assets['config'], assets['checkpoint'], native_dcn=True
     )
-    onnx_file = osp.join(assets['dir'], 'dynamic.onnx')
     trace_inputs, _ = load_images(model, assets['images'][:1])
-    export_onnx(model, trace_inputs, onnx_file, dynamic=True)
+    files = {}
+    for form in ('deform_conv', 'grid_sample'):
+        files[form] = osp.join(assets['dir'], f'dynamic_{form}.onnx')
+        export_onnx(
+            model,
+            trace_inputs,
+            files[form],
+            opset=19,
+            dynamic=True,
+            dcn_export=None if form == 'deform_conv' else form,
+        )
+    return model, files
+
+
+def test_opset19_graph_has_one_deform_conv_per_dcn_and_no_grid_sample(
+    exported,
+):
+    model, files = exported
+    ops = graph_op_counts(files['deform_conv'])
+    assert not {'GridSample', 'MatMul'} & set(ops), ops
+    # Per block: mid branch on every level, low (stride 2) and high branch
+    # on all levels but one (the finest has no finer, the coarsest no
+    # coarser neighbour).
+    neck = model.neck[1]
+    blocks, levels = neck.num_blocks, neck.num_levels
+    assert (blocks, levels) == (2, 5)
+    nodes = dcn_nodes(files['deform_conv'])
+    assert ops['DeformConv'] == len(nodes) == blocks * (3 * levels - 2)
+    strides = [tuple(n['strides']) for n in nodes]
+    assert strides.count((2, 2)) == blocks * (levels - 1)
+    assert strides.count((1, 1)) == blocks * (2 * levels - 1)
+    for n in nodes:
+        assert n['kernel_shape'] == [3, 3] and n['pads'] == [1, 1, 1, 1]
+        assert n['dilations'] == [1, 1]
+        assert n['group'] == 1 and n['offset_group'] == 1
 
     import onnx
 
-    graph = onnx.load(onnx_file).graph
+    graph = onnx.load(files['deform_conv']).graph
     domains = {n.domain for n in graph.node}
     assert domains <= {'', 'ai.onnx'}, f'custom op domains in graph: {domains}'
-    assert any(n.op_type == 'GridSample' for n in graph.node)
+    old = graph_op_counts(files['grid_sample'])
+    assert ops['total'] * 2 < old['total'], (ops['total'], old['total'])
 
+
+def test_deform_conv_export_matches_pytorch_and_mmdet_predict(
+    assets, exported
+):
+    model, files = exported
     # The second image has another size and aspect: the same file must serve
     # it.
     for image in assets['images']:
         inputs, samples = load_images(model, [image])
         report = verify_onnx(
-            model, onnx_file, inputs, samples, box_tol=0.5, score_tol=1e-4
+            model,
+            files['deform_conv'],
+            inputs,
+            samples,
+            box_tol=0.5,
+            score_tol=1e-4,
         )
         assert report['max_raw_rel_diff'] < 1e-4, report
         (r,) = report['images']
@@ -136,6 +204,127 @@ def test_dynamic_export_matches_pytorch_and_mmdet_predict(assets):
         assert torch.equal(pred.pred_instances.labels, ours.labels)
         assert torch.allclose(pred.pred_instances.bboxes, ours.bboxes)
         assert torch.allclose(pred.pred_instances.scores, ours.scores)
+
+
+def test_grid_sample_form_is_the_decomposition_and_matches_pytorch(
+    assets, exported
+):
+    model, files = exported
+    ops = graph_op_counts(files['grid_sample'])
+    assert 'DeformConv' not in ops
+    assert ops['GridSample'] == 26, ops  # one per DCN, as DeformConv above
+    inputs, samples = load_images(model, assets['images'][1:])
+    report = verify_onnx(model, files['grid_sample'], inputs, samples)
+    assert report['max_raw_rel_diff'] < 1e-4, report
+    assert report['ok'], report['images']
+
+
+def test_dcn_form_defaults_and_opset_errors():
+    assert resolve_dcn_export(None, 19) == 'deform_conv'
+    assert resolve_dcn_export(None, 20) == 'deform_conv'
+    assert resolve_dcn_export(None, 17) == 'grid_sample'
+    assert resolve_dcn_export('grid_sample', 16) == 'grid_sample'
+    with pytest.raises(ValueError, match='opset >= 19'):
+        resolve_dcn_export('deform_conv', 17)
+    with pytest.raises(ValueError, match='no GridSample'):
+        resolve_dcn_export(None, 15)
+    with pytest.raises(ValueError, match='does not exist'):
+        onnx_dcn_export('mmcv').__enter__()
+
+
+class _OneDCN(torch.nn.Module):
+    def __init__(self, stride, bias):
+        super().__init__()
+        self.dcn = ModulatedDeformConv(
+            8, 6, 3, stride=stride, padding=1, bias=bias, backend='torch'
+        )
+
+    def forward(self, x, offset, mask):
+        return self.dcn(x, offset, mask)
+
+
+@pytest.mark.skipif(not mmcv_ops_available(), reason='mmcv built without ops')
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('bias', [True, False])
+def test_deform_conv_node_matches_mmcv_kernel(tmp_path, stride, bias):
+    """One exported layer in onnxruntime against mmcv's compiled kernel (an
+    implementation independent of ours), on two input sizes."""
+    from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+
+    layer = _OneDCN(stride, bias).eval()
+    if bias:
+        torch.nn.init.normal_(layer.dcn.bias)
+
+    def inputs(h, w):
+        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        # Shifts of up to 3 px, some leaving the map, never integer.
+        offset = (torch.rand(2, 18, ho, wo) - 0.5) * 6 + 0.013
+        return torch.randn(2, 8, h, w), offset, torch.rand(2, 9, ho, wo)
+
+    path = str(tmp_path / 'dcn.onnx')
+    axes = {'batch': 0, 'h': 2, 'w': 3}
+    with onnx_dcn_export('deform_conv'):
+        torch.onnx.export(
+            layer,
+            inputs(11, 13),
+            path,
+            input_names=['input', 'offset', 'mask'],
+            output_names=['out'],
+            opset_version=19,
+            dynamic_axes={
+                k: {i: f'{k}_{a}' for a, i in axes.items()}
+                for k in ('input', 'offset', 'mask', 'out')
+            },
+            dynamo=False,
+        )
+    ops = graph_op_counts(path)
+    # Without a bias the graph also holds its zero constant.
+    assert ops['DeformConv'] == 1 and ops['total'] == 2 - bias, ops
+    (attrs,) = dcn_nodes(path)
+    assert attrs['strides'] == [stride, stride]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for h, w in ((11, 13), (20, 9)):
+        x, offset, mask = inputs(h, w)
+        (out,) = session.run(
+            None,
+            {
+                'input': x.numpy(),
+                'offset': offset.numpy(),
+                'mask': mask.numpy(),
+            },
+        )
+        with torch.no_grad():
+            ref = mmcv_dcn(
+                x, offset, mask, layer.dcn.weight, layer.dcn.bias,
+                stride, 1, 1, 1, 1,
+            )  # fmt: skip
+        assert out.shape == tuple(ref.shape)
+        assert np.abs(out - ref.numpy()).max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+def test_form_choice_is_scoped_to_the_export_call(tmp_path):
+    """Outside export_onnx/onnx_dcn_export a plain torch.onnx.export writes
+    the decomposition, and an export that raises restores the setting."""
+    from mmdet_dyhead.ops import deform_conv
+
+    layer = _OneDCN(1, False).eval()
+    args = (
+        torch.randn(1, 8, 6, 7),
+        torch.rand(1, 18, 6, 7),
+        torch.rand(1, 9, 6, 7),
+    )
+    with pytest.raises(RuntimeError):
+        with onnx_dcn_export('deform_conv'):
+            raise RuntimeError('export failed')
+    assert deform_conv._onnx_dcn_form.get() == 'grid_sample'
+    path = str(tmp_path / 'plain.onnx')
+    torch.onnx.export(layer, args, path, opset_version=19, dynamo=False)
+    ops = graph_op_counts(path)
+    assert 'GridSample' in ops and 'DeformConv' not in ops
 
 
 def test_match_detections_flags_shifted_boxes_and_missing_detections(assets):
@@ -199,6 +388,34 @@ def run_tool(*args):
     from mmdet_dyhead.cli.export_onnx import main
 
     return main(list(args))
+
+
+def test_runtime_without_deform_conv_kernel_gets_a_way_out(
+    exported, monkeypatch
+):
+    import onnxruntime as ort
+
+    from mmdet_dyhead.deploy import onnxruntime_session
+
+    def old_runtime(*args, **kwargs):
+        # What onnxruntime < 1.25 raises for the node.
+        raise Exception(
+            '[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an '
+            "implementation for DeformConv(19) node with name '/DeformConv'"
+        )
+
+    monkeypatch.setattr(ort, 'InferenceSession', old_runtime)
+    with pytest.raises(RuntimeError, match='--dcn-export grid_sample'):
+        onnxruntime_session(exported[1]['deform_conv'])
+
+
+def test_cli_refuses_deform_conv_below_opset_19(assets, capsys):
+    out = osp.join(assets['dir'], 'cli17', 'model.onnx')
+    args = (assets['config'], assets['checkpoint'], '--out', out)
+    assert run_tool(*args, '--opset', '17', '--dcn-export', 'deform_conv') == 2
+    err = capsys.readouterr().err
+    assert 'needs ONNX opset >= 19' in err and 'grid_sample' in err
+    assert not osp.exists(out)
 
 
 @pytest.mark.slow

@@ -11,9 +11,13 @@ from .native_backend import (
     use_native_dcn,
 )
 from .onnx_export import (
+    DEFAULT_OPSET,
     MIN_OPSET,
     export_onnx,
+    graph_op_counts,
     match_detections,
+    onnxruntime_session,
+    resolve_dcn_export,
     run_onnxruntime,
     verify_onnx,
 )
@@ -25,9 +29,13 @@ __all__ = [
     'NativeBackendError',
     'check_exportable_modules',
     'use_native_dcn',
+    'DEFAULT_OPSET',
     'MIN_OPSET',
     'export_onnx',
+    'graph_op_counts',
     'match_detections',
+    'onnxruntime_session',
+    'resolve_dcn_export',
     'run_onnxruntime',
     'verify_onnx',
     'DetectorTensorForward',

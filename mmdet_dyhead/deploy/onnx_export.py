@@ -1,25 +1,79 @@
 """Export a detector's tensor forward to ONNX and check it with onnxruntime."""
 
 import warnings
-from typing import Dict, List, Sequence
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mmdet_dyhead.ops.deform_conv import (
+    DEFORM_CONV_MIN_OPSET,
+    ONNX_DCN_FORMS,
+    onnx_dcn_export,
+)
+
 from .native_backend import check_exportable_modules
 from .tensor_forward import DetectorTensorForward
 
-# grid_sample (native DCN) exists in ONNX from opset 16 on.
+# GridSample (the decomposed DCN) exists in ONNX from opset 16 on.
 MIN_OPSET = 16
+# DeformConv needs opset 19; it is the default DCN form, so 19 is the
+# default opset (the TorchScript exporter goes up to 20).
+DEFAULT_OPSET = DEFORM_CONV_MIN_OPSET
+
+
+def resolve_dcn_export(dcn_export: Optional[str], opset: int) -> str:
+    """The DCN form to write at ``opset``: ``None`` picks the default.
+
+    Args:
+        dcn_export (str, optional): ``'deform_conv'``, ``'grid_sample'`` or
+            None (``'deform_conv'`` from opset 19 on, ``'grid_sample'``
+            below).
+        opset (int): The ONNX opset of the export.
+
+    Returns:
+        str: ``'deform_conv'`` or ``'grid_sample'``.
+
+    Raises:
+        ValueError: Unknown form, an opset without GridSample, or
+            ``'deform_conv'`` below opset 19.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f'opset {opset} has no GridSample (opset {MIN_OPSET}) nor '
+            f'DeformConv (opset {DEFORM_CONV_MIN_OPSET}); use --opset '
+            f'{DEFAULT_OPSET} (or >= {MIN_OPSET} with --dcn-export '
+            f'grid_sample).'
+        )
+    if dcn_export is None:
+        if opset >= DEFORM_CONV_MIN_OPSET:
+            return 'deform_conv'
+        return 'grid_sample'
+    if dcn_export not in ONNX_DCN_FORMS:
+        raise ValueError(
+            f'--dcn-export {dcn_export!r} does not exist; choose one of '
+            f'{ONNX_DCN_FORMS}.'
+        )
+    if dcn_export == 'deform_conv' and opset < DEFORM_CONV_MIN_OPSET:
+        raise ValueError(
+            f'--dcn-export deform_conv needs ONNX opset >= '
+            f'{DEFORM_CONV_MIN_OPSET} (DeformConv was added in opset '
+            f'{DEFORM_CONV_MIN_OPSET}), got --opset {opset}. Use --opset '
+            f'{DEFORM_CONV_MIN_OPSET}, or --dcn-export grid_sample for '
+            f'runtimes without DeformConv.'
+        )
+    return dcn_export
 
 
 def export_onnx(
     detector,
     images: Tensor,
     out_file: str,
-    opset: int = 17,
+    opset: int = DEFAULT_OPSET,
     dynamic: bool = True,
+    dcn_export: Optional[str] = None,
 ) -> List[str]:
     """Write ``detector``'s raw tensor forward to ``out_file``.
 
@@ -28,24 +82,28 @@ def export_onnx(
     data-independent control flow of DyHead. Decoding and NMS stay outside
     the graph; run :func:`decode_raw_outputs` on the outputs.
 
+    Each DyHead DCN becomes one standard ``DeformConv`` node
+    (``dcn_export='deform_conv'``, opset >= 19; onnxruntime >= 1.25) or
+    ``GridSample`` + ``MatMul`` and index arithmetic (``'grid_sample'``,
+    opset >= 16; any runtime). Both read the offsets and masks the PyTorch
+    model computes, including the legacy high-branch layout.
+
     Args:
         detector (SingleStageDetector): Built with ``dcn_backend='torch'``.
         images (Tensor): Example input (N, 3, H, W), e.g. from
             :func:`load_images`; its values only drive tracing.
         out_file (str): Path of the ``.onnx`` file.
-        opset (int): ONNX opset, >= 16 (``GridSample``).
+        opset (int): ONNX opset, >= 16. Default 19.
         dynamic (bool): Batch, height and width as dynamic axes, so one file
             serves every image size the test pipeline produces. False fixes
             them to ``images.shape``.
+        dcn_export (str, optional): ``'deform_conv'`` or ``'grid_sample'``;
+            None picks :func:`resolve_dcn_export`'s default for ``opset``.
 
     Returns:
         list[str]: Output names in graph order (``cls_score_0``, ...).
     """
-    if opset < MIN_OPSET:
-        raise ValueError(
-            f'opset {opset} has no GridSample, which the native '
-            f'DCN exports to; use --opset {MIN_OPSET} or higher.'
-        )
+    form = resolve_dcn_export(dcn_export, opset)
     check_exportable_modules(detector)
     wrapper = DetectorTensorForward(detector).eval()
     with torch.no_grad():
@@ -62,32 +120,38 @@ def export_onnx(
         # tracer warns that those become constants, which is what checks
         # should do (the graph itself stays shape-generic).
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
-        torch.onnx.export(
-            wrapper,
-            (images,),
-            out_file,
-            input_names=['input'],
-            output_names=names,
-            opset_version=opset,
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        with onnx_dcn_export(form):
+            torch.onnx.export(
+                wrapper,
+                (images,),
+                out_file,
+                input_names=['input'],
+                output_names=names,
+                opset_version=opset,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+                dynamo=False,
+            )
     # export() puts the wrapper back in the mode it had, but be explicit:
     # BN in training mode would make every later comparison meaningless.
     detector.eval()
     return names
 
 
-def run_onnxruntime(onnx_file: str, images: Tensor) -> List[np.ndarray]:
-    """Outputs of ``onnx_file`` on ``images`` with onnxruntime's CPU provider.
+def onnxruntime_session(onnx_file: str, num_threads: Optional[int] = None):
+    """An onnxruntime CPU session for ``onnx_file``.
 
     Args:
         onnx_file (str): Exported model.
-        images (Tensor): (N, 3, H, W) float32.
+        num_threads (int, optional): Intra-op threads; None lets
+            onnxruntime choose (one per physical core).
 
     Returns:
-        list[np.ndarray]: The graph outputs in order.
+        onnxruntime.InferenceSession: On ``CPUExecutionProvider``.
+
+    Raises:
+        RuntimeError: The runtime has no ``DeformConv`` kernel (onnxruntime
+            before 1.25); the message says how to export without it.
     """
     try:
         import onnxruntime as ort
@@ -96,10 +160,58 @@ def run_onnxruntime(onnx_file: str, images: Tensor) -> List[np.ndarray]:
             'onnxruntime is needed to run the exported model: '
             'pip install onnxruntime (or the "deploy" extra).'
         ) from e
-    session = ort.InferenceSession(
-        onnx_file, providers=['CPUExecutionProvider']
-    )
+    options = ort.SessionOptions()
+    if num_threads is not None:
+        options.intra_op_num_threads = num_threads
+    try:
+        return ort.InferenceSession(
+            onnx_file, options, providers=['CPUExecutionProvider']
+        )
+    except Exception as e:
+        # Older runtimes load the file but find no kernel for the node.
+        if 'DeformConv' not in str(e):
+            raise
+        raise RuntimeError(
+            f'onnxruntime {ort.__version__} cannot run the DeformConv nodes '
+            f'of {onnx_file} (its CPU kernel needs onnxruntime >= 1.25). '
+            f'Upgrade onnxruntime, or export again with --dcn-export '
+            f'grid_sample.'
+        ) from e
+
+
+def run_onnxruntime(
+    onnx_file: str, images: Tensor, num_threads: Optional[int] = None
+) -> List[np.ndarray]:
+    """Outputs of ``onnx_file`` on ``images`` with onnxruntime's CPU provider.
+
+    Args:
+        onnx_file (str): Exported model.
+        images (Tensor): (N, 3, H, W) float32.
+        num_threads (int, optional): Intra-op threads (None: onnxruntime's
+            default).
+
+    Returns:
+        list[np.ndarray]: The graph outputs in order.
+    """
+    session = onnxruntime_session(onnx_file, num_threads)
     return session.run(None, {'input': images.detach().cpu().float().numpy()})
+
+
+def graph_op_counts(onnx_file: str) -> Dict[str, int]:
+    """How often each operator type occurs in the main graph of a model.
+
+    Args:
+        onnx_file (str): An ONNX file.
+
+    Returns:
+        dict[str, int]: ``{op_type: count}``, plus ``'total'``.
+    """
+    import onnx
+
+    nodes = onnx.load(onnx_file, load_external_data=False).graph.node
+    counts = Counter(n.op_type for n in nodes)
+    counts['total'] = len(nodes)
+    return dict(counts)
 
 
 def match_detections(ref, other, box_tol: float, score_tol: float) -> Dict:

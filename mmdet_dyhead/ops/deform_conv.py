@@ -6,13 +6,18 @@ become four (row, weight) bilinear corners per kernel tap
 (:mod:`.bilinear_taps`), and a chunked gather + matrix product with its own
 backward (:mod:`.gather_conv`) computes the conv; several maps sharing one
 weight can go through one call (:func:`deform_conv2d_on_table`). While an
-ONNX export runs, the same maths is expressed with ``grid_sample`` and
-``matmul`` instead (:func:`_grid_sample_deform_conv2d`). It needs no
-compiled op, is differentiable, exports to ONNX and runs under autocast.
-Both read offsets in mmcv's layout: channel ``2k`` is the row (y) shift
-and ``2k + 1`` the column (x) shift of kernel tap ``k = i * kw + j``.
+ONNX export runs, the layer becomes either ONNX's standard ``DeformConv``
+node (opset >= 19, :func:`onnx_dcn_export`) or the same maths in
+``grid_sample`` and ``matmul`` (:func:`_grid_sample_deform_conv2d`, the
+default and what every other tracer sees). It needs no compiled op, is
+differentiable, exports to ONNX and runs under autocast. All read offsets
+in mmcv's layout, which is also ONNX ``DeformConv``'s: channel ``2k`` is the
+row (y) shift and ``2k + 1`` the column (x) shift of kernel tap
+``k = i * kw + j``.
 """
 
+import contextlib
+import contextvars
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +30,18 @@ from .bilinear_taps import PixelTable, pixel_table
 from .gather_conv import SampledMap, apply_bias, gather_conv
 
 DCN_BACKENDS = ('auto', 'mmcv', 'torch')
+
+# How the native DCN is written into an ONNX graph (see onnx_dcn_export).
+ONNX_DCN_FORMS = ('deform_conv', 'grid_sample')
+# ONNX added the DeformConv operator in opset 19.
+DEFORM_CONV_MIN_OPSET = 19
+
+# A context variable, not a module flag flipped by callers: the choice
+# holds only inside ``with onnx_dcn_export(...)``, in that thread, and is
+# restored on exit even when the export raises.
+_onnx_dcn_form = contextvars.ContextVar(
+    'mmdet_dyhead_onnx_dcn_form', default='grid_sample'
+)
 
 _IntPair = Union[int, Tuple[int, int]]
 
@@ -189,6 +206,164 @@ def _grid_sample_deform_conv2d(
     return out.view(n, co, ho, wo)
 
 
+class _OnnxDeformConv(torch.autograd.Function):
+    """DCNv2 that the TorchScript ONNX exporter writes as one ``DeformConv``.
+
+    Used only inside ``torch.onnx.export`` (see :func:`onnx_dcn_export`).
+    The tracer records ``apply`` as a single node and the exporter asks
+    :meth:`symbolic` for its ONNX form. The values the trace carries on are
+    computed by the caller (``result``, the ``grid_sample`` form of the same
+    function) and only passed through here: ops traced inside ``forward``
+    land in a subgraph on which torch's peephole pass fails for identity
+    arithmetic such as ``x * 1`` (pytorch/pytorch#97160), which stride 1 and
+    dilation 1 produce. The symbolic does not use ``result``, so the
+    exporter removes its ops as dead code. No backward: export only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        input,
+        weight,
+        offset,
+        bias,
+        mask,
+        result,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+    ):
+        return result.clone()
+
+    @staticmethod
+    def symbolic(
+        g,
+        input,
+        weight,
+        offset,
+        bias,
+        mask,
+        result,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+    ):
+        ph, pw = padding
+        # ONNX's offset layout is mmcv's, (y, x) per tap with taps in
+        # row-major order, so offsets and masks pass through as they are.
+        # One weight group and one offset group, as in DyHead.
+        return g.op(
+            'DeformConv',
+            input,
+            weight,
+            offset,
+            bias,
+            mask,
+            dilations_i=list(dilation),
+            group_i=1,
+            offset_group_i=1,
+            kernel_shape_i=list(kernel_size),
+            pads_i=[ph, pw, ph, pw],
+            strides_i=list(stride),
+        )
+
+
+@contextlib.contextmanager
+def onnx_dcn_export(form: str = 'deform_conv'):
+    """Choose how native DCN layers are written while exporting to ONNX.
+
+    Wrap a ``torch.onnx.export`` call (TorchScript exporter) in it:
+
+    - ``'deform_conv'``: one ONNX ``DeformConv`` node per layer (opset
+      >= 19; onnxruntime >= 1.25 runs it on CPU). About a third of the nodes
+      of the other form and faster in onnxruntime.
+    - ``'grid_sample'``: ``GridSample`` + ``Mul`` + ``MatMul`` and index
+      arithmetic (opset >= 16), for runtimes without ``DeformConv``. Also
+      what any export outside this context produces.
+
+    Nothing changes outside the ``with`` block; the setting is per thread.
+
+    Args:
+        form (str): One of :data:`ONNX_DCN_FORMS`.
+    """
+    if form not in ONNX_DCN_FORMS:
+        raise ValueError(
+            f'DCN export form {form!r} does not exist; choose one of '
+            f'{ONNX_DCN_FORMS}.'
+        )
+    token = _onnx_dcn_form.set(form)
+    try:
+        yield
+    finally:
+        _onnx_dcn_form.reset(token)
+
+
+def _export_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride,
+    padding,
+    dilation,
+) -> Tensor:
+    """The layer's form while exporting: ``DeformConv`` or ``grid_sample``.
+
+    Args:
+        input (Tensor): (N, C_in, H, W).
+        offset (Tensor): (N, 2 * kh * kw, H_out, W_out), (dy, dx) per tap.
+        mask (Tensor): (N, kh * kw, H_out, W_out).
+        weight (Tensor): (C_out, C_in, kh, kw).
+        bias (Tensor, optional): (C_out,).
+        stride, padding, dilation (int | tuple[int, int]): As in ``conv2d``.
+
+    Returns:
+        Tensor: (N, C_out, H_out, W_out).
+    """
+    if (
+        torch.onnx.is_in_onnx_export()
+        and _onnx_dcn_form.get() == 'deform_conv'
+    ):
+        # The grid_sample form casts its operands with .to(), which returns
+        # the same tensor when the dtype already matches; the tracer then
+        # binds that tensor to the Cast's output and DeformConv would read
+        # through three no-op Casts. Views give it tensors of its own.
+        result = _grid_sample_deform_conv2d(
+            input.view_as(input),
+            offset.view_as(offset),
+            mask.view_as(mask),
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+        )
+        if bias is None:
+            # ONNX's B is optional, but omitting it before mask needs an
+            # empty-name input; a zero bias (one small constant) keeps the
+            # symbolic to plain graph ops.
+            bias = weight.new_zeros(weight.shape[0])
+        return _OnnxDeformConv.apply(
+            input,
+            weight,
+            offset,
+            bias,
+            mask,
+            result,
+            # Fixed by the weight's shape: a constant, as the tracer warns.
+            tuple(int(k) for k in weight.shape[-2:]),
+            _pair(stride),
+            _pair(padding),
+            _pair(dilation),
+        )
+    return _grid_sample_deform_conv2d(
+        input, offset, mask, weight, bias, stride, padding, dilation
+    )
+
+
 def exporting() -> bool:
     """Whether an exporter or compiler, which needs standard ops, is running.
 
@@ -307,7 +482,7 @@ def _native_modulated_deform_conv2d(
     dilation,
 ) -> Tensor:
     if exporting():
-        return _grid_sample_deform_conv2d(
+        return _export_deform_conv2d(
             input, offset, mask, weight, bias, stride, padding, dilation
         )
     return deform_conv2d_on_table(

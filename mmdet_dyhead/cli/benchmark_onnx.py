@@ -1,0 +1,312 @@
+"""Time an exported DyHead detector in onnxruntime in both DCN forms.
+
+For each model the detector (random weights, non-zero DCN offsets) is
+exported twice with :func:`mmdet_dyhead.deploy.export_onnx` at opset 19,
+with dynamic axes as ``tools/export_onnx.py`` writes it: once with one
+standard ``DeformConv`` node per DCN (the default) and once with the
+``GridSample`` decomposition (``--dcn-export grid_sample``). Both files and
+the PyTorch native path (``dcn_backend='torch'``, the gather kernel) then
+run on the same input at each thread count, round-robin within each repeat
+so machine load hits all three alike. The table gives medians after
+warm-up, ratios from the same run, the node counts and the largest output
+difference to PyTorch.
+
+Models:
+
+- ``tiny``: the test suite's detector, ResNet-18 at 1/8 width, 32-channel
+  FPN and 2 DyHead blocks;
+- ``atss_r50_6b``: ``configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py`` as
+  configured (ResNet-50, 256-channel FPN, 6 DyHead blocks).
+
+Examples::
+
+    python tools/benchmark_onnx.py  # tiny 512x672, ATSS-R50 800x1344
+    python tools/benchmark_onnx.py --models tiny --sizes 320x480
+    python tools/benchmark_onnx.py --threads 1 2 4 --repeats 5
+"""
+
+import argparse
+import os
+import os.path as osp
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from ._paths import config_path
+
+MODELS = ('tiny', 'atss_r50_6b')
+DEFAULT_SIZES = {'tiny': (512, 672), 'atss_r50_6b': (800, 1344)}
+FORMS = ('deform_conv', 'grid_sample')
+
+
+def model_config(name: str):
+    """The mmengine config of a benchmark model (random weights)."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(
+        config_path('atss', 'atss_r50_fpn_dyhead-6b_1x_coco.py')
+    )
+    # Random weights: no pretrained backbone download.
+    cfg.model.backbone.init_cfg = None
+    # Offsets that deform (mmdet initialises the offset conv to zero).
+    cfg.model.neck[1].zero_init_offset = False
+    if name == 'tiny':
+        cfg.merge_from_dict(
+            dict(
+                model=dict(
+                    backbone=dict(
+                        depth=18,
+                        base_channels=8,
+                        out_indices=(1, 2, 3),
+                        frozen_stages=-1,
+                        norm_eval=False,
+                    ),
+                    bbox_head=dict(
+                        num_classes=3, in_channels=32, feat_channels=32
+                    ),
+                )
+            )
+        )
+        cfg.model.neck[0].update(
+            in_channels=[16, 32, 64], out_channels=32, start_level=0
+        )
+        cfg.model.neck[1].update(
+            in_channels=32,
+            out_channels=32,
+            num_blocks=2,
+            norm_cfg=dict(type='GN', num_groups=8, requires_grad=True),
+        )
+    elif name != 'atss_r50_6b':
+        raise ValueError(f'unknown model {name!r}; choose from {MODELS}.')
+    return cfg
+
+
+def load_average() -> str:
+    try:
+        return ', '.join(f'{v:.2f}' for v in os.getloadavg())
+    except OSError:
+        return 'n/a'
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return (
+        f'{cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, '
+        f'onnxruntime {onnxruntime.__version__}'
+    )
+
+
+def time_round_robin(
+    fns: Dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> Dict[str, float]:
+    """Median seconds per call of each function, interleaved per repeat."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_model(
+    name: str,
+    size: Sequence[int],
+    threads: Sequence[int],
+    warmup: int,
+    repeats: int,
+    workdir: str,
+) -> List[Dict]:
+    """Export ``name`` in both forms and time it at every thread count.
+
+    Returns:
+        list[dict]: One row per thread count: ``ms`` per runner
+        (``torch``, ``deform_conv``, ``grid_sample``), ``nodes`` and
+        ``diff`` (max abs output difference to PyTorch) per form.
+    """
+    from mmdet_dyhead.deploy import (
+        DetectorTensorForward,
+        build_detector,
+        export_onnx,
+        graph_op_counts,
+        onnxruntime_session,
+    )
+
+    torch.manual_seed(0)
+    model = build_detector(model_config(name), native_dcn=True)
+    wrapper = DetectorTensorForward(model).eval()
+    images = torch.randn(1, 3, *size)
+    files, nodes = {}, {}
+    for form in FORMS:
+        files[form] = osp.join(workdir, f'{name}_{form}.onnx')
+        t0 = time.perf_counter()
+        export_onnx(model, images, files[form], opset=19, dcn_export=form)
+        nodes[form] = graph_op_counts(files[form])['total']
+        print(
+            f'{name}: exported {form} ({nodes[form]} nodes) in '
+            f'{time.perf_counter() - t0:.0f} s',
+            file=sys.stderr,
+        )
+    feed = {'input': images.numpy()}
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        sessions = {f: onnxruntime_session(files[f], t) for f in FORMS}
+
+        def run_torch():
+            with torch.no_grad():
+                return wrapper(images)
+
+        fns = {'torch': run_torch}
+        for form, session in sessions.items():
+            fns[form] = lambda s=session: s.run(None, feed)
+        ref = [r.numpy() for r in run_torch()]
+        diff = {
+            f: max(
+                float(np.abs(o - r).max())
+                for o, r in zip(sessions[f].run(None, feed), ref)
+            )
+            for f in FORMS
+        }
+        secs = time_round_robin(fns, warmup, repeats)
+        rows.append(
+            dict(
+                model=name,
+                size=tuple(size),
+                threads=t,
+                ms={k: v * 1000 for k, v in secs.items()},
+                nodes=nodes,
+                diff=diff,
+            )
+        )
+        print(f'{name} {t} thread(s): {rows[-1]["ms"]}', file=sys.stderr)
+    return rows
+
+
+def markdown(rows: Sequence[Dict]) -> str:
+    lines = [
+        '| model | input | threads | PyTorch native | ORT DeformConv | '
+        'ORT grid_sample | DeformConv / grid_sample | '
+        'DeformConv / PyTorch | nodes (DeformConv / grid_sample) | '
+        'max abs diff to PyTorch (DeformConv / grid_sample) |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        ms, n, d = r['ms'], r['nodes'], r['diff']
+        lines.append(
+            f'| {r["model"]} | {r["size"][0]}x{r["size"][1]} | '
+            f'{r["threads"]} | {ms["torch"]:.0f} ms | '
+            f'{ms["deform_conv"]:.0f} ms | {ms["grid_sample"]:.0f} ms | '
+            f'{ms["deform_conv"] / ms["grid_sample"]:.2f}x | '
+            f'{ms["deform_conv"] / ms["torch"]:.2f}x | '
+            f'{n["deform_conv"]} / {n["grid_sample"]} | '
+            f'{d["deform_conv"]:.1e} / {d["grid_sample"]:.1e} |'
+        )
+    return '\n'.join(lines)
+
+
+def parse_size(text: str):
+    h, w = text.lower().split('x')
+    return int(h), int(w)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument(
+        '--models',
+        nargs='+',
+        choices=MODELS,
+        default=list(MODELS),
+        help='models to time (default: all)',
+    )
+    p.add_argument(
+        '--sizes',
+        nargs='+',
+        type=parse_size,
+        default=None,
+        metavar='HxW',
+        help='input size per model, in --models order (default: tiny '
+        '512x672, atss_r50_6b 800x1344)',
+    )
+    p.add_argument(
+        '--threads',
+        nargs='+',
+        type=int,
+        default=[1, 2],
+        help='intra-op threads of torch and onnxruntime (default: 1 2)',
+    )
+    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument(
+        '--workdir',
+        default=None,
+        help='where the .onnx files go (default: a temporary folder)',
+    )
+    p.add_argument(
+        '--out', default=None, help='also write the table to this file'
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
+
+    sizes = args.sizes or [DEFAULT_SIZES[m] for m in args.models]
+    if len(sizes) != len(args.models):
+        print(
+            'error: give one --sizes entry per model in --models',
+            file=sys.stderr,
+        )
+        return 2
+    load_before = load_average()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The exporter's deprecation notice, once per export.
+        warnings.simplefilter('ignore', DeprecationWarning)
+        workdir = args.workdir or tmp
+        os.makedirs(workdir, exist_ok=True)
+        for name, size in zip(args.models, sizes):
+            rows += bench_model(
+                name, size, args.threads, args.warmup, args.repeats, workdir
+            )
+    command = 'python tools/benchmark_onnx.py ' + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    text = '\n'.join(
+        [
+            f'`{command.strip()}`',
+            '',
+            f'{machine_info()}; load average before {load_before}, after '
+            f'{load_average()}; batch 1, medians of {args.repeats} runs '
+            f'after {args.warmup} warm-up, opset 19, dynamic axes.',
+            '',
+            markdown(rows),
+        ]
+    )
+    print(text)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(text + '\n')
+    return 0
