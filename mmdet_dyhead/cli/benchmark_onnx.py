@@ -28,19 +28,22 @@ Examples::
 import argparse
 import os
 import os.path as osp
-import platform
 import shlex
-import statistics
 import sys
-import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from ._paths import config_path
+from .benchmark_dyhead import (
+    load_average,
+    machine_info,
+    parse_size,
+    round_robin,
+)
 
 MODELS = ('tiny', 'atss_r50_6b')
 DEFAULT_SIZES = {'tiny': (512, 672), 'atss_r50_6b': (800, 1344)}
@@ -87,47 +90,6 @@ def model_config(name: str):
     elif name != 'atss_r50_6b':
         raise ValueError(f'unknown model {name!r}; choose from {MODELS}.')
     return cfg
-
-
-def load_average() -> str:
-    try:
-        return ', '.join(f'{v:.2f}' for v in os.getloadavg())
-    except OSError:
-        return 'n/a'
-
-
-def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return (
-        f'{cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, '
-        f'onnxruntime {onnxruntime.__version__}'
-    )
-
-
-def time_round_robin(
-    fns: Dict[str, Callable[[], object]], warmup: int, repeats: int
-) -> Dict[str, float]:
-    """Median seconds per call of each function, interleaved per repeat."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_model(
@@ -189,7 +151,7 @@ def bench_model(
             )
             for f in FORMS
         }
-        secs = time_round_robin(fns, warmup, repeats)
+        secs = round_robin(fns, warmup, repeats, torch.device('cpu'))
         rows.append(
             dict(
                 model=name,
@@ -226,11 +188,6 @@ def markdown(rows: Sequence[Dict]) -> str:
     return '\n'.join(lines)
 
 
-def parse_size(text: str):
-    h, w = text.lower().split('x')
-    return int(h), int(w)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument(
@@ -256,15 +213,27 @@ def parse_args(argv=None):
         default=[1, 2],
         help='intra-op threads of torch and onnxruntime (default: 1 2)',
     )
-    p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--repeats', type=int, default=5)
     p.add_argument(
-        '--workdir',
-        default=None,
-        help='where the .onnx files go (default: a temporary folder)',
+        '--warmup',
+        type=int,
+        default=1,
+        help='untimed runs of each path first (default: %(default)s)',
     )
     p.add_argument(
-        '--out', default=None, help='also write the table to this file'
+        '--repeats',
+        type=int,
+        default=5,
+        help='timed runs per path, median reported (default: %(default)s)',
+    )
+    p.add_argument(
+        '--work-dir',
+        default='work_dirs/benchmark_onnx',
+        help='where the .onnx files and the table go (default: %(default)s)',
+    )
+    p.add_argument(
+        '--out',
+        default=None,
+        help='markdown file for the table (default: WORK_DIR/table.md)',
     )
     return p.parse_args(argv)
 
@@ -282,23 +251,31 @@ def main(argv=None) -> int:
         return 2
     load_before = load_average()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    os.makedirs(args.work_dir, exist_ok=True)
+    with warnings.catch_warnings():
         # The exporter's deprecation notice, once per export.
         warnings.simplefilter('ignore', DeprecationWarning)
-        workdir = args.workdir or tmp
-        os.makedirs(workdir, exist_ok=True)
         for name, size in zip(args.models, sizes):
             rows += bench_model(
-                name, size, args.threads, args.warmup, args.repeats, workdir
+                name,
+                size,
+                args.threads,
+                args.warmup,
+                args.repeats,
+                args.work_dir,
             )
     command = 'python tools/benchmark_onnx.py ' + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
+    import onnxruntime
+
     text = '\n'.join(
         [
             f'`{command.strip()}`',
             '',
-            f'{machine_info()}; load average before {load_before}, after '
+            f'{machine_info(torch.device("cpu"))}, onnxruntime '
+            f'{onnxruntime.__version__}; load average before '
+            f'{load_before}, after '
             f'{load_average()}; batch 1, medians of {args.repeats} runs '
             f'after {args.warmup} warm-up, opset 19, dynamic axes.',
             '',
@@ -306,7 +283,7 @@ def main(argv=None) -> int:
         ]
     )
     print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
+    out = args.out or osp.join(args.work_dir, 'table.md')
+    with open(out, 'w') as f:
+        f.write(text + '\n')
     return 0
