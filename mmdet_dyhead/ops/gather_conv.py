@@ -154,6 +154,12 @@ class GatherConvFunction(torch.autograd.Function):
         masks = tensors[num_maps + num :]
         batch = offsets[0].shape[0]
         kernel = weight.permute(0, 2, 3, 1).reshape(co, taps * ci)
+        # float32 on CPU: oneDNN's direct convolution does the product about
+        # twice as fast as the BLAS ``mm`` (docs/design.md, step 7). The
+        # columns (P, K * C_in) are read as a 1 x (P * K) channels-last image
+        # and convolved with the weight as a 1 x K kernel of stride K.
+        by_conv = rows.device.type == 'cpu' and rows.dtype == torch.float32
+        kernel_1xk = weight.reshape(co, ci, 1, taps)
         index, tap_weight = _all_taps(
             terms, offsets, masks, geometry, rows.dtype
         )
@@ -169,7 +175,14 @@ class GatherConvFunction(torch.autograd.Function):
                 per_sample_weights=tap_weight[b0:b1],
                 mode='sum',
             ).view(p1 - p0, taps * ci)
-            torch.mm(kernel, cols.t(), out=outs[t][s, :, p0:p1])
+            if by_conv:
+                image = cols.view(1, 1, (p1 - p0) * taps, ci)
+                product = F.conv2d(
+                    image.permute(0, 3, 1, 2), kernel_1xk, stride=(1, taps)
+                )
+                outs[t][s, :, p0:p1] = product[0, :, 0]
+            else:
+                torch.mm(kernel, cols.t(), out=outs[t][s, :, p0:p1])
         # Neither the taps, the table nor the (C_out, K * C_in) kernel copy
         # is kept: backward rebuilds them from what the graph holds anyway.
         ctx.save_for_backward(weight, *tensors)
