@@ -230,13 +230,7 @@ class GatherConvFunction(torch.autograd.Function):
             )
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_tap = torch.zeros_like(tap_weight) if need_tap else None
-        # The forward's oneDNN form (step 7 of docs/design.md) has its own
-        # backward primitive: one call gives the column and weight gradients.
-        by_conv = on_cpu and rows.dtype == torch.float32
-        kernel_1xk = weight.to(rows.dtype).reshape(co, ci, 1, taps)
-        grad_kernel = None
-        if need_weight:
-            grad_kernel = torch.zeros_like(kernel_1xk if by_conv else kernel)
+        grad_kernel = kernel.new_zeros(kernel.shape) if need_weight else None
         grads = [
             None if g is None else g.reshape(batch, co, -1) for g in grad_outs
         ]
@@ -254,35 +248,11 @@ class GatherConvFunction(torch.autograd.Function):
                 cols = F.embedding_bag(
                     idx, rows_leaf, per_sample_weights=tap_leaf, mode='sum'
                 )
-            need_cols = need_rows or need_tap
-            if by_conv:
-                image = cols.detach().view(1, 1, (p1 - p0) * taps, ci)
-                grad_image, grad_w, _ = torch.ops.aten.convolution_backward(
-                    go.reshape(1, co, 1, p1 - p0),
-                    image.permute(0, 3, 1, 2),
-                    kernel_1xk,
-                    None,
-                    (1, taps),
-                    (0, 0),
-                    (1, 1),
-                    False,
-                    (0, 0),
-                    1,
-                    (need_cols, need_weight, False),
-                )
-                if need_weight:
-                    grad_kernel += grad_w
-                if not need_cols:
-                    continue
-                grad_cols = grad_image.permute(0, 2, 3, 1).reshape(-1, ci)
-            else:
-                if need_weight:
-                    grad_kernel.addmm_(
-                        go, cols.detach().view(p1 - p0, taps * ci)
-                    )
-                if not need_cols:
-                    continue
-                grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
+            if need_weight:
+                grad_kernel.addmm_(go, cols.detach().view(p1 - p0, taps * ci))
+            if not (need_rows or need_tap):
+                continue
+            grad_cols = torch.mm(go.t(), kernel).view(-1, ci)
             leaves = [
                 leaf for leaf in (tap_leaf, rows_leaf) if leaf.requires_grad
             ]
@@ -312,9 +282,7 @@ class GatherConvFunction(torch.autograd.Function):
                 else:
                     grad_masks[i - num] = g
         grad_weight = None
-        if need_weight and by_conv:
-            grad_weight = grad_kernel.view(co, ci, kh, kw)
-        elif need_weight:
+        if need_weight:
             grad_weight = (
                 grad_kernel.view(co, kh, kw, ci)
                 .permute(0, 3, 1, 2)
