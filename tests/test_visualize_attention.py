@@ -65,7 +65,13 @@ def test_scale_weights_match_direct_calls_and_leave_outputs_unchanged(preset):
         plain = neck(feats)
     with ScaleWeightCollector(neck) as col, torch.no_grad():
         hooked = neck(feats)
-    assert all(torch.equal(a, b) for a, b in zip(plain, hooked))
+    # With hooks on the scale attention the block runs its per-level form
+    # (one deformable conv call per level instead of one per branch), the
+    # same computation; oneDNN, which computes the DCN product, may round
+    # the last bit differently for the other call shapes (measured: 6e-8 at
+    # 1 thread). Anything beyond float32 rounding would be a real change.
+    for a, b in zip(plain, hooked):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     ref = reference_weights(neck, feats)
     for k in (1, 2, 3):
         assert set(col.weights[k]) == set(ref[k])
