@@ -91,25 +91,40 @@ def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(
 ):
     config = write_train_config(tmp_path)
     work_dir = tmp_path / 'work'
-    cmd = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--nnodes=1',
-        '--nproc_per_node=2',
-        '--master_addr=127.0.0.1',
-        f'--master_port={free_port()}',
-        osp.join(REPO_ROOT, 'tools/train.py'),
-        str(config),
-        '--launcher',
-        'pytorch',
-        '--work-dir',
-        str(work_dir),
-    ]
-    proc = subprocess.run(
-        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240
-    )
-    log = proc.stdout + proc.stderr
+
+    def torchrun():
+        cmd = [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--nnodes=1',
+            '--nproc_per_node=2',
+            '--master_addr=127.0.0.1',
+            f'--master_port={free_port()}',
+            osp.join(REPO_ROOT, 'tools/train.py'),
+            str(config),
+            '--launcher',
+            'pytorch',
+            '--work-dir',
+            str(work_dir),
+        ]
+        proc = subprocess.run(
+            cmd,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        return proc, proc.stdout + proc.stderr
+
+    proc, log = torchrun()
+    # One clean-clone CI run in eight saw a rank abort at start-up inside
+    # torch ('terminate called without an active exception', a C++ thread
+    # destroyed while joinable) before any iteration; it did not come back
+    # in later runs. One retry for exactly that; any other failure, or the
+    # same one twice, fails the test.
+    if proc.returncode != 0 and 'terminate called without an active' in log:
+        proc, log = torchrun()
     # torchrun exits 0 only if every rank did.
     assert proc.returncode == 0, log[-4000:]
     assert 'Distributed training: True' in log
