@@ -196,7 +196,18 @@ def default_cache_dir() -> str:
     return osp.join(torch.hub.get_dir(), 'checkpoints')
 
 
-def _check_cached(path: str, url: str, sha256: Optional[str]) -> None:
+def check_cached_file(path: str, url: str, sha256: Optional[str]) -> None:
+    """Check a file in the cache as ``dyhead://`` does before using it.
+
+    Args:
+        path (str): The cached file.
+        url (str): Where it was published (for the message).
+        sha256 (str, optional): Expected hex prefix of its sha256.
+
+    Raises:
+        CheckpointHashError: Its sha256 does not start with ``sha256``.
+        CheckpointError: It is not a torch checkpoint.
+    """
     if sha256:
         digest = sha256_of(path)
         if not digest.startswith(sha256.lower()):
@@ -245,7 +256,7 @@ def download_checkpoint(
         raise CheckpointError(f'{url} does not end in a file name.')
     path = osp.join(cache_dir, name)
     if osp.isfile(path):
-        _check_cached(path, url, sha256)
+        check_cached_file(path, url, sha256)
         return path
     os.makedirs(cache_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
@@ -361,21 +372,6 @@ def zoo_cache_path(name: str, cache_dir: Optional[str] = None) -> str:
     return osp.join(
         cache_dir or default_cache_dir(), osp.basename(urlparse(url).path)
     )
-
-
-def check_cached_file(path: str, url: str, sha256: Optional[str]) -> None:
-    """Check a file in the cache as ``dyhead://`` does before using it.
-
-    Args:
-        path (str): The cached file.
-        url (str): Where it was published (for the message).
-        sha256 (str, optional): Expected hex prefix of its sha256.
-
-    Raises:
-        CheckpointHashError: Its sha256 does not start with ``sha256``.
-        CheckpointError: It is not a torch checkpoint.
-    """
-    _check_cached(path, url, sha256)
 
 
 def load_from_dyhead(
