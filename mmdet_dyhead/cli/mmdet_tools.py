@@ -197,3 +197,16 @@ def run_mmdet_tool(relpath: str, argv: Optional[List[str]] = None) -> None:
             runpy.run_path(script, run_name='__main__')
     finally:
         sys.argv = saved
+        _close_own_process_group()
+
+
+def _close_own_process_group() -> None:
+    # The CPU launcher path started the gloo group, so it also ends it:
+    # left to interpreter exit, gloo's threads are destroyed while joinable
+    # and a rank aborts ('terminate called without an active exception').
+    import torch.distributed as dist
+
+    from mmdet_dyhead.engine import cpu_ddp
+
+    if cpu_ddp.started_process_group() and dist.is_initialized():
+        dist.destroy_process_group()

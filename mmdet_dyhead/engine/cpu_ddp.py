@@ -31,6 +31,8 @@ from mmengine.model import MMDistributedDataParallel
 # mmdet's; a plain ``type='CPUDistributedDataParallel'`` must be found there.
 from mmengine.registry import MODEL_WRAPPERS
 
+_STARTED = False
+
 
 def accelerator_available() -> bool:
     """Whether mmengine sees a CUDA, NPU, MLU or MUSA device."""
@@ -99,9 +101,17 @@ def init_cpu_process_group(
     kwargs = {}
     if timeout is not None:
         kwargs['timeout'] = datetime.timedelta(seconds=timeout)
+    global _STARTED
     dist.init_process_group(
         backend=backend,
         rank=int(os.environ['RANK']),
         world_size=int(os.environ['WORLD_SIZE']),
         **kwargs,
     )
+    _STARTED = True
+
+
+def started_process_group() -> bool:
+    """Whether :func:`init_cpu_process_group` started this process's group
+    (whoever starts it should destroy it before the interpreter exits)."""
+    return _STARTED
