@@ -21,6 +21,9 @@ def parse_args(argv=None):
     parser.add_argument('--num-train', type=int, default=400)
     parser.add_argument('--num-val', type=int, default=100)
     parser.add_argument(
+        '--num-test', type=int, default=0, help='a third split (0: none)'
+    )
+    parser.add_argument(
         '--image-size',
         type=int,
         nargs='+',
@@ -70,6 +73,7 @@ def main(argv=None):
             args.out_dir,
             num_train=args.num_train,
             num_val=args.num_val,
+            num_test=args.num_test,
             image_size=size,
             seed=args.seed,
             overwrite=args.overwrite,
@@ -80,7 +84,8 @@ def main(argv=None):
     except (ValueError, TypeError, FileExistsError) as err:
         raise SystemExit(f'error: {err}')
     print(
-        f'wrote {args.num_train} train + {args.num_val} val images '
+        f'wrote {args.num_train} train + {args.num_val} val + '
+        f'{args.num_test} test images '
         f'({", ".join(SYNTHETIC_CLASSES)}) in {time.time() - start:.1f} s'
     )
     for key, path in paths.items():

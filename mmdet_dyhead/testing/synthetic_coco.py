@@ -36,7 +36,7 @@ SYNTHETIC_CLASSES = (
 META_FILE = 'synthetic_coco_meta.json'
 FORMAT_VERSION = 1
 
-_SPLIT_IDS = {'train': 0, 'val': 1}
+_SPLIT_IDS = {'train': 0, 'val': 1, 'test': 2}
 # Hard limits keep the errors near the mistake rather than deep in mmdet.
 _MIN_IMAGE_SIDE = 32
 _MAX_IMAGE_SIDE = 4096
@@ -74,6 +74,7 @@ def _parse_image_size(image_size) -> Tuple[int, int]:
 def _parse_options(
     num_train,
     num_val,
+    num_test,
     image_size,
     objects_per_image,
     size_range,
@@ -84,6 +85,7 @@ def _parse_options(
 ) -> dict:
     num_train = _check_int('num_train', num_train, 1, 1_000_000)
     num_val = _check_int('num_val', num_val, 1, 1_000_000)
+    num_test = _check_int('num_test', num_test, 0, 1_000_000)
     h, w = _parse_image_size(image_size)
     if (
         not isinstance(objects_per_image, (tuple, list))
@@ -139,6 +141,7 @@ def _parse_options(
         format_version=FORMAT_VERSION,
         num_train=num_train,
         num_val=num_val,
+        num_test=num_test,
         image_size=[h, w],
         objects_per_image=[lo_n, hi_n],
         size_range=[lo_s, hi_s],
@@ -360,6 +363,8 @@ def _split_paths(out_dir: str) -> Dict[str, str]:
         val_ann=osp.join(out_dir, 'annotations', 'instances_val.json'),
         train_img_dir=osp.join(out_dir, 'train'),
         val_img_dir=osp.join(out_dir, 'val'),
+        test_ann=osp.join(out_dir, 'annotations', 'instances_test.json'),
+        test_img_dir=osp.join(out_dir, 'test'),
     )
 
 
@@ -419,6 +424,7 @@ def generate_synthetic_coco(
     out_dir: str,
     num_train: int = 400,
     num_val: int = 100,
+    num_test: int = 0,
     image_size: Union[int, Tuple[int, int]] = 192,
     seed: int = 0,
     overwrite: bool = False,
@@ -432,8 +438,9 @@ def generate_synthetic_coco(
 ) -> Dict[str, str]:
     """Write a deterministic COCO-format detection dataset to ``out_dir``.
 
-    Layout: ``out_dir/annotations/instances_{train,val}.json``,
-    ``out_dir/{train,val}/NNNNNN.png`` (BGR, 8 bit) and
+    Layout: ``out_dir/annotations/instances_{train,val,test}.json``,
+    ``out_dir/{train,val,test}/NNNNNN.png`` (BGR, 8 bit; test only when
+    ``num_test > 0``) and
     ``out_dir/synthetic_coco_meta.json`` (the options used).
 
     Args:
@@ -441,6 +448,8 @@ def generate_synthetic_coco(
             been made by this function; anything else raises.
         num_train (int): Training images (>= 1).
         num_val (int): Validation images (>= 1).
+        num_test (int): Test images (>= 0), a third split drawn like the
+            others, for numbers that no tuning decision looked at.
         image_size (int | tuple[int, int]): Side, or (height, width), in
             pixels; each in [32, 4096].
         seed (int): Seed; the same seed and options give identical files.
@@ -464,11 +473,13 @@ def generate_synthetic_coco(
 
     Returns:
         dict[str, str]: absolute ``data_root``, ``train_ann``, ``val_ann``,
-        ``train_img_dir``, ``val_img_dir``.
+        ``train_img_dir``, ``val_img_dir`` and, when ``num_test > 0``,
+        ``test_ann`` and ``test_img_dir``.
     """
     opts = _parse_options(
         num_train,
         num_val,
+        num_test,
         image_size,
         objects_per_image,
         size_range,
@@ -480,6 +491,9 @@ def generate_synthetic_coco(
     opts['seed'] = _check_int('seed', seed, 0)
     out_dir = osp.abspath(out_dir)
     paths = _split_paths(out_dir)
+    splits = ('train', 'val', 'test') if num_test else ('train', 'val')
+    if not num_test:
+        paths = {k: v for k, v in paths.items() if 'test' not in k}
     if osp.exists(out_dir) and not osp.isdir(out_dir):
         raise FileExistsError(f'{out_dir} exists and is not a folder.')
     if osp.isdir(out_dir) and os.listdir(out_dir):
@@ -505,13 +519,13 @@ def generate_synthetic_coco(
                 f'to keep it when the options match.'
             )
         # Only what this function writes is removed; other files stay.
-        for sub in ('annotations', 'train', 'val'):
+        for sub in ('annotations', 'train', 'val', 'test'):
             shutil.rmtree(osp.join(out_dir, sub), ignore_errors=True)
     # The marker is written first (so an interrupted run leaves a folder that
     # is recognised as ours) and flagged complete last (so it is not reused).
     os.makedirs(osp.join(out_dir, 'annotations'), exist_ok=True)
     _write_meta(out_dir, opts, complete=False)
-    for split in ('train', 'val'):
+    for split in splits:
         _write_split(split, opts[f'num_{split}'], opts, opts['seed'], paths)
     _write_meta(out_dir, opts, complete=True)
     return paths
