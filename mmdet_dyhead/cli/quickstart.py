@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from mmengine.config import DictAction
+
 from ._paths import config_path
 
 MARKER = 'quickstart.json'
@@ -49,6 +51,20 @@ METRICS = [
     ('APm', 'bbox_mAP_m'),
     ('APl', 'bbox_mAP_l'),
 ]
+# Object-size octaves (side = sqrt of the COCO area, in pixels of the
+# 192 px input) for the per-level analysis: ATSS's anchors are 4 x stride
+# (32, 64, 128 px on P3-P5), so each octave is mostly served by one level.
+OCTAVES = [
+    ('<16', 0, 16),
+    ('16-32', 16, 32),
+    ('32-64', 32, 64),
+    ('64-128', 64, 128),
+    ('>128', 128, 1e5),
+]
+OCTAVE_TITLE = (
+    'AP by object size (side = sqrt(area), in input pixels), mean '
+    'over seeds'
+)
 # --quick: enough to go through every stage, not to learn anything.
 QUICK = dict(
     num_train=4,
@@ -137,6 +153,29 @@ def parse_args(argv=None):
     # OpenMP threads slow them down by orders of magnitude.
     parser.add_argument(
         '--threads', type=int, default=1, help='torch CPU threads per process'
+    )
+    parser.add_argument(
+        '--eval-split',
+        choices=['test', 'val'],
+        default='test',
+        help="the split the table reports: 'test' (the default and the "
+        "result), or 'val' for tuning experiments (the test split is then "
+        'not evaluated at all)',
+    )
+    parser.add_argument(
+        '--run-name',
+        default='',
+        help='runs and results go to <out-dir>/<run-name>/, sharing the data '
+        'and pre-trained weights of <out-dir> (for experiments)',
+    )
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        default={},
+        metavar='KEY=VALUE',
+        help='overrides merged into the config of every compared detector '
+        "(mmengine's --cfg-options syntax)",
     )
     parser.add_argument(
         '--models',
@@ -268,7 +307,7 @@ def build_cfg(
         cfg[loader].dataset.data_root = root
     cfg.val_evaluator.ann_file = data['val_ann']
     cfg.val_evaluator.outfile_prefix = osp.join(work_dir, 'val_predictions')
-    if data.get('test_ann'):
+    if data.get('test_ann') and getattr(args, 'eval_split', 'test') == 'test':
         cfg.test_dataloader = copy.deepcopy(cfg.val_dataloader)
         cfg.test_dataloader.dataset.ann_file = osp.relpath(
             data['test_ann'], data['data_root']
@@ -464,6 +503,42 @@ def metrics_row(metrics: dict) -> dict:
     return row
 
 
+def octave_ap(ann_file: str, dets_file: str) -> Dict[str, Optional[float]]:
+    """COCO AP (%) of the detections in each size octave of ``OCTAVES``.
+
+    pycocotools' own evaluation with its area ranges replaced by the
+    octaves (a ground-truth box outside the range is ignored, as COCO does
+    for APs/APm/APl). None for an octave without ground truth.
+    """
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with open(dets_file) as f:
+        dets = json.load(f)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann_file)
+        if not dets:
+            return {name: 0.0 for name, _, _ in OCTAVES}
+        ev = COCOeval(gt, gt.loadRes(dets), 'bbox')
+        ev.params.areaRng = [[lo**2, hi**2] for _, lo, hi in OCTAVES]
+        ev.params.areaRngLbl = [name for name, _, _ in OCTAVES]
+        ev.evaluate()
+        ev.accumulate()
+    # precision: (IoU thresholds, recall points, classes, area ranges,
+    # max-detection settings); the last setting is 100 detections.
+    precision = ev.eval['precision']
+    out = {}
+    for a, (name, _, _) in enumerate(OCTAVES):
+        p = precision[:, :, :, a, -1]
+        p = p[p > -1]
+        out[name] = float(100 * np.mean(p)) if p.size else None
+    return out
+
+
 def train_and_evaluate(name: str, cfg, progress=None, tag: str = '') -> dict:
     """Train with Runner.from_cfg and evaluate with mmdet's CocoMetric.
 
@@ -503,6 +578,10 @@ def train_and_evaluate(name: str, cfg, progress=None, tag: str = '') -> dict:
         val=metrics_row(recorder.metrics['val']),
     )
     row.update(metrics_row(recorder.metrics[mode]))
+    evaluator = cfg.test_evaluator if has_test else cfg.val_evaluator
+    dets = f'{evaluator.outfile_prefix}.bbox.json'
+    if osp.isfile(dets):
+        row['octaves'] = octave_ap(evaluator.ann_file, dets)
     return row
 
 
@@ -527,6 +606,9 @@ def run_job(job: dict) -> dict:
         os.dup2(log.fileno(), 2)
     import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
 
+    if progress is not None:
+        progress.write(f'started: {job["tag"]}\n')
+        progress.flush()
     try:
         row = train_and_evaluate(
             job['name'], job['cfg'], progress, job['tag']
@@ -561,11 +643,6 @@ def run_jobs(jobs: List[dict], workers: int) -> List[dict]:
     ) as pool:
         futures = {}
         for k, job in enumerate(jobs):
-            print(
-                f'started: {job["tag"]} (log: '
-                f'{osp.join(job["cfg"].work_dir, "run.log")})',
-                flush=True,
-            )
             futures[pool.submit(run_job, job)] = k
         for future in as_completed(futures):
             k = futures[future]
@@ -574,7 +651,8 @@ def run_jobs(jobs: List[dict], workers: int) -> List[dict]:
             print(
                 f'finished: {jobs[k]["tag"]}: {row["split"]} AP '
                 f'{row["AP"]:.1f} (val AP {row["val"]["AP"]:.1f}), '
-                f'{row["train_s"] / 60:.1f} min',
+                f'{row["train_s"] / 60:.1f} min; log: '
+                f'{osp.join(jobs[k]["cfg"].work_dir, "run.log")}',
                 flush=True,
             )
     return rows
@@ -766,7 +844,28 @@ def format_seed_table(rows: List[dict]) -> str:
     return '\n'.join(lines)
 
 
-def plot(summary: List[dict], rows: List[dict], path: str) -> None:
+def format_octave_table(rows: List[dict]) -> str:
+    """Markdown: AP per object-size octave, mean over seeds per model."""
+    models = list(dict.fromkeys(r['model'] for r in rows))
+    names = [name for name, _, _ in OCTAVES]
+    lines = [
+        '| Model | ' + ' | '.join(f'AP {n} px' for n in names) + ' |',
+        '|---|' + '---:|' * len(names),
+    ]
+    for model in models:
+        runs = [r for r in rows if r['model'] == model and 'octaves' in r]
+        cells = []
+        for n in names:
+            vals = [r['octaves'][n] for r in runs]
+            vals = [v for v in vals if v is not None]
+            cells.append(f'{sum(vals) / len(vals):.1f}' if vals else 'n/a')
+        lines.append(f'| {model} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def plot(
+    summary: List[dict], rows: List[dict], path: str, split: str = 'test'
+) -> None:
     """Grouped bars of the six APs (mean over seeds, std as error bars),
     one colour per model; each seed's value as a dot."""
     import matplotlib
@@ -804,7 +903,7 @@ def plot(summary: List[dict], rows: List[dict], path: str) -> None:
     ax.set_ylabel('COCO AP (%)')
     n = summary[0]['n'] if summary else 0
     ax.set_title(
-        f'Synthetic shapes, test split (mmdet CocoMetric), '
+        f'Synthetic shapes, {split} split (mmdet CocoMetric), '
         f'mean ± std of {n} seed{"s" if n != 1 else ""}'
     )
     ax.legend(fontsize=8)
@@ -821,11 +920,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     data = prepare_data(args, out_dir)
     pretrained = pretrain(args, data, out_dir)
 
+    run_dir = osp.join(out_dir, args.run_name) if args.run_name else out_dir
     jobs = []
     for seed in args.seeds:
         for name in args.models:
             stem = osp.splitext(MODELS[name])[0]
-            work_dir = osp.join(out_dir, stem, f'seed{seed}')
+            work_dir = osp.join(run_dir, stem, f'seed{seed}')
             cfg = build_cfg(
                 osp.join(config_dir(), MODELS[name]),
                 name,
@@ -834,6 +934,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                 args,
                 seed=seed,
                 pretrained=pretrained,
+                cfg_options=args.cfg_options,
             )
             jobs.append(
                 make_job(
@@ -853,14 +954,18 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     summary = summarize(rows)
     table = format_table(summary)
     seeds = format_seed_table(rows)
+    octaves = format_octave_table(rows)
     total_s = time.perf_counter() - total_start
-    with open(osp.join(out_dir, 'results.md'), 'w') as f:
+    split = rows[0]['split'] if rows else args.eval_split
+    title = f'{split.capitalize()} split, mean ± std over seeds {args.seeds}'
+    each = f'Every run ({split} AP, val AP in brackets)'
+    with open(osp.join(run_dir, 'results.md'), 'w') as f:
         f.write(
-            f'Test split, mean ± std over seeds {args.seeds}:\n\n{table}\n\n'
-            f'Every run (test AP, val AP in brackets):\n\n{seeds}\n\n'
+            f'{title}:\n\n{table}\n\n{each}:\n\n{seeds}\n\n'
+            f'{OCTAVE_TITLE}:\n\n{octaves}\n\n'
             f'Total wall time: {total_s / 60:.1f} min\n'
         )
-    with open(osp.join(out_dir, 'results.json'), 'w') as f:
+    with open(osp.join(run_dir, 'results.json'), 'w') as f:
         json.dump(
             dict(
                 summary=summary,
@@ -871,12 +976,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             f,
             indent=1,
         )
-    plot(summary, rows, osp.join(out_dir, 'results.png'))
-    print(f'\nTest split, mean ± std over seeds {args.seeds}:\n\n{table}')
-    print(f'\nEvery run (test AP, val AP in brackets):\n\n{seeds}')
+    plot(summary, rows, osp.join(run_dir, 'results.png'), split)
+    print(f'\n{title}:\n\n{table}')
+    print(f'\n{each}:\n\n{seeds}')
+    print(f'\n{OCTAVE_TITLE}:\n\n{octaves}')
     print(
         f'\nTotal wall time {total_s / 60:.1f} min. Table: '
-        f'{osp.join(out_dir, "results.md")}, chart: '
-        f'{osp.join(out_dir, "results.png")}'
+        f'{osp.join(run_dir, "results.md")}, chart: '
+        f'{osp.join(run_dir, "results.png")}'
     )
     return rows
