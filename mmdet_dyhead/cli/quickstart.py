@@ -62,8 +62,7 @@ OCTAVES = [
     ('>128', 128, 1e5),
 ]
 OCTAVE_TITLE = (
-    'AP by object size (side = sqrt(area), in input pixels), mean '
-    'over seeds'
+    'AP by object size (side = sqrt(area), in input pixels), mean over seeds'
 )
 # --quick: enough to go through every stage, not to learn anything.
 QUICK = dict(
@@ -108,23 +107,23 @@ def parse_args(argv=None):
         '--iters',
         type=int,
         default=None,
-        help="training iterations of each compared detector (default: the "
+        help='training iterations of each compared detector (default: the '
         "configs' max_iters)",
     )
     parser.add_argument(
         '--pretrain-iters',
         type=int,
         default=None,
-        help="iterations of the shared pre-training (default: the pretrain "
+        help='iterations of the shared pre-training (default: the pretrain '
         "config's max_iters)",
     )
     parser.add_argument(
         '--seeds',
         type=int,
         nargs='+',
-        default=[0, 1, 2],
+        default=None,
         help='one run of each detector per seed (head initialisation and '
-        'data order)',
+        'data order); default: 0 1 2',
     )
     parser.add_argument('--batch-size', type=int, default=None)
     parser.add_argument('--num-train', type=int, default=400)
@@ -188,10 +187,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
-            if key in ('num_train', 'num_val', 'num_test', 'seeds') or (
+            if key in ('num_train', 'num_val', 'num_test') or (
                 getattr(args, key) is None
             ):
                 setattr(args, key, value)
+    if args.seeds is None:
+        args.seeds = [0, 1, 2]
     for key in (
         'iters',
         'pretrain_iters',
@@ -305,8 +306,10 @@ def build_cfg(
     root = data['data_root'] + os.sep
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = root
-    cfg.val_evaluator.ann_file = data['val_ann']
-    cfg.val_evaluator.outfile_prefix = osp.join(work_dir, 'val_predictions')
+    for evaluator in ('val_evaluator', 'test_evaluator'):
+        # Without a test split, runner.test() scores the val split too.
+        cfg[evaluator].ann_file = data['val_ann']
+        cfg[evaluator].outfile_prefix = osp.join(work_dir, 'val_predictions')
     if data.get('test_ann') and getattr(args, 'eval_split', 'test') == 'test':
         cfg.test_dataloader = copy.deepcopy(cfg.val_dataloader)
         cfg.test_dataloader.dataset.ann_file = osp.relpath(
@@ -372,9 +375,18 @@ def set_pretrained(cfg, checkpoint: str) -> None:
 
 
 def set_schedule(cfg, iters: int) -> None:
-    """Warm-up then cosine decay over ``iters``; one checkpoint at the end."""
+    """Warm-up (a tenth, at most 100 iterations) then cosine decay to the
+    config's floor over ``iters``; one checkpoint at the end."""
     warmup = max(1, min(100, iters // 10))
-    base_lr = cfg.optim_wrapper.optimizer.lr
+    # The config's cosine floor, if it has one.
+    eta_min = next(
+        (
+            s['eta_min']
+            for s in cfg.get('param_scheduler', [])
+            if s.get('type') == 'CosineAnnealingLR' and 'eta_min' in s
+        ),
+        cfg.optim_wrapper.optimizer.lr * 0.01,
+    )
     cfg.train_cfg.max_iters = iters
     cfg.train_cfg.val_interval = iters
     cfg.param_scheduler = [
@@ -391,7 +403,7 @@ def set_schedule(cfg, iters: int) -> None:
             begin=warmup,
             end=iters,
             T_max=max(1, iters - warmup),
-            eta_min=base_lr * 0.01,
+            eta_min=eta_min,
         ),
     ]
     cfg.default_hooks.checkpoint.interval = iters
@@ -412,9 +424,7 @@ def evaluation_hook(progress=None, tag: str = '', interval: int = 100):
         def __init__(self):
             self.times: Dict[str, List[float]] = dict(val=[], test=[])
             self.images = dict(val=0, test=0)
-            self.metrics: Dict[str, Optional[dict]] = dict(
-                val=None, test=None
-            )
+            self.metrics: Dict[str, Optional[dict]] = dict(val=None, test=None)
             self.eval_s = 0.0
             self._start = self._epoch_start = 0.0
             self._train_start = None
@@ -427,9 +437,7 @@ def evaluation_hook(progress=None, tag: str = '', interval: int = 100):
             self, runner, batch_idx, data_batch=None, outputs=None
         ):
             it = runner.iter + 1
-            if progress is None or (
-                it % interval and it != runner.max_iters
-            ):
+            if progress is None or (it % interval and it != runner.max_iters):
                 return
             loss = float((outputs or {}).get('loss', float('nan')))
             progress.write(
@@ -610,9 +618,7 @@ def run_job(job: dict) -> dict:
         progress.write(f'started: {job["tag"]}\n')
         progress.flush()
     try:
-        row = train_and_evaluate(
-            job['name'], job['cfg'], progress, job['tag']
-        )
+        row = train_and_evaluate(job['name'], job['cfg'], progress, job['tag'])
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [''])[0][:300]
         raise RuntimeError(
@@ -648,9 +654,14 @@ def run_jobs(jobs: List[dict], workers: int) -> List[dict]:
             k = futures[future]
             row = future.result()
             rows[k] = row
+            val = (
+                f' (val AP {row["val"]["AP"]:.1f})'
+                if row['split'] != 'val'
+                else ''
+            )
             print(
                 f'finished: {jobs[k]["tag"]}: {row["split"]} AP '
-                f'{row["AP"]:.1f} (val AP {row["val"]["AP"]:.1f}), '
+                f'{row["AP"]:.1f}{val}, '
                 f'{row["train_s"] / 60:.1f} min; log: '
                 f'{osp.join(jobs[k]["cfg"].work_dir, "run.log")}',
                 flush=True,
@@ -676,7 +687,6 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
     options that shape them are unchanged (``pretrain/pretrain.json``).
     """
     import torch
-    from mmengine.config import Config
 
     work_dir = osp.join(out_dir, 'pretrain')
     weights = osp.join(work_dir, PRETRAINED_FILE)
@@ -698,8 +708,9 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
     )
     record = dict(
         config=config_text,
-        data=json.load(open(osp.join(data['data_root'], 'synthetic_coco_'
-                                     'meta.json'))),
+        data=json.load(
+            open(osp.join(data['data_root'], 'synthetic_coco_meta.json'))
+        ),
         iters=cfg.train_cfg.max_iters,
         batch_size=cfg.train_dataloader.batch_size,
         seed=args.data_seed,
@@ -768,8 +779,7 @@ def summarize(rows: List[dict]) -> List[dict]:
         s = dict(model=name, n=len(runs), seeds=[r['seed'] for r in runs])
         for label, _ in METRICS + [('val_AP', None)]:
             vals = [
-                r['val']['AP'] if label == 'val_AP' else r[label]
-                for r in runs
+                r['val']['AP'] if label == 'val_AP' else r[label] for r in runs
             ]
             vals = [v for v in vals if v is not None]
             if not vals:
@@ -778,9 +788,7 @@ def summarize(rows: List[dict]) -> List[dict]:
             mean = sum(vals) / len(vals)
             s[label] = mean
             s[label + '_std'] = (
-                math.sqrt(
-                    sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-                )
+                math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
                 if len(vals) > 1
                 else 0.0
             )
@@ -790,12 +798,14 @@ def summarize(rows: List[dict]) -> List[dict]:
     return out
 
 
-def format_table(summary: List[dict]) -> str:
-    """Markdown: test AP mean ± std over seeds, time and speed per model."""
+def format_table(summary: List[dict], with_val: bool = True) -> str:
+    """Markdown: AP mean ± std over seeds, time and speed per model;
+    ``with_val`` adds the val split's AP (when the APs are the test's)."""
     head = (
         ['Model']
         + [m for m, _ in METRICS]
-        + ['val AP', 'Params (M)', 'Train time', 'Inference (ms/img)']
+        + (['val AP'] if with_val else [])
+        + ['Params (M)', 'Train time', 'Inference (ms/img)']
     )
     lines = [
         '| ' + ' | '.join(head) + ' |',
@@ -813,8 +823,8 @@ def format_table(summary: List[dict]) -> str:
         cells = (
             [s['model']]
             + [cell(s, m) for m, _ in METRICS]
+            + ([cell(s, 'val_AP')] if with_val else [])
             + [
-                cell(s, 'val_AP'),
                 f'{s["params_m"]:.2f}',
                 f'{s["train_s"] / 60:.1f} min',
                 f'{s["ms_per_img"]:.1f}',
@@ -825,7 +835,8 @@ def format_table(summary: List[dict]) -> str:
 
 
 def format_seed_table(rows: List[dict]) -> str:
-    """Markdown: the AP of every run, test and val split."""
+    """Markdown: the AP of every run (and its val AP if that is another
+    split)."""
     seeds = sorted({r['seed'] for r in rows})
     models = list(dict.fromkeys(r['model'] for r in rows))
     lines = [
@@ -835,9 +846,11 @@ def format_seed_table(rows: List[dict]) -> str:
     for name in models:
         by_seed = {r['seed']: r for r in rows if r['model'] == name}
         cells = [
-            f'{by_seed[s]["AP"]:.1f} (val {by_seed[s]["val"]["AP"]:.1f})'
-            if s in by_seed
-            else '-'
+            '-'
+            if s not in by_seed
+            else f'{by_seed[s]["AP"]:.1f}'
+            if by_seed[s]['split'] == 'val'
+            else f'{by_seed[s]["AP"]:.1f} (val {by_seed[s]["val"]["AP"]:.1f})'
             for s in seeds
         ]
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
@@ -922,8 +935,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
 
     run_dir = osp.join(out_dir, args.run_name) if args.run_name else out_dir
     jobs = []
-    for seed in args.seeds:
-        for name in args.models:
+    # The DyHead runs take longest: started first, the shorter ones fill
+    # the other workers' gaps (longest-first scheduling). The table keeps
+    # the --models order.
+    order = sorted(args.models, key=lambda n: n != 'ATSS + DyHead')
+    for name in order:
+        for seed in args.seeds:
             stem = osp.splitext(MODELS[name])[0]
             work_dir = osp.join(run_dir, stem, f'seed{seed}')
             cfg = build_cfg(
@@ -950,15 +967,18 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         flush=True,
     )
     rows = run_jobs(jobs, args.workers)
+    rows.sort(key=lambda r: (args.models.index(r['model']), r['seed']))
 
     summary = summarize(rows)
-    table = format_table(summary)
+    split = rows[0]['split'] if rows else args.eval_split
+    table = format_table(summary, with_val=split != 'val')
     seeds = format_seed_table(rows)
     octaves = format_octave_table(rows)
     total_s = time.perf_counter() - total_start
-    split = rows[0]['split'] if rows else args.eval_split
     title = f'{split.capitalize()} split, mean ± std over seeds {args.seeds}'
-    each = f'Every run ({split} AP, val AP in brackets)'
+    each = f'Every run ({split} AP' + (
+        ', val AP in brackets)' if split != 'val' else ')'
+    )
     with open(osp.join(run_dir, 'results.md'), 'w') as f:
         f.write(
             f'{title}:\n\n{table}\n\n{each}:\n\n{seeds}\n\n'

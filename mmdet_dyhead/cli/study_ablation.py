@@ -2,15 +2,17 @@
 
 Trains the quickstart's ATSS baseline and ATSS + DyHead with each
 combination of scale- (L), spatial- (S) and task-aware (C) attention switched
-on or off (``DyHeadNeck(use_scale_attn, use_spatial_attn, use_task_attn)``),
-evaluates every model with mmdet's CocoMetric, and writes the table, the
-data, the runs and results.json to --out-dir (work_dirs/study_ablation/
-unless told); --doc writes the table elsewhere.
+on or off (``DyHeadNeck(use_scale_attn, use_spatial_attn, use_task_attn)``)
+under the quickstart's protocol: every model starts from the same cached
+pre-trained backbone + FPN, trains once per seed, and is scored on the val
+split with mmdet's CocoMetric. The table (mean and spread over the seeds),
+the data, the runs and results.json go to --out-dir (work_dirs/
+study_ablation/ unless told); --doc writes the table elsewhere.
 
 Example:
     python tools/study_ablation.py                      # paper's 6 rows
-    python tools/study_ablation.py --iters 400 --all    # all 8 combinations
-    python tools/study_ablation.py --iters 300 --doc docs/ablation_synthetic.md
+    python tools/study_ablation.py --all --seeds 0      # all 8 combinations
+    python tools/study_ablation.py --doc docs/ablation_synthetic.md
 """
 
 import argparse
@@ -103,21 +105,34 @@ def parse_args(argv=None):
         help='synthetic validation images (default: %(default)s)',
     )
     parser.add_argument(
-        '--seed',
+        '--seeds',
         type=int,
-        default=0,
-        help='seed of the data and of every training (default: %(default)s)',
+        nargs='+',
+        default=[0, 1],
+        help='one training of every row per seed (default: %(default)s)',
+    )
+    parser.add_argument(
+        '--workers',
+        type=int,
+        default=2,
+        help='trainings at once, one process each (default: %(default)s)',
     )
     parser.add_argument(
         '--threads',
         type=int,
         default=1,
         metavar='N',
-        help='torch CPU threads (default: %(default)s; see '
-        'tools/quickstart.py)',
+        help='torch CPU threads per process (default: %(default)s)',
     )
     args = parser.parse_args(argv)
-    for key in ('iters', 'num_blocks', 'num_train', 'num_val', 'threads'):
+    for key in (
+        'iters',
+        'num_blocks',
+        'num_train',
+        'num_val',
+        'workers',
+        'threads',
+    ):
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(
@@ -133,8 +148,10 @@ def row_name(row) -> str:
     return 'DyHead ' + ('+'.join(parts) if parts else '(no attention)')
 
 
-def format_doc(rows, args, total_s, qs, command=None) -> str:
-    """The markdown page; ``command``: the command line it came from
+def format_doc(summary, rows, args, total_s, qs, command=None) -> str:
+    """The markdown page from :func:`quickstart.summarize`'s ``summary``
+    (one entry per row, with ``row``, ``iters``, ``batch_size`` and
+    ``num_blocks`` added); ``command``: the command line it came from
     (default: this process's)."""
     metric_names = [m for m, _ in qs.METRICS]
     head = (
@@ -146,22 +163,30 @@ def format_doc(rows, args, total_s, qs, command=None) -> str:
         '| ' + ' | '.join(head) + ' |',
         '|' + '|'.join([':-:'] * 3 + ['---:'] * (len(head) - 3)) + '|',
     ]
-    for r in rows:
+
+    def cell(s, key):
+        if s[key] is None:
+            return 'n/a'
+        if s['n'] < 2:
+            return f'{s[key]:.1f}'
+        return f'{s[key]:.1f} ± {s[key + "_std"]:.1f}'
+
+    for s in summary:
         flags = (
             ['–'] * 3
-            if r['row'] == 'baseline'
-            else ['✓' if on else '✗' for on in r['row']]
+            if s['row'] == 'baseline'
+            else ['✓' if on else '✗' for on in s['row']]
         )
         paper = PAPER_AP.get(
-            r['row'] if r['row'] == 'baseline' else tuple(r['row'])
+            s['row'] if s['row'] == 'baseline' else tuple(s['row'])
         )
         cells = (
             flags
-            + ['n/a' if r[m] is None else f'{r[m]:.1f}' for m in metric_names]
+            + [cell(s, m) for m in metric_names]
             + [
-                f'{r["params_m"]:.2f}',
-                f'{r["train_s"] / 60:.1f} min',
-                f'{r["ms_per_img"]:.1f}',
+                f'{s["params_m"]:.2f}',
+                f'{s["train_s"] / 60:.1f} min',
+                f'{s["ms_per_img"]:.1f}',
                 '' if paper is None else f'{paper}',
             ]
         )
@@ -169,36 +194,40 @@ def format_doc(rows, args, total_s, qs, command=None) -> str:
     cmd = command or shlex.join(
         ['python', 'tools/study_ablation.py'] + sys.argv[1:]
     )
+    blocks = [s['num_blocks'] for s in summary if s['num_blocks']]
     return '\n'.join(
         [
             '# Table 1 ablation on the synthetic shapes data',
             '',
             'Each attention of the DyHead block switched on (✓) or off (✗), '
-            "as in Table 1 of the paper, on the quickstart's data and "
-            'detectors (configs/quickstart/, ResNet-18 at 1/4 width from '
-            'scratch, FPN 64 channels). "–" is the ATSS baseline without '
-            'DyHead (four stacked convs in the head). With every attention '
-            'off a DyHead block still averages plain 3x3 convolutions over '
-            'neighbouring levels.',
+            "as in Table 1 of the paper, under the quickstart's protocol "
+            '(docs/quickstart.md): ResNet-18 at 1/4 width and FPN 64 '
+            'channels pre-trained once and shared, fresh heads. "–" is the '
+            'ATSS baseline without DyHead (4 + 4 stacked convs in the head). '
+            'With every attention off a DyHead block still averages plain '
+            '3x3 convolutions over neighbouring levels.',
             '',
-            "AP columns are mmdet's CocoMetric (%) on the synthetic val set; "
-            '"Paper AP" is the COCO val AP of the same row in the paper (ATSS '
-            'R-50 1x, six blocks), for orientation only: the data, backbone, '
-            'schedule and block count differ.',
+            "AP columns are mmdet's CocoMetric (%) on the synthetic val "
+            f'split, mean ± standard deviation over seeds {args.seeds}; '
+            '"Paper AP" is the COCO val AP of the same row in the paper '
+            '(ATSS R-50 1x, six blocks), for orientation only: the data, '
+            'backbone, schedule and block count differ.',
             '',
             '\n'.join(lines),
             '',
+            f'AP per object-size octave, {qs.OCTAVE_TITLE[3:]}:',
+            '',
+            qs.format_octave_table(rows),
+            '',
             f'- Command: `{cmd}`',
-            f'- Training: {rows[0]["iters"]} iterations per model, batch '
-            f'{rows[0]["batch_size"]}, {args.num_train} train / '
-            f'{args.num_val} val images, seed {args.seed}, '
-            f'{rows[-1]["num_blocks"]} DyHead blocks.',
+            f'- Training: {summary[0]["iters"]} iterations per model, batch '
+            f'{summary[0]["batch_size"]}, {args.num_train} train / '
+            f'{args.num_val} val images, '
+            f'{max(blocks) if blocks else 0} DyHead blocks.',
             f'- Machine: {platform.processor() or platform.machine()}, '
-            f'{os.cpu_count()} CPU cores, torch threads '
-            f'{args.threads}; total wall time '
+            f'{os.cpu_count()} CPU cores, {args.workers} runs at once with '
+            f'{args.threads} torch thread(s) each; total wall time '
             f'{total_s / 60:.1f} min ({time.strftime("%Y-%m-%d")}).',
-            '- One seed per row: differences of about one AP point are within '
-            'run-to-run noise at this scale.',
             '',
         ]
     )
@@ -213,6 +242,8 @@ def variant_cfg(
     work_dir: str,
     qs_args,
     num_blocks=None,
+    seed=None,
+    pretrained=None,
 ):
     """The quickstart config of one Table 1 row.
 
@@ -224,6 +255,8 @@ def variant_cfg(
         work_dir (str): the run's work_dir.
         qs_args (argparse.Namespace): options read by ``qs.build_cfg``.
         num_blocks (int, optional): DyHead blocks, if not the config's.
+        seed (int, optional), pretrained (str, optional): as in
+            ``qs.build_cfg``.
     """
     cfg = qs.build_cfg(
         base_file if row == 'baseline' else dy_file,
@@ -231,6 +264,8 @@ def variant_cfg(
         data,
         work_dir,
         qs_args,
+        seed=seed,
+        pretrained=pretrained,
     )
     if row != 'baseline':
         dyhead = cfg.model.neck[1]
@@ -250,79 +285,85 @@ def main(argv=None):
     command = shlex.join(['python', 'tools/study_ablation.py'] + argv)
     qs = quickstart
     start = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)
     out_dir = osp.abspath(args.out_dir)
     qs.prepare_out_dir(out_dir, args.overwrite, dict(vars(args), study=True))
-    from mmengine.config import Config
-
-    import mmdet_dyhead  # noqa: F401
-    from mmdet_dyhead.testing import generate_synthetic_coco
+    # The quickstart's options that its data, pre-training and build_cfg
+    # read; the study scores the val split (no test split is drawn).
+    qs_args = argparse.Namespace(
+        image_size=None,
+        batch_size=None,
+        iters=args.iters,
+        pretrain_iters=None,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        num_test=0,
+        data_seed=0,
+        seed=0,
+        quick=False,
+        workers=args.workers,
+        threads=args.threads,
+        eval_split='val',
+    )
+    data = qs.prepare_data(qs_args, out_dir)
+    pretrained = qs.pretrain(qs_args, data, out_dir)
 
     cfg_dir = qs.config_dir()
     base_file = osp.join(cfg_dir, qs.MODELS['ATSS'])
     dy_file = osp.join(cfg_dir, qs.MODELS['ATSS + DyHead'])
-    image_size = Config.fromfile(base_file).image_size
-    data = generate_synthetic_coco(
-        osp.join(out_dir, 'data'),
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=image_size,
-        seed=args.seed,
-        overwrite=True,
-        reuse=True,
-    )
-
     variants = (
         PAPER_ROWS
         if not args.all
         else ['baseline'] + list(itertools.product((0, 1), repeat=3))
     )
-    # build_cfg reads these quickstart options.
-    qs_args = argparse.Namespace(
-        image_size=None,
-        batch_size=None,
-        iters=args.iters,
-        seed=args.seed,
-        quick=False,
-    )
-    rows = []
-    for row in variants:
-        name = row_name(row)
-        tag = (
-            'baseline' if row == 'baseline' else 'lsc' + ''.join(map(str, row))
-        )
-        cfg = variant_cfg(
-            qs,
-            row,
-            base_file,
-            dy_file,
-            data,
-            osp.join(out_dir, tag),
-            qs_args,
-            args.num_blocks,
-        )
-        num_blocks = (
-            None if row == 'baseline' else cfg.model.neck[1].num_blocks
-        )
-        result = qs.train_and_evaluate(name, cfg)
-        result.update(
-            row=row,
-            iters=cfg.train_cfg.max_iters,
-            batch_size=cfg.train_dataloader.batch_size,
-            num_blocks=num_blocks,
-        )
-        rows.append(result)
-        # Written after every model, so a long study can be read midway.
-        with open(osp.join(out_dir, 'results.json'), 'w') as f:
-            json.dump(rows, f, indent=1)
-        print(qs.format_table(rows), flush=True)
+    jobs = []
+    for seed in args.seeds:
+        for row in variants:
+            name = row_name(row)
+            tag = (
+                'baseline'
+                if row == 'baseline'
+                else 'lsc' + ''.join(map(str, row))
+            )
+            cfg = variant_cfg(
+                qs,
+                row,
+                base_file,
+                dy_file,
+                data,
+                osp.join(out_dir, tag, f'seed{seed}'),
+                qs_args,
+                args.num_blocks,
+                seed=seed,
+                pretrained=pretrained,
+            )
+            record = dict(
+                seed=seed,
+                row=row,
+                iters=cfg.train_cfg.max_iters,
+                batch_size=cfg.train_dataloader.batch_size,
+                num_blocks=(
+                    None if row == 'baseline' else cfg.model.neck[1].num_blocks
+                ),
+            )
+            jobs.append(
+                qs.make_job(
+                    name, cfg, f'{name}, seed {seed}', args.threads, record
+                )
+            )
+    rows = qs.run_jobs(jobs, args.workers)
+    summary = qs.summarize(rows)
+    for s in summary:
+        first = next(r for r in rows if r['model'] == s['model'])
+        s.update({k: first[k] for k in ('row', 'iters', 'batch_size')})
+        s['num_blocks'] = first['num_blocks']
+    with open(osp.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(dict(summary=summary, rows=rows), f, indent=1)
     total_s = time.perf_counter() - start
-    doc = format_doc(rows, args, total_s, qs, command)
+    doc = format_doc(summary, rows, args, total_s, qs, command)
     doc_file = args.doc or osp.join(out_dir, 'ablation_synthetic.md')
     os.makedirs(osp.dirname(osp.abspath(doc_file)), exist_ok=True)
     with open(doc_file, 'w') as f:
         f.write(doc)
     print('\n' + doc)
     print(f'written to {doc_file}')
+    return summary
