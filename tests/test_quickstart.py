@@ -56,9 +56,9 @@ def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
         assert cfg.model.bbox_head.num_classes == len(SYNTHETIC_CLASSES)
         assert cfg.model.backbone.init_cfg is None  # nothing to download
         assert cfg.randomness.seed == 0
-    # The baseline keeps mmdet's ATSS head (4 stacked convs, inherited);
-    # the DyHead model replaces them by DyHeadNeck blocks after the FPN.
-    assert base.model.bbox_head.stacked_convs == 4
+    # The baseline keeps mmdet's ATSS head with 2 stacked convs per branch
+    # (tuned); the DyHead model replaces them by DyHeadNeck blocks.
+    assert base.model.bbox_head.stacked_convs == 2
     assert dy.model.bbox_head.stacked_convs == 0
     assert [n.type for n in dy.model.neck] == ['FPN', 'DyHeadNeck']
     assert dy.model.neck[0] == dict(base.model.neck, type='FPN')
@@ -69,7 +69,7 @@ def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
     dy_optim = dy.optim_wrapper.to_dict()
     paramwise = dy_optim.pop('paramwise_cfg')
     assert dy_optim == base.optim_wrapper.to_dict()
-    assert paramwise == dict(custom_keys=dict(offset_conv=dict(lr_mult=0.1)))
+    assert paramwise == dict(custom_keys=dict(offset_conv=dict(lr_mult=0.025)))
     # The pre-training detector shares data, backbone, FPN and optimizer
     # with the baseline; only its head (RetinaNet's, not under test) differs.
     pre = Config.fromfile(osp.join(CONFIG_DIR, quickstart.PRETRAIN))
@@ -384,7 +384,7 @@ def test_ablation_study_switches_reach_the_blocks(tmp_path, quickstart):
         assert cfg.train_cfg.max_iters == 7 and cfg.randomness.seed == 1
         model = MODELS.build(cfg.model)
         if row == 'baseline':
-            assert model.bbox_head.stacked_convs == 4
+            assert model.bbox_head.stacked_convs == 2
             assert not isinstance(model.neck, (list, tuple))
             continue
         blocks = list(model.neck[1].dyhead_blocks)

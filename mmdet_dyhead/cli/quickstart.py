@@ -691,8 +691,6 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
     work_dir = osp.join(out_dir, 'pretrain')
     weights = osp.join(work_dir, PRETRAINED_FILE)
     config_file = osp.join(config_dir(), PRETRAIN)
-    with open(config_file) as f:
-        config_text = f.read()
     cfg = build_cfg(
         config_file,
         'pretrain',
@@ -706,8 +704,15 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
             seed=args.data_seed,
         ),
     )
+    # The whole resolved config (its bases included), without the names
+    # that change from run to run.
+    resolved = {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in ('experiment_name', 'work_dir')
+    }
     record = dict(
-        config=config_text,
+        config=json.loads(json.dumps(resolved, default=str)),
         data=json.load(
             open(osp.join(data['data_root'], 'synthetic_coco_meta.json'))
         ),
