@@ -56,9 +56,9 @@ def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
         assert cfg.model.bbox_head.num_classes == len(SYNTHETIC_CLASSES)
         assert cfg.model.backbone.init_cfg is None  # nothing to download
         assert cfg.randomness.seed == 0
-    # The baseline keeps mmdet's ATSS head with 2 stacked convs per branch
-    # (tuned); the DyHead model replaces them by DyHeadNeck blocks.
-    assert base.model.bbox_head.stacked_convs == 2
+    # The baseline keeps mmdet's ATSS head (4 stacked convs per branch,
+    # inherited); the DyHead model replaces them by DyHeadNeck blocks.
+    assert base.model.bbox_head.stacked_convs == 4
     assert dy.model.bbox_head.stacked_convs == 0
     assert [n.type for n in dy.model.neck] == ['FPN', 'DyHeadNeck']
     assert dy.model.neck[0] == dict(base.model.neck, type='FPN')
@@ -384,7 +384,7 @@ def test_ablation_study_switches_reach_the_blocks(tmp_path, quickstart):
         assert cfg.train_cfg.max_iters == 7 and cfg.randomness.seed == 1
         model = MODELS.build(cfg.model)
         if row == 'baseline':
-            assert model.bbox_head.stacked_convs == 2
+            assert model.bbox_head.stacked_convs == 4
             assert not isinstance(model.neck, (list, tuple))
             continue
         blocks = list(model.neck[1].dyhead_blocks)
