@@ -32,8 +32,6 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from mmengine.config import DictAction
-
 from ._paths import config_path
 
 MARKER = 'quickstart.json'
@@ -82,6 +80,10 @@ def config_dir() -> str:
 
 
 def parse_args(argv=None):
+    # Imported here: the spawned workers import this module too, and their
+    # imports should print (warnings) into their own logs.
+    from mmengine.config import DictAction
+
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -702,6 +704,8 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
             iters=args.pretrain_iters,
             quick=args.quick,
             seed=args.data_seed,
+            # The test split is for the final table only.
+            eval_split='val',
         ),
     )
     # The whole resolved config (its bases included), without the names
