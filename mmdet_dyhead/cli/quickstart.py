@@ -606,21 +606,18 @@ def run_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job['threads'])
-    progress = None
     os.makedirs(job['cfg'].work_dir, exist_ok=True)
-    if job['log_to_file']:
-        # fd-level, so that C++ warnings land in the log as well.
-        progress = os.fdopen(os.dup(1), 'w')
-        log = open(osp.join(job['cfg'].work_dir, 'run.log'), 'a')
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+    # fd-level, so that C++ warnings land in the log as well.
+    progress = os.fdopen(os.dup(1), 'w')
+    log = open(osp.join(job['cfg'].work_dir, 'run.log'), 'a')
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
     import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
 
-    if progress is not None:
-        progress.write(f'started: {job["tag"]}\n')
-        progress.flush()
+    progress.write(f'started: {job["tag"]}\n')
+    progress.flush()
     try:
         row = train_and_evaluate(job['name'], job['cfg'], progress, job['tag'])
     except Exception as err:
@@ -673,14 +670,13 @@ def run_jobs(jobs: List[dict], workers: int) -> List[dict]:
     return rows
 
 
-def make_job(name, cfg, tag, threads, record=None, log_to_file=True):
+def make_job(name, cfg, tag, threads, record=None):
     return dict(
         name=name,
         cfg=cfg,
         tag=tag,
         threads=threads,
         record=dict(record or {}),
-        log_to_file=log_to_file,
     )
 
 
@@ -691,6 +687,8 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
     options that shape them are unchanged (``pretrain/pretrain.json``).
     """
     import torch
+
+    from mmdet_dyhead.testing import read_synthetic_meta
 
     work_dir = osp.join(out_dir, 'pretrain')
     weights = osp.join(work_dir, PRETRAINED_FILE)
@@ -719,9 +717,7 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
     }
     record = dict(
         config=json.loads(json.dumps(resolved, default=str)),
-        data=json.load(
-            open(osp.join(data['data_root'], 'synthetic_coco_meta.json'))
-        ),
+        data=read_synthetic_meta(data['data_root']),
         iters=cfg.train_cfg.max_iters,
         batch_size=cfg.train_dataloader.batch_size,
         seed=args.data_seed,
@@ -809,6 +805,16 @@ def summarize(rows: List[dict]) -> List[dict]:
     return out
 
 
+def mean_std_cell(s: dict, key: str) -> str:
+    """A table cell of :func:`summarize`'s ``s``: 'mean ± std', the mean
+    alone for one seed, 'n/a' without a value."""
+    if s[key] is None:
+        return 'n/a'
+    if s['n'] < 2:
+        return f'{s[key]:.1f}'
+    return f'{s[key]:.1f} ± {s[key + "_std"]:.1f}'
+
+
 def format_table(summary: List[dict], with_val: bool = True) -> str:
     """Markdown: AP mean ± std over seeds, time and speed per model;
     ``with_val`` adds the val split's AP (when the APs are the test's)."""
@@ -823,18 +829,11 @@ def format_table(summary: List[dict], with_val: bool = True) -> str:
         '|' + '|'.join(['---'] + ['---:'] * (len(head) - 1)) + '|',
     ]
 
-    def cell(s, key):
-        if s[key] is None:
-            return 'n/a'
-        if s['n'] < 2:
-            return f'{s[key]:.1f}'
-        return f'{s[key]:.1f} ± {s[key + "_std"]:.1f}'
-
     for s in summary:
         cells = (
             [s['model']]
-            + [cell(s, m) for m, _ in METRICS]
-            + ([cell(s, 'val_AP')] if with_val else [])
+            + [mean_std_cell(s, m) for m, _ in METRICS]
+            + ([mean_std_cell(s, 'val_AP')] if with_val else [])
             + [
                 f'{s["params_m"]:.2f}',
                 f'{s["train_s"] / 60:.1f} min',

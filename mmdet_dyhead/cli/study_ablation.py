@@ -164,13 +164,6 @@ def format_doc(summary, rows, args, total_s, qs, command=None) -> str:
         '|' + '|'.join([':-:'] * 3 + ['---:'] * (len(head) - 3)) + '|',
     ]
 
-    def cell(s, key):
-        if s[key] is None:
-            return 'n/a'
-        if s['n'] < 2:
-            return f'{s[key]:.1f}'
-        return f'{s[key]:.1f} ± {s[key + "_std"]:.1f}'
-
     for s in summary:
         flags = (
             ['–'] * 3
@@ -182,7 +175,7 @@ def format_doc(summary, rows, args, total_s, qs, command=None) -> str:
         )
         cells = (
             flags
-            + [cell(s, m) for m in metric_names]
+            + [qs.mean_std_cell(s, m) for m in metric_names]
             + [
                 f'{s["params_m"]:.2f}',
                 f'{s["train_s"] / 60:.1f} min',
