@@ -5,9 +5,10 @@ PYTEST_ARGS ?=
 
 .PHONY: quickstart test lint install clean
 
-## Install everything (builds mmcv 2.1.0 once), then train ATSS vs ATSS+DyHead on synthetic data.
+## Install everything (builds mmcv 2.1.0 once), then train, test, export and
+## plot one ATSS+DyHead detector on the built-in synthetic data.
 quickstart: install
-	$(PY) tools/quickstart.py
+	$(PY) scripts/quickstart.py
 
 ## Install if needed, then run the test suite.
 test: install

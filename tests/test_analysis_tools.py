@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT, subprocess_env
 
-from mmdet_dyhead.testing import generate_synthetic_coco
+from projects.synthetic_coco import generate_synthetic_coco
 
 CONFIG = osp.join(
     REPO_ROOT,

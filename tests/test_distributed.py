@@ -63,7 +63,7 @@ env_cfg = dict(dist_cfg=dict(backend='gloo'))
 
 def write_train_config(tmp_path, num_train=8):
     """Synthetic data in tmp_path/data and a 3-iteration config for it."""
-    from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
+    from projects.synthetic_coco import SYNTHETIC_CLASSES, generate_synthetic_coco
 
     data = generate_synthetic_coco(
         str(tmp_path / 'data'), num_train=num_train, num_val=2, image_size=64

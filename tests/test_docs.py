@@ -104,7 +104,8 @@ def tiny_files(tmp_path_factory):
     from mmengine.registry import init_default_scope
 
     from mmdet_dyhead.deploy import build_detector
-    from mmdet_dyhead.testing import generate_synthetic_coco, tiny_detector_cfg
+    from mmdet_dyhead.testing import tiny_detector_cfg
+    from projects.synthetic_coco import generate_synthetic_coco
 
     scratch = tmp_path_factory.mktemp('tiny')
     data = generate_synthetic_coco(

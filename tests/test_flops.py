@@ -176,7 +176,7 @@ def test_mmdet_mode_counts_a_dyhead_config_without_dcn_warning(tmp_path):
 
     from conftest import REPO_ROOT, subprocess_env
 
-    from mmdet_dyhead.testing import generate_synthetic_coco
+    from projects.synthetic_coco import generate_synthetic_coco
 
     # The quickstart config reads data/synthetic_coco/ under the cwd.
     generate_synthetic_coco(
@@ -288,7 +288,7 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
     res = subprocess.run(
         [
             sys.executable,
-            f'{REPO_ROOT}/tools/benchmark_dyhead.py',
+            f'{REPO_ROOT}/benchmarks/benchmark_dyhead.py',
             '--quick',
             '--threads',
             '1',
@@ -307,7 +307,7 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
     text = out.read_text()
     # The file records the command line that wrote it.
     assert (
-        'Command: `python tools/benchmark_dyhead.py --quick --threads 1 '
+        'Command: `python benchmarks/benchmark_dyhead.py --quick --threads 1 '
         '--no-scaling`'
     ) in text
     assert 'ours (torch)' in text and 'dense floor' in text
@@ -322,7 +322,7 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
 
 
 def test_benchmark_out_option_overrides_the_default(tmp_path):
-    from mmdet_dyhead.cli import benchmark_dyhead
+    from benchmarks import benchmark_dyhead
 
     args = benchmark_dyhead.parse_args(['--out', str(tmp_path / 'b.md')])
     assert args.out == str(tmp_path / 'b.md')

@@ -15,7 +15,8 @@ from mmengine.config import Config
 from mmdet_dyhead.cli import image_demo
 from mmdet_dyhead.cli import test as test_tool
 from mmdet_dyhead.cli import train as train_tool
-from mmdet_dyhead.testing import generate_synthetic_coco, tiny_detector_cfg
+from mmdet_dyhead.testing import tiny_detector_cfg
+from projects.synthetic_coco import generate_synthetic_coco
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 DYHEAD_ATSS = osp.join(

@@ -13,12 +13,12 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from mmdet_dyhead.cli import generate_synthetic_coco as tool
-from mmdet_dyhead.testing import (
+from projects.synthetic_coco import (
     SYNTHETIC_CLASSES,
     generate_synthetic_coco,
     read_synthetic_meta,
 )
+from projects.synthetic_coco import generate as tool
 
 
 @pytest.fixture(scope='module')

@@ -165,7 +165,7 @@ test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
     from mmdet_dyhead.cli import visualize_attention as tool
     from mmdet_dyhead.deploy import build_detector
-    from mmdet_dyhead.testing import generate_synthetic_coco
+    from projects.synthetic_coco import generate_synthetic_coco
 
     data = generate_synthetic_coco(
         str(tmp_path / 'data'), num_train=1, num_val=4, image_size=(80, 96)

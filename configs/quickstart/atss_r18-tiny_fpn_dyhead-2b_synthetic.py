@@ -1,7 +1,7 @@
 # The quickstart's DyHead detector: the ATSS baseline next to it with DyHead
 # blocks after the FPN and no stacked convs in the head (as in mmdet's
 # atss_r50_fpn_dyhead recipe). Two blocks instead of the paper's six: one or
-# three did worse at this budget (docs/quickstart.md, experiment log).
+# three did worse at this budget (docs/ab_study.md, experiment log).
 _base_ = './atss_r18-tiny_fpn_synthetic.py'
 
 model = dict(

@@ -1,5 +1,5 @@
 # ATSS baseline for the quickstart: a narrow ResNet-18 on the synthetic
-# shapes dataset (tools/generate_synthetic_coco.py), sized to train in a few
+# shapes dataset (projects/synthetic_coco/generate.py), sized to train in a few
 # minutes on 2 CPU cores. Everything not set here is mmdet's ATSS R-50 1x
 # recipe. The backbone settings are those of training from scratch (the
 # pre-training, *_pretrain.py); tools/quickstart.py starts the compared
@@ -31,7 +31,7 @@ model = dict(
         feat_channels=feat_channels,
         # GroupNorm with one channel per group in the 4 + 4 stacked convs:
         # the best of 8 / 16 / 32 (mmdet's) / 64 groups and 1-4 convs on the
-        # val split (docs/quickstart.md, experiment log).
+        # val split (docs/ab_study.md, experiment log).
         norm_cfg=dict(type='GN', num_groups=64, requires_grad=True),
         # Objects here are 10-170 px; anchors 4x the stride (32..512 px)
         # instead of 8x match them better than COCO's setting.
@@ -103,7 +103,7 @@ train_cfg = dict(
 )
 # AdamW converges faster than SGD at this budget. 8e-3 was the best of
 # 2e-3 / 4e-3 / 8e-3 / 1.6e-2 for both compared detectors on the val split
-# (docs/quickstart.md, experiment log); the pre-training keeps 2e-3.
+# (docs/ab_study.md, experiment log); the pre-training keeps 2e-3.
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',

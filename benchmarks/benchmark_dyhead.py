@@ -20,10 +20,10 @@ freed pages, so mmdet's and our necks showed the same figure.) On CUDA it is
 
 Examples::
 
-    python tools/benchmark_dyhead.py  # work_dirs/benchmark_dyhead/
-    python tools/benchmark_dyhead.py --out docs/benchmarks.md  # the doc
-    python tools/benchmark_dyhead.py --quick --out /tmp/b.md
-    python tools/benchmark_dyhead.py --sizes 800x1344 --batches 1 --repeats 5
+    python benchmarks/benchmark_dyhead.py  # work_dirs/benchmark_dyhead/
+    python benchmarks/benchmark_dyhead.py --out docs/benchmarks.md  # the doc
+    python benchmarks/benchmark_dyhead.py --quick --out /tmp/b.md
+    python benchmarks/benchmark_dyhead.py --sizes 800x1344 --batches 1 --repeats 5
 """
 
 import argparse
@@ -638,7 +638,7 @@ def main(argv=None):
     # The command line as given, so the file says how it was made (with
     # --out, for the copy in docs/).
     command = shlex.join(
-        ['python', 'tools/benchmark_dyhead.py']
+        ['python', 'benchmarks/benchmark_dyhead.py']
         + list(sys.argv[1:] if argv is None else argv)
     )
     lines = [
@@ -653,7 +653,7 @@ def main(argv=None):
         'from this run. Peak memory: peak of live tensor bytes '
         'during one call, over those held before it (CPU: torch.profiler '
         'allocation events; CUDA: max_memory_allocated). Written by '
-        '`tools/benchmark_dyhead.py`.',
+        '`benchmarks/benchmark_dyhead.py`.',
         '',
     ]
     for threads in args.threads:
@@ -678,3 +678,6 @@ def main(argv=None):
     with open(args.out, 'w') as f:
         f.write('\n'.join(lines))
     print(f'wrote {args.out}')
+
+if __name__ == '__main__':
+    main()

@@ -15,12 +15,12 @@ from mmengine.config import Config
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mmdet_dyhead.cli import quickstart as quickstart_module
-from mmdet_dyhead.cli import study_ablation as study
-from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
+from projects.ab_study import ab_study as quickstart_module
+from projects.ab_study import study_ablation as study
+from projects.synthetic_coco import SYNTHETIC_CLASSES, generate_synthetic_coco
 
 CONFIG_DIR = osp.join(REPO_ROOT, 'configs', 'quickstart')
-QUICKSTART = osp.join(REPO_ROOT, 'tools', 'quickstart.py')
+QUICKSTART = osp.join(REPO_ROOT, 'projects', 'ab_study', 'ab_study.py')
 
 
 @pytest.fixture(scope='module')
@@ -444,7 +444,7 @@ def test_ablation_study_writes_its_table_to_work_dirs_unless_told(
     assert len(trained) == 12  # six rows, seeds 0 and 1
     doc = (out / 'ablation_synthetic.md').read_text()
     assert (
-        '- Command: `python tools/study_ablation.py ' + ' '.join(small) + '`'
+        '- Command: `python projects/ab_study/study_ablation.py ' + ' '.join(small) + '`'
         in doc
     )
     # Seeds 0 and 1 gave AP 1 and 2: mean 1.5, sample std 0.7.

@@ -1,14 +1,24 @@
 """Write the synthetic COCO-format detection dataset (no download needed).
 
 Example:
-    python tools/generate_synthetic_coco.py data/synthetic_coco \
+    python projects/synthetic_coco/generate.py data/synthetic_coco \
         --num-train 400 --num-val 100 --image-size 192 --seed 0
 """
 
 import argparse
+import os.path as osp
+import sys
 import time
 
-from mmdet_dyhead.testing import SYNTHETIC_CLASSES, generate_synthetic_coco
+# Run from a checkout: the repository root holds projects/.
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from projects.synthetic_coco import (  # noqa: E402
+    SYNTHETIC_CLASSES,
+    generate_synthetic_coco,
+)
 
 
 def parse_args(argv=None):
@@ -53,6 +63,12 @@ def parse_args(argv=None):
         action='store_true',
         help='replace a dataset this tool wrote earlier',
     )
+    parser.add_argument(
+        '--reuse',
+        action='store_true',
+        help='keep a dataset this tool wrote earlier with the same options '
+        '(with --overwrite: write it again when an option differs)',
+    )
     return parser.parse_args(argv)
 
 
@@ -77,6 +93,7 @@ def main(argv=None):
             image_size=size,
             seed=args.seed,
             overwrite=args.overwrite,
+            reuse=args.reuse,
             objects_per_image=tuple(args.objects_per_image),
             size_range=tuple(args.size_range),
             clutter=args.clutter,
@@ -90,3 +107,7 @@ def main(argv=None):
     )
     for key, path in paths.items():
         print(f'  {key}: {path}')
+
+
+if __name__ == '__main__':
+    main()

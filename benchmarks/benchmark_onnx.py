@@ -20,9 +20,9 @@ Models:
 
 Examples::
 
-    python tools/benchmark_onnx.py  # tiny 512x672, ATSS-R50 800x1344
-    python tools/benchmark_onnx.py --models tiny --sizes 320x480
-    python tools/benchmark_onnx.py --threads 1 2 4 --repeats 5
+    python benchmarks/benchmark_onnx.py  # tiny 512x672, ATSS-R50 800x1344
+    python benchmarks/benchmark_onnx.py --models tiny --sizes 320x480
+    python benchmarks/benchmark_onnx.py --threads 1 2 4 --repeats 5
 """
 
 import argparse
@@ -37,13 +37,23 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from ._paths import config_path
-from .benchmark_dyhead import (
+# Run from a checkout: the repository root holds mmdet_dyhead, benchmarks/
+# and projects/ (none of them is installed).
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.benchmark_dyhead import (  # noqa: E402
     load_average,
     machine_info,
     parse_size,
     round_robin,
 )
+
+
+def config_path(*parts: str) -> str:
+    """``configs/<parts>`` of this checkout."""
+    return osp.join(ROOT, 'configs', *parts)
 
 MODELS = ('tiny', 'atss_r50_6b')
 DEFAULT_SIZES = {'tiny': (512, 672), 'atss_r50_6b': (800, 1344)}
@@ -264,7 +274,7 @@ def main(argv=None) -> int:
                 args.repeats,
                 args.work_dir,
             )
-    command = 'python tools/benchmark_onnx.py ' + shlex.join(
+    command = 'python benchmarks/benchmark_onnx.py ' + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
     import onnxruntime
@@ -287,3 +297,6 @@ def main(argv=None) -> int:
     with open(out, 'w') as f:
         f.write(text + '\n')
     return 0
+
+if __name__ == '__main__':
+    sys.exit(main())

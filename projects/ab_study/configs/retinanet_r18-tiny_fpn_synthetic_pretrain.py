@@ -5,7 +5,7 @@
 # Everything else (data, backbone, FPN, schedule) is the ATSS baseline's.
 _base_ = './atss_r18-tiny_fpn_synthetic.py'
 
-# The rate the experiments of docs/quickstart.md pre-trained with; the
+# The rate the experiments of docs/ab_study.md pre-trained with; the
 # compared heads were tuned on top of these weights.
 optim_wrapper = dict(optimizer=dict(lr=2e-3))
 

@@ -6,7 +6,7 @@ The protocol mirrors the paper's regime at CPU scale:
    split every tuning decision looked at) and test (the reported numbers).
 2. **Pre-training, once**: the backbone and FPN are trained on the train
    split inside a detector whose head is not under test (RetinaNet with one
-   stacked conv, ``configs/quickstart/*_pretrain.py``), the way both models
+   stacked conv, ``projects/ab_study/configs/*_pretrain.py``), the way both models
    of the paper start from the same ImageNet weights. The weights are cached
    in ``<out-dir>/pretrain/`` and reused while the options match.
 3. **Fresh heads**: ATSS (4 + 4 stacked convs) and ATSS + DyHead (DyHead
@@ -17,9 +17,9 @@ The protocol mirrors the paper's regime at CPU scale:
    the seeds, printed and written as a table, JSON and a chart.
 
 Example:
-    python tools/quickstart.py                     # the full run (minutes)
-    python tools/quickstart.py --quick             # a smoke test (seconds)
-    python tools/quickstart.py --seeds 0 1 2 3 4 --out-dir work_dirs/qs5
+    python projects/ab_study/ab_study.py                     # the full run (minutes)
+    python projects/ab_study/ab_study.py --quick             # a smoke test (seconds)
+    python projects/ab_study/ab_study.py --seeds 0 1 2 3 4 --out-dir work_dirs/qs5
 """
 
 import argparse
@@ -32,7 +32,11 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from ._paths import config_path
+# Run from a checkout: the repository root holds mmdet_dyhead and projects/.
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+HERE = osp.dirname(osp.abspath(__file__))
 
 MARKER = 'quickstart.json'
 MODELS = {
@@ -77,8 +81,8 @@ QUICK = dict(
 
 
 def config_dir() -> str:
-    """configs/quickstart of the checkout, or of the installed package."""
-    return config_path('quickstart')
+    """configs/quickstart of the checkout: the two compared detectors."""
+    return osp.join(ROOT, 'configs', 'quickstart')
 
 
 def parse_args(argv=None):
@@ -246,7 +250,7 @@ def prepare_data(args, out_dir: str) -> Dict[str, str]:
     """The three splits in ``out_dir/data`` (reused if the options match)."""
     from mmengine.config import Config
 
-    from mmdet_dyhead.testing import generate_synthetic_coco
+    from projects.synthetic_coco import generate_synthetic_coco
 
     image_size = (
         args.image_size
@@ -688,11 +692,11 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
     """
     import torch
 
-    from mmdet_dyhead.testing import read_synthetic_meta
+    from projects.synthetic_coco import read_synthetic_meta
 
     work_dir = osp.join(out_dir, 'pretrain')
     weights = osp.join(work_dir, PRETRAINED_FILE)
-    config_file = osp.join(config_dir(), PRETRAIN)
+    config_file = osp.join(HERE, 'configs', PRETRAIN)
     cfg = build_cfg(
         config_file,
         'pretrain',
@@ -1016,3 +1020,6 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         f'{osp.join(run_dir, "results.png")}'
     )
     return rows
+
+if __name__ == '__main__':
+    main()

@@ -20,7 +20,7 @@ Timings are medians over ``--repeats``, the models alternating inside each
 repeat (round robin), so load changes hit every model alike; ratios are
 taken within one run. Example::
 
-    python tools/benchmark_detectors.py --threads 2 1 --onnx --bf16 \\
+    python benchmarks/benchmark_detectors.py --threads 2 1 --onnx --bf16 \\
         --out work_dirs/benchmark_detectors/table.md
 """
 
@@ -33,8 +33,22 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ._paths import config_path
-from .benchmark_dyhead import load_average, machine_info, round_robin
+# Run from a checkout: the repository root holds mmdet_dyhead, benchmarks/
+# and projects/ (none of them is installed).
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.benchmark_dyhead import (  # noqa: E402
+    load_average,
+    machine_info,
+    round_robin,
+)
+
+
+def config_path(rel_path: str) -> str:
+    """``configs/<rel_path>`` of this checkout."""
+    return osp.join(ROOT, 'configs', rel_path)
 
 FAMILIES = (
     (
@@ -145,7 +159,7 @@ def flat(groups) -> List[torch.Tensor]:
 
 def prepare(args, families) -> Dict[str, dict]:
     """Models, inputs and (optionally) ONNX sessions, built once."""
-    from mmdet_dyhead.testing import generate_synthetic_coco
+    from projects.synthetic_coco import generate_synthetic_coco
 
     data = generate_synthetic_coco(
         osp.join(args.work_dir, 'image'),
@@ -318,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     lines = [
         '## Whole-detector latency (CPU)',
         '',
-        f'- Command: `python tools/benchmark_detectors.py '
+        f'- Command: `python benchmarks/benchmark_detectors.py '
         f'{" ".join(argv if argv is not None else sys.argv[1:])}`',
         f'- Machine: {machine_info(torch.device("cpu"))}',
         f"- Image {args.size[0]}x{args.size[1]} before the configs' resize "

@@ -10,9 +10,9 @@ the data, the runs and results.json go to --out-dir (work_dirs/
 study_ablation/ unless told); --doc writes the table elsewhere.
 
 Example:
-    python tools/study_ablation.py                      # paper's 6 rows
-    python tools/study_ablation.py --all --seeds 0      # all 8 combinations
-    python tools/study_ablation.py --doc docs/ablation_synthetic.md
+    python projects/ab_study/study_ablation.py                      # paper's 6 rows
+    python projects/ab_study/study_ablation.py --all --seeds 0      # all 8 combinations
+    python projects/ab_study/study_ablation.py --doc docs/ablation_synthetic.md
 """
 
 import argparse
@@ -25,7 +25,12 @@ import shlex
 import sys
 import time
 
-from . import quickstart
+# Run from a checkout: the repository root holds mmdet_dyhead and projects/.
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from projects.ab_study import ab_study as quickstart  # noqa: E402
 
 # (L, S, C) rows of the paper's Table 1, in its order; 'baseline' is ATSS
 # without any DyHead block (stacked convs in the head).
@@ -185,7 +190,7 @@ def format_doc(summary, rows, args, total_s, qs, command=None) -> str:
         )
         lines.append('| ' + ' | '.join(cells) + ' |')
     cmd = command or shlex.join(
-        ['python', 'tools/study_ablation.py'] + sys.argv[1:]
+        ['python', 'projects/ab_study/study_ablation.py'] + sys.argv[1:]
     )
     blocks = [s['num_blocks'] for s in summary if s['num_blocks']]
     return '\n'.join(
@@ -194,7 +199,7 @@ def format_doc(summary, rows, args, total_s, qs, command=None) -> str:
             '',
             'Each attention of the DyHead block switched on (✓) or off (✗), '
             "as in Table 1 of the paper, under the quickstart's protocol "
-            '(docs/quickstart.md): ResNet-18 at 1/4 width and FPN 64 '
+            '(docs/ab_study.md): ResNet-18 at 1/4 width and FPN 64 '
             'channels pre-trained once and shared, fresh heads. "–" is the '
             'ATSS baseline without DyHead (4 + 4 stacked convs in the head). '
             'With every attention off a DyHead block still averages plain '
@@ -241,7 +246,7 @@ def variant_cfg(
     """The quickstart config of one Table 1 row.
 
     Args:
-        qs: the :mod:`mmdet_dyhead.cli.quickstart` module.
+        qs: the :mod:`projects.ab_study.ab_study` module.
         row: ``'baseline'`` or an (L, S, C) tuple of 0/1 switches.
         base_file, dy_file (str): the quickstart's two config files.
         data (dict): paths returned by ``generate_synthetic_coco``.
@@ -275,7 +280,7 @@ def variant_cfg(
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    command = shlex.join(['python', 'tools/study_ablation.py'] + argv)
+    command = shlex.join(['python', 'projects/ab_study/study_ablation.py'] + argv)
     qs = quickstart
     start = time.perf_counter()
     out_dir = osp.abspath(args.out_dir)
@@ -360,3 +365,6 @@ def main(argv=None):
     print('\n' + doc)
     print(f'written to {doc_file}')
     return summary
+
+if __name__ == '__main__':
+    main()
