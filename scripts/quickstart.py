@@ -143,9 +143,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
         checkpoint = osp.relpath(f.read().strip(), ROOT)
 
     test_dir = osp.join(out, 'test')
+    predictions = osp.join(test_dir, 'predictions.pkl')
     test_log = run(
         '3/6 test (COCO AP on the val split)',
-        ['python', 'tools/test.py', CONFIG, checkpoint, '--work-dir', test_dir]
+        [
+            'python',
+            'tools/test.py',
+            CONFIG,
+            checkpoint,
+            '--work-dir',
+            test_dir,
+            '--out',
+            predictions,
+        ]
         + cfg_options,
     )
     ap_lines = [line.strip() for line in test_log.splitlines()]
@@ -212,6 +222,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         checkpoint=checkpoint,
         training_log=train_dir,
         coco_ap=ap_file,
+        predictions=predictions,
         onnx=onnx_file,
         detections=osp.join(det_dir, 'vis'),
         attention=attn_dir,

@@ -1,4 +1,4 @@
-"""The quickstart: its configs, its output-folder guard, and a very short run
+"""The A/B study: its configs, its output-folder guard, and a very short run
 whose table is checked against pycocotools' own evaluation."""
 
 import json
@@ -31,11 +31,11 @@ def quickstart():
 def test_tools_read_the_checkouts_configs_and_write_to_work_dirs(
     quickstart,
 ):
-    # The tools' logic lives in mmdet_dyhead/cli/; configs stay
-    # repo-relative, outputs go to work_dirs/ of the current directory.
+    # The study runs from the checkout: configs are the checkout's,
+    # outputs go to work_dirs/ of the current directory.
     assert quickstart.config_dir() == CONFIG_DIR
     assert quickstart.parse_args([]).out_dir == osp.join(
-        'work_dirs', 'quickstart'
+        'work_dirs', 'ab_study'
     )
     args = study.parse_args([])
     assert args.out_dir == osp.join('work_dirs', 'study_ablation')
@@ -72,7 +72,7 @@ def test_configs_match_the_dataset_and_differ_only_in_the_head(quickstart):
     assert paramwise == dict(custom_keys=dict(offset_conv=dict(lr_mult=0.025)))
     # The pre-training detector shares data, backbone, FPN and optimizer
     # with the baseline; only its head (RetinaNet's, not under test) differs.
-    pre = Config.fromfile(osp.join(CONFIG_DIR, quickstart.PRETRAIN))
+    pre = Config.fromfile(osp.join(CONFIG_DIR, quickstart.PRETRAIN_CONFIG))
     assert pre.model.type == 'RetinaNet'
     assert pre.model.bbox_head.type == 'RetinaHead'
     assert pre.model.bbox_head.num_classes == len(SYNTHETIC_CLASSES)
@@ -99,7 +99,7 @@ def test_both_detectors_start_from_the_shared_pretrained_weights(
     register_all_modules()
     # A stand-in for the pre-training's output: the pretrain detector's own
     # random weights, backbone and FPN keys only, as pretrain() saves them.
-    pre = Config.fromfile(osp.join(CONFIG_DIR, quickstart.PRETRAIN))
+    pre = Config.fromfile(osp.join(CONFIG_DIR, quickstart.PRETRAIN_CONFIG))
     torch.manual_seed(3)
     source = MODELS.build(pre.model).state_dict()
     saved = {
@@ -214,7 +214,7 @@ def test_refuses_a_foreign_output_folder(tmp_path, quickstart):
     out = tmp_path / 'mine'
     out.mkdir()
     (out / 'thesis.tex').write_text('precious')
-    with pytest.raises(SystemExit, match='not made by the quickstart'):
+    with pytest.raises(SystemExit, match='not made by the A/B study'):
         quickstart.main(['--quick', '--out-dir', str(out)])
     assert sorted(os.listdir(out)) == ['thesis.tex']
 

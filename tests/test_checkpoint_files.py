@@ -16,7 +16,7 @@ from mmengine.registry import init_default_scope
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.runner.checkpoint import load_checkpoint as mmengine_load
 
-from mmdet_dyhead.testing import mmdet_config_path, shrink_model
+from projects.synthetic_coco import mmdet_config_path, shrink_model
 from mmdet_dyhead.utils import (
     CheckpointError,
     CheckpointHashError,

@@ -16,8 +16,7 @@ from mmengine.registry import HOOKS, MODELS, init_default_scope
 
 from mmdet_dyhead.cli import train as train_tool
 from mmdet_dyhead.engine import DyHeadCheckHook
-from mmdet_dyhead.testing import tiny_detector_cfg
-from projects.synthetic_coco import generate_synthetic_coco
+from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
 
 USER_CONFIG = """
 _base_ = 'mmdet_dyhead::atss/atss_r50_fpn_dyhead-6b_1x_coco.py'

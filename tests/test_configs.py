@@ -311,8 +311,7 @@ DY_ATSS = 'atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
 def test_head_with_conv_towers_is_stopped_before_training(tmp_path):
     """Through mmengine's Runner, as tools/train.py runs it: the hook of the
     shipped config stops the run before the first iteration."""
-    from mmdet_dyhead.testing import tiny_detector_cfg
-    from projects.synthetic_coco import generate_synthetic_coco
+    from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
 
     data = generate_synthetic_coco(
         str(tmp_path / 'data'),

@@ -23,8 +23,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mmdet_dyhead.models.necks import DyHeadNeck
 from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
-from mmdet_dyhead.testing import tiny_detector_cfg
-from projects.synthetic_coco import generate_synthetic_coco
+from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
 
 CFG = osp.join(REPO_ROOT, 'configs')
 # Table 3 of the paper: (family, baseline config, +DyHead config(s)).

@@ -90,9 +90,16 @@ def test_every_block_runs_or_says_why():
 
 @pytest.fixture
 def scratch(tmp_path):
-    """A folder per block with this checkout's tools/ and configs/ (outputs
-    stay outside the repository)."""
-    for item in ('tools', 'configs', 'model-index.yml'):
+    """A folder per block with this checkout's tools/, configs/ and the
+    experiments run from a checkout (outputs stay outside the repository)."""
+    for item in (
+        'tools',
+        'configs',
+        'model-index.yml',
+        'benchmarks',
+        'projects',
+        'scripts',
+    ):
         os.symlink(osp.join(REPO_ROOT, item), tmp_path / item)
     return tmp_path
 
@@ -104,8 +111,7 @@ def tiny_files(tmp_path_factory):
     from mmengine.registry import init_default_scope
 
     from mmdet_dyhead.deploy import build_detector
-    from mmdet_dyhead.testing import tiny_detector_cfg
-    from projects.synthetic_coco import generate_synthetic_coco
+    from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
 
     scratch = tmp_path_factory.mktemp('tiny')
     data = generate_synthetic_coco(

@@ -15,8 +15,7 @@ from mmengine.config import Config
 from mmdet_dyhead.cli import image_demo
 from mmdet_dyhead.cli import test as test_tool
 from mmdet_dyhead.cli import train as train_tool
-from mmdet_dyhead.testing import tiny_detector_cfg
-from projects.synthetic_coco import generate_synthetic_coco
+from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 DYHEAD_ATSS = osp.join(

@@ -537,8 +537,7 @@ def test_mim_train_then_mim_test_run_a_config_of_this_package(tmp_path):
     --checkpoint ...` run the wheel's .mim/tools scripts (mmdet's, with the
     plugin imported) on a tiny ATSS+DyHead config; the test ends with
     CocoMetric's COCO summary."""
-    from mmdet_dyhead.testing import tiny_detector_cfg
-    from projects.synthetic_coco import generate_synthetic_coco
+    from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
 
     _, env = installed_package_dir(tmp_path)
     data = generate_synthetic_coco(

@@ -9,7 +9,7 @@ _base_ = 'mmdet::atss/atss_r50_fpn_1x_coco.py'
 
 custom_imports = dict(imports=['mmdet_dyhead'], allow_failed_imports=False)
 
-# Must match mmdet_dyhead.testing.SYNTHETIC_CLASSES (checked by the tests).
+# Must match projects.synthetic_coco.SYNTHETIC_CLASSES (checked by the tests).
 classes = ('ellipse', 'rectangle', 'triangle', 'star', 'cross', 'ring')
 data_root = 'data/synthetic_coco/'
 image_size = 192

@@ -1,4 +1,4 @@
-"""Quickstart: ATSS with and without DyHead, a fair comparison on CPU.
+"""A/B study: ATSS with and without DyHead, a fair comparison on CPU.
 
 The protocol mirrors the paper's regime at CPU scale:
 
@@ -36,14 +36,18 @@ from typing import Dict, List, Optional
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-HERE = osp.dirname(osp.abspath(__file__))
+# The shared pre-training (not under test), beside this file.
+PRETRAIN_CONFIG = osp.join(
+    osp.dirname(osp.abspath(__file__)),
+    'configs',
+    'retinanet_r18-tiny_fpn_synthetic_pretrain.py',
+)
 
-MARKER = 'quickstart.json'
+MARKER = 'ab_study.json'
 MODELS = {
     'ATSS': 'atss_r18-tiny_fpn_synthetic.py',
     'ATSS + DyHead': 'atss_r18-tiny_fpn_dyhead-2b_synthetic.py',
 }
-PRETRAIN = 'retinanet_r18-tiny_fpn_synthetic_pretrain.py'
 PRETRAINED_FILE = 'backbone_fpn.pth'
 METRICS = [
     ('AP', 'bbox_mAP'),
@@ -96,7 +100,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         '--out-dir',
-        default=osp.join('work_dirs', 'quickstart'),
+        default=osp.join('work_dirs', 'ab_study'),
         help='data, pre-trained weights, logs, checkpoints, the table and '
         'the chart go here (relative to the current directory)',
     )
@@ -237,7 +241,7 @@ def prepare_out_dir(out_dir: str, overwrite: bool, record: dict) -> None:
     ):
         raise SystemExit(
             f'error: --out-dir {out_dir} is not empty and was not made by '
-            f'the quickstart (no {MARKER}). Choose another --out-dir, or pass '
+            f'the A/B study (no {MARKER}). Choose another --out-dir, or pass '
             f'--overwrite to write into it anyway (files with the same names '
             f'are replaced).'
         )
@@ -696,7 +700,7 @@ def pretrain(args, data: Dict[str, str], out_dir: str) -> str:
 
     work_dir = osp.join(out_dir, 'pretrain')
     weights = osp.join(work_dir, PRETRAINED_FILE)
-    config_file = osp.join(HERE, 'configs', PRETRAIN)
+    config_file = PRETRAIN_CONFIG
     cfg = build_cfg(
         config_file,
         'pretrain',
