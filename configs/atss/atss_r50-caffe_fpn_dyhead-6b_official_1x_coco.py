@@ -10,6 +10,17 @@
 # Kept from the base: caffe R-50 in BGR with detectron2's mean and std 1,
 # pad to 128, ATSS with stacked_convs=0, 1x1 predictors, one anchor of
 # 8 x stride centred at offset 0.5, pillow resize, NMS 0.6.
+# Still different from the release (mmdet's ATSS head and runner; none of
+# these changes a weight's name or shape, so converted weights load):
+# - post-processing: the release ranks the pre-NMS top 1000 per level by
+#   class score x centerness, mmdet's ATSSHead by class score alone and
+#   multiplies by centerness afterwards (mmdet measured 42.3 AP for the
+#   converted official weights this way, 42.4 in detectron2);
+# - schedule: the release trains 90k iterations at 16 images (steps 60k and
+#   80k); this config keeps mmdet's 12 epochs at 2 images per GPU (x8 GPUs =
+#   16), steps at epochs 8 and 11, which is about the same number of images;
+# - FPN init: xavier (mmdet) instead of detectron2's c2_xavier_fill;
+# - GIoU loss eps: 1e-6 (mmdet) instead of 1e-7.
 _base_ = 'mmdet::dyhead/atss_r50-caffe_fpn_dyhead_1x_coco.py'
 
 custom_imports = dict(imports=['mmdet_dyhead'], allow_failed_imports=False)
