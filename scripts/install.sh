@@ -87,10 +87,10 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 command -v "$PYTHON" >/dev/null 2>&1 ||
-  die "'$PYTHON' not found. Install Python 3.8-3.12 or set PYTHON=/path/to/python3."
-"$PYTHON" - <<'PYEOF' || die "Python 3.8-3.12 is required (mmcv 2.1.0 and torch 2.13 support no other). Set PYTHON=/path/to/python3.x."
+  die "'$PYTHON' not found. Install Python 3.10-3.12 or set PYTHON=/path/to/python3."
+"$PYTHON" - <<'PYEOF' || die "Python 3.10-3.12 is required (torch 2.13 needs >= 3.10, mmcv 2.1.0 builds up to 3.12). Set PYTHON=/path/to/python3.x."
 import sys
-sys.exit(0 if (3, 8) <= sys.version_info[:2] <= (3, 12) else 1)
+sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)
 PYEOF
 
 if [ ! -x "$VENV/bin/python" ]; then
