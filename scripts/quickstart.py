@@ -38,7 +38,9 @@ import time
 from typing import List, Optional
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CONFIG = osp.join('configs', 'quickstart', 'atss_r18-tiny_fpn_dyhead-2b_synthetic.py')
+CONFIG = osp.join(
+    'configs', 'quickstart', 'atss_r18-tiny_fpn_dyhead-2b_synthetic.py'
+)
 # Where the config reads its data (its ``data_root``).
 DATA_ROOT = osp.join('data', 'synthetic_coco')
 NUM_PICTURES = 4

@@ -444,7 +444,9 @@ def test_ablation_study_writes_its_table_to_work_dirs_unless_told(
     assert len(trained) == 12  # six rows, seeds 0 and 1
     doc = (out / 'ablation_synthetic.md').read_text()
     assert (
-        '- Command: `python projects/ab_study/study_ablation.py ' + ' '.join(small) + '`'
+        '- Command: `python projects/ab_study/study_ablation.py '
+        + ' '.join(small)
+        + '`'
         in doc
     )
     # Seeds 0 and 1 gave AP 1 and 2: mean 1.5, sample std 0.7.

@@ -118,7 +118,7 @@ def test_checkpoint_onnx_and_pictures_are_where_it_says(quick_run):
     import onnxruntime as ort
     import torch
 
-    from mmdet_dyhead.utils import mmengine_safe_globals
+    from mmdet_dyhead.checkpoint import mmengine_safe_globals
 
     _, stdout = quick_run
     paths = {k: osp.join(ROOT, v) for k, v in printed_paths(stdout).items()}
@@ -140,7 +140,5 @@ def test_checkpoint_onnx_and_pictures_are_where_it_says(quick_run):
     for name in pictures:
         img = cv2.imread(osp.join(paths['detections'], name))
         assert img is not None and img.shape[0] > 0
-    plots = [
-        n for n in os.listdir(paths['attention']) if n.endswith('.png')
-    ]
+    plots = [n for n in os.listdir(paths['attention']) if n.endswith('.png')]
     assert plots

@@ -6,9 +6,10 @@ The protocol mirrors the paper's regime at CPU scale:
    split every tuning decision looked at) and test (the reported numbers).
 2. **Pre-training, once**: the backbone and FPN are trained on the train
    split inside a detector whose head is not under test (RetinaNet with one
-   stacked conv, ``projects/ab_study/configs/*_pretrain.py``), the way both models
-   of the paper start from the same ImageNet weights. The weights are cached
-   in ``<out-dir>/pretrain/`` and reused while the options match.
+   stacked conv, ``projects/ab_study/configs/*_pretrain.py``), the way
+   both models of the paper start from the same ImageNet weights. The
+   weights are cached in ``<out-dir>/pretrain/`` and reused while the
+   options match.
 3. **Fresh heads**: ATSS (4 + 4 stacked convs) and ATSS + DyHead (DyHead
    blocks, no stacked convs) start from those weights and train with the
    same schedule, optimizer and iterations, once per seed (``--seeds``).
@@ -17,9 +18,10 @@ The protocol mirrors the paper's regime at CPU scale:
    the seeds, printed and written as a table, JSON and a chart.
 
 Example:
-    python projects/ab_study/ab_study.py                     # the full run (minutes)
-    python projects/ab_study/ab_study.py --quick             # a smoke test (seconds)
-    python projects/ab_study/ab_study.py --seeds 0 1 2 3 4 --out-dir work_dirs/qs5
+    python projects/ab_study/ab_study.py              # the full run (minutes)
+    python projects/ab_study/ab_study.py --quick      # a smoke test (seconds)
+    python projects/ab_study/ab_study.py --seeds 0 1 2 3 4 \
+        --out-dir work_dirs/ab5
 """
 
 import argparse
@@ -1024,6 +1026,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         f'{osp.join(run_dir, "results.png")}'
     )
     return rows
+
 
 if __name__ == '__main__':
     main()

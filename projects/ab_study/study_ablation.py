@@ -10,8 +10,8 @@ the data, the runs and results.json go to --out-dir (work_dirs/
 study_ablation/ unless told); --doc writes the table elsewhere.
 
 Example:
-    python projects/ab_study/study_ablation.py                      # paper's 6 rows
-    python projects/ab_study/study_ablation.py --all --seeds 0      # all 8 combinations
+    python projects/ab_study/study_ablation.py                 # 6 rows
+    python projects/ab_study/study_ablation.py --all --seeds 0  # all 8
     python projects/ab_study/study_ablation.py --doc docs/ablation_synthetic.md
 """
 
@@ -280,7 +280,9 @@ def variant_cfg(
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    command = shlex.join(['python', 'projects/ab_study/study_ablation.py'] + argv)
+    command = shlex.join(
+        ['python', 'projects/ab_study/study_ablation.py'] + argv
+    )
     qs = quickstart
     start = time.perf_counter()
     out_dir = osp.abspath(args.out_dir)
@@ -365,6 +367,7 @@ def main(argv=None):
     print('\n' + doc)
     print(f'written to {doc_file}')
     return summary
+
 
 if __name__ == '__main__':
     main()
