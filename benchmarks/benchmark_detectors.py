@@ -133,15 +133,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def build(rel_path: str):
     """A detector of a shipped config, random weights, every box to NMS."""
+    from mmdet.apis import init_detector
     from mmengine.config import Config
 
-    from mmdet_dyhead.deploy import build_detector
+    from mmdet_dyhead.deploy import use_native_dcn
 
     cfg = Config.fromfile(config_path(rel_path))
     cfg.model.backbone.init_cfg = None
     cfg.model.test_cfg.score_thr = 0.0
     # The native DCN is what runs on CPU ('auto') and what exports.
-    return build_detector(cfg, native_dcn=True)
+    use_native_dcn(cfg.model)
+    return init_detector(cfg, device='cpu')
 
 
 def rel_l2(outs, refs) -> float:

@@ -117,16 +117,20 @@ def bench_model(
         (``torch``, ``deform_conv``, ``grid_sample``), ``nodes`` and
         ``diff`` (max abs output difference to PyTorch) per form.
     """
+    from mmdet.apis import init_detector
+
     from mmdet_dyhead.deploy import (
         DetectorTensorForward,
-        build_detector,
         export_onnx,
         graph_op_counts,
         onnxruntime_session,
+        use_native_dcn,
     )
 
     torch.manual_seed(0)
-    model = build_detector(model_config(name), native_dcn=True)
+    cfg = model_config(name)
+    use_native_dcn(cfg.model)
+    model = init_detector(cfg, device='cpu')
     wrapper = DetectorTensorForward(model).eval()
     images = torch.randn(1, 3, *size)
     files, nodes = {}, {}

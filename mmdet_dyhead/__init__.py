@@ -9,10 +9,10 @@ process changes; each extra behaviour is opt-in (see
 """
 
 from . import (
+    checkpoint,  # noqa: F401  (dyhead://, CheckpointFitHook)
     engine,  # noqa: F401  (hook, optimizer and model wrappers)
     models,  # noqa: F401  (DyHeadNeck, TaskAttnBBoxHead)
 )
-from .utils import checkpoint  # noqa: F401  (the dyhead:// scheme)
 from .version import __version__
 
 __all__ = ['__version__']

@@ -1,8 +1,9 @@
-"""Checked checkpoint files: what the package loads, refuses and reports.
+"""Checked checkpoint files: what the package's loader reads, refuses and
+reports.
 
 Beside DyHead models, a plain mmdet RetinaNet shows that mmengine's own
-loading is what it is without the package (the package's checks are used
-only where a user names them: ``dyhead://`` and the library functions).
+loading is what it is without the package outside
+``checkpoint_loaders()``, and the package's loader inside it.
 """
 
 import os
@@ -16,17 +17,19 @@ from mmengine.registry import init_default_scope
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.runner.checkpoint import load_checkpoint as mmengine_load
 
-from projects.synthetic_coco import mmdet_config_path, shrink_model
-from mmdet_dyhead.utils import (
+from mmdet_dyhead.checkpoint import (
     CheckpointError,
     CheckpointHashError,
     CheckpointKeyError,
+    checkpoint_loaders,
+    load,
     load_checkpoint,
     load_state_dict,
-    load_weights_only,
     sha256_of,
 )
-from mmdet_dyhead.utils import checkpoint as ckpt_module
+from mmdet_dyhead.checkpoint import files as files_module
+from mmdet_dyhead.checkpoint import zoo as zoo_module
+from projects.synthetic_coco import mmdet_config_path, shrink_model
 
 
 def plain_retinanet():
@@ -63,11 +66,14 @@ def test_own_checkpoints_with_hex_like_names_load(retinanet_file, name):
     trained, path = retinanet_file
     renamed = path.with_name(name)
     os.rename(path, renamed)
-    for load in (mmengine_load, load_checkpoint):
+    for load_into in (mmengine_load, load_checkpoint):
         target = plain_retinanet()
-        load(target, str(renamed), strict=True)
+        load_into(target, str(renamed))
         for key, value in trained.state_dict().items():
-            assert torch.equal(target.state_dict()[key], value), (load, key)
+            assert torch.equal(target.state_dict()[key], value), (
+                load_into,
+                key,
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -98,7 +104,7 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as err:
-        load_weights_only(str(path))
+        load(str(path))
     assert what in str(err.value)
     assert 'weights_only=False' not in str(err.value)
 
@@ -108,11 +114,11 @@ def test_numpy_file_and_truncated_checkpoint_are_named(
 ):
     np.save(tmp_path / 'array.npy', np.zeros(3))
     with pytest.raises(CheckpointError, match='numpy .npy array'):
-        load_weights_only(str(tmp_path / 'array.npy'))
+        load(str(tmp_path / 'array.npy'))
     data = retinanet_file[1].read_bytes()
     (tmp_path / 'cut.pth').write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match='truncated or corrupt zip'):
-        load_weights_only(str(tmp_path / 'cut.pth'))
+        load(str(tmp_path / 'cut.pth'))
 
 
 class _Payload:
@@ -129,7 +135,7 @@ def test_a_code_running_payload_is_named_and_refused(tmp_path, legacy):
         _use_new_zipfile_serialization=not legacy,
     )
     with pytest.raises(CheckpointError) as err:
-        load_weights_only(str(path))
+        load(str(path))
     text = str(err.value)
     assert f'{os.system.__module__}.system' in text
     assert 'runs commands or code' in text
@@ -141,17 +147,79 @@ def test_a_plain_pickle_is_named_not_unpickled(tmp_path):
     with open(path, 'wb') as f:
         pickle.dump({'x': _Payload()}, f, protocol=4)
     with pytest.raises(CheckpointError, match='plain Python pickle'):
-        load_weights_only(str(path))
+        load(str(path))
 
 
-def test_mmengine_loading_of_a_plain_model_is_not_intercepted(tmp_path):
+def test_outside_the_scope_mmengine_loads_as_it_ships(tmp_path):
     """mmengine's own loader raises its own (torch's) error for a foreign
-    file: the package does not replace it."""
+    file: importing the package replaces nothing."""
     path = tmp_path / 'lfs.pth'
     path.write_bytes(NOT_CHECKPOINTS['lfs.pth'][0])
     with pytest.raises(Exception) as err:
         mmengine_load(plain_retinanet(), str(path))
     assert not isinstance(err.value, CheckpointError)
+
+
+def test_the_scope_routes_mmengine_through_the_loader_and_restores_it(
+    tmp_path,
+):
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+
+    path = tmp_path / 'lfs.pth'
+    path.write_bytes(NOT_CHECKPOINTS['lfs.pth'][0])
+    http_before = mmengine_checkpoint.load_from_http
+    with checkpoint_loaders():
+        with pytest.raises(CheckpointError, match='git-LFS pointer'):
+            mmengine_load(plain_retinanet(), str(path))
+        assert mmengine_checkpoint.load_from_http is not http_before
+    assert mmengine_checkpoint.load_from_http is http_before
+    with pytest.raises(Exception) as err:  # mmengine's own loader again
+        mmengine_load(plain_retinanet(), str(path))
+    assert not isinstance(err.value, CheckpointError)
+
+
+class _TouchPayload:
+    """Creates ``marker`` when unpickled (through the named callable)."""
+
+    def __init__(self, how, marker):
+        self.how, self.marker = how, str(marker)
+
+    def __reduce__(self):
+        if self.how == 'os.system':
+            return (os.system, (f'touch {self.marker}',))
+        import time
+        import timeit
+
+        stmt = f'open({self.marker!r}, "w").close()'
+        return (timeit.timeit, (stmt, 'pass', time.perf_counter, 1))
+
+
+@pytest.mark.parametrize('how', ['os.system', 'timeit.timeit'])
+def test_code_running_payloads_never_run_and_are_not_called_harmless(
+    tmp_path, how, http_root, monkeypatch
+):
+    www, base, _ = http_root
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    marker = tmp_path / 'ran'
+    torch.save(
+        {'state_dict': {}, 'x': _TouchPayload(how, marker)}, www / 'e.pth'
+    )
+    # the payload is live: an unsafe load runs it
+    torch.load(www / 'e.pth', weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    for source in (str(www / 'e.pth'), f'{base}/e.pth'):
+        with pytest.raises(CheckpointError) as err:
+            load(source)
+        text = str(err.value)
+        named = how.replace('os.', f'{os.system.__module__}.')
+        assert named in text and 'e.pth' in text
+        assert 'can run code' in text or 'runs commands or code' in text
+        assert 'harmless' not in text
+        with checkpoint_loaders(), pytest.raises(CheckpointError):
+            CheckpointLoader.load_checkpoint(source)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------
@@ -160,14 +228,14 @@ def test_mmengine_loading_of_a_plain_model_is_not_intercepted(tmp_path):
 def test_zoo_names_resolve_to_url_and_the_hash_it_is_published_with():
     from torch.hub import HASH_REGEX
 
-    zoo = ckpt_module.zoo_weights()
+    zoo = zoo_module.zoo_weights()
     assert 'atss_r50_fpn_dyhead-6b_1x_coco' in zoo
     for name, (url, sha) in zoo.items():
         assert url.startswith('https://'), name
         assert HASH_REGEX.search(url.rsplit('/', 1)[-1]).group(1) == sha
-        assert ckpt_module.resolve_zoo_name(f'dyhead://{name}') == (url, sha)
+        assert zoo_module.resolve_zoo_name(f'dyhead://{name}') == (url, sha)
     with pytest.raises(CheckpointError, match='not in the model zoo'):
-        ckpt_module.resolve_zoo_name('dyhead://atss_r50_typo')
+        zoo_module.resolve_zoo_name('dyhead://atss_r50_typo')
 
 
 @pytest.fixture
@@ -179,12 +247,12 @@ def served_zoo(http_root, tmp_path, monkeypatch, retinanet_file):
     good = f'retinanet-{sha256_of(str(path))[:8]}.pth'
     os.rename(path, www / good)
     zoo = {'tiny': (f'{base}/{good}', good[-12:-4])}
-    monkeypatch.setattr(ckpt_module, 'zoo_weights', lambda: zoo)
+    monkeypatch.setattr(zoo_module, 'zoo_weights', lambda: zoo)
     return www, base, seen, zoo
 
 
 def cache_files():
-    folder = ckpt_module.default_cache_dir()
+    folder = files_module.default_cache_dir()
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
@@ -231,18 +299,18 @@ def test_login_pages_and_cut_downloads_never_reach_the_cache(
         content = data[: len(data) // 3]
     (www / 'nohash.pth').write_bytes(content)
     with pytest.raises(CheckpointError, match='Nothing was cached'):
-        ckpt_module.download_checkpoint(f'{base}/nohash.pth')
+        files_module.download_checkpoint(f'{base}/nohash.pth')
     assert cache_files() == []
     # a later run downloads again instead of reusing a bad file
     with pytest.raises(CheckpointError, match='Nothing was cached'):
-        ckpt_module.download_checkpoint(f'{base}/nohash.pth')
+        files_module.download_checkpoint(f'{base}/nohash.pth')
     assert [p for p in seen if p == '/nohash.pth'] == ['/nohash.pth'] * 2
 
 
 def test_a_damaged_cached_copy_is_refused_with_the_fix(served_zoo):
     _, _, _, zoo = served_zoo
     CheckpointLoader.load_checkpoint('dyhead://tiny')
-    cached = os.path.join(ckpt_module.default_cache_dir(), cache_files()[0])
+    cached = os.path.join(files_module.default_cache_dir(), cache_files()[0])
     with open(cached, 'ab') as f:
         f.write(b'tampered')
     with pytest.raises(CheckpointHashError, match=f'delete {cached}'):
@@ -252,7 +320,7 @@ def test_a_damaged_cached_copy_is_refused_with_the_fix(served_zoo):
 # ----------------------------------------------------------------------------
 # defect: the key report
 # ----------------------------------------------------------------------------
-def test_shape_mismatch_is_listed_once_and_only_warned_when_not_strict():
+def test_shape_mismatch_is_listed_once_and_raised_only_when_strict():
     model, other = plain_retinanet(), plain_retinanet()
     state = dict(other.state_dict())
     state['bbox_head.retina_cls.weight'] = torch.zeros(7, 32, 3, 3)
@@ -271,7 +339,7 @@ def test_shape_mismatch_is_listed_once_and_only_warned_when_not_strict():
         load_state_dict(model, state, strict=True)
 
 
-def test_mmdet_named_keys_of_another_width_warn_when_not_strict():
+def test_mmdet_named_keys_of_another_width_are_reported_not_crashed():
     from mmdet.models.necks import DyHead
 
     from mmdet_dyhead.models import DyHeadNeck

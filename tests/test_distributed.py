@@ -133,17 +133,17 @@ def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(
 
     from mmengine.config import Config
 
-    from mmdet_dyhead.deploy import build_detector
+    from mmdet.apis import init_detector
 
     ckpt = work_dir / 'iter_3.pth'
     assert ckpt.is_file()
-    from mmdet_dyhead.utils import mmengine_safe_globals
+    from mmdet_dyhead.checkpoint import mmengine_safe_globals
 
     with mmengine_safe_globals():  # weights_only default, scoped allow-list
         loaded = torch.load(ckpt, map_location='cpu')
     assert loaded['meta']['iter'] == 3
     # Strict load into the same architecture: no key or shape mismatch.
-    model = build_detector(Config.fromfile(str(config)))
+    model = init_detector(Config.fromfile(str(config)), device='cpu')
     model.load_state_dict(loaded['state_dict'], strict=True)
     # DDP wrapped the model, but the saved keys are the plain model's.
     assert not any(k.startswith('module.') for k in loaded['state_dict'])

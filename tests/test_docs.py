@@ -110,7 +110,7 @@ def tiny_files(tmp_path_factory):
     import torch
     from mmengine.registry import init_default_scope
 
-    from mmdet_dyhead.deploy import build_detector
+    from mmdet.apis import init_detector
     from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
 
     scratch = tmp_path_factory.mktemp('tiny')
@@ -128,7 +128,7 @@ def tiny_files(tmp_path_factory):
     )
     cfg.dump(str(scratch / 'my_config.py'))
     init_default_scope('mmdet')
-    model = build_detector(cfg)
+    model = init_detector(cfg.copy(), device='cpu')
     torch.save(
         {'meta': {}, 'state_dict': model.state_dict()},
         scratch / 'my_checkpoint.pth',

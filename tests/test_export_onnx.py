@@ -15,9 +15,12 @@ from conftest import REPO_ROOT
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 
+from mmdet.apis import init_detector  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+
+from mmdet_dyhead.checkpoint import load_checkpoint  # noqa: E402
 from mmdet_dyhead.deploy import (  # noqa: E402
     NativeBackendError,
-    build_detector,
     export_onnx,
     graph_op_counts,
     load_images,
@@ -82,6 +85,13 @@ def write_image(path, h, w, seed):
     return path
 
 
+def build_native(config):
+    """The detector of ``config`` with the native DCN, as export builds it."""
+    cfg = Config.fromfile(config)
+    use_native_dcn(cfg.model)
+    return init_detector(cfg, device='cpu')
+
+
 def write_checkpoint(config, path):
     """Random weights with visible DCN offsets and confident scores.
 
@@ -89,7 +99,7 @@ def write_checkpoint(config, path):
     scores of ~0.01 (below score_thr, so no detection to compare); push
     both into a range where they matter.
     """
-    model = build_detector(config, native_dcn=True)
+    model = build_native(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if 'offset_conv' in name:
@@ -128,9 +138,8 @@ def dcn_nodes(onnx_file):
 @pytest.fixture(scope='module')
 def exported(assets, one_thread):
     """The tiny model and one dynamic-axes file per DCN form (opset 19)."""
-    model = build_detector(
-        assets['config'], assets['checkpoint'], native_dcn=True
-    )
+    model = build_native(assets['config'])
+    load_checkpoint(model, assets['checkpoint'])
     trace_inputs, _ = load_images(model, assets['images'][:1])
     files = {}
     for form in ('deform_conv', 'grid_sample'):
@@ -372,7 +381,7 @@ def test_auto_backend_becomes_native_and_mmcv_is_refused(tmp_path):
 def test_built_model_with_mmcv_dcn_is_refused(assets):
     from mmdet_dyhead.deploy import check_exportable_modules
 
-    model = build_detector(assets['config'])
+    model = init_detector(assets['config'], device='cpu')
     check_exportable_modules(model)  # 'auto' traces the native path on CPU
     for m in model.modules():
         if type(m).__name__ == 'ModulatedDeformConv':

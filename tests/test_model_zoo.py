@@ -16,12 +16,12 @@ import yaml
 from conftest import REPO_ROOT, pyramid, rel_err
 from torch.hub import HASH_REGEX
 
-from mmdet_dyhead.utils import (
+from mmdet_dyhead.checkpoint import (
     CheckpointHashError,
     CheckpointKeyError,
     load_state_dict,
 )
-from mmdet_dyhead.utils.checkpoint import default_cache_dir
+from mmdet_dyhead.checkpoint.files import default_cache_dir
 
 
 def mmdet_mim_dir():

@@ -156,6 +156,7 @@ def test_registered_names_are_new_to_mmdet():
     assert sorted(ours) == [
         'CPUAmpOptimWrapper',
         'CPUDistributedDataParallel',
+        'CheckpointFitHook',
         'DyHeadCheckHook',
         'DyHeadNeck',
         'TaskAttnBBoxHead',

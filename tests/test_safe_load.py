@@ -10,7 +10,7 @@ import torch.nn as nn
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
 
-from mmdet_dyhead.utils import mmengine_safe_globals
+from mmdet_dyhead.checkpoint import mmengine_safe_globals
 
 
 class ToyModel(BaseModel):

@@ -21,7 +21,7 @@ from mmengine.config import Config
 from mmdet_dyhead.cli import test as test_tool
 from mmdet_dyhead.cli import train as train_tool
 from projects.synthetic_coco import generate_synthetic_coco, mmdet_config_path, tiny_detector_cfg
-from mmdet_dyhead.utils import mmengine_safe_globals
+from mmdet_dyhead.checkpoint import mmengine_safe_globals
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 

@@ -163,8 +163,9 @@ test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 
 @pytest.mark.slow
 def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
+    from mmdet.apis import init_detector
+
     from mmdet_dyhead.cli import visualize_attention as tool
-    from mmdet_dyhead.deploy import build_detector
     from projects.synthetic_coco import generate_synthetic_coco
 
     data = generate_synthetic_coco(
@@ -178,7 +179,7 @@ def test_cli_writes_figures_and_rejects_unknown_layers(tmp_path, capsys):
             )
         )
     )
-    model = build_detector(str(config))
+    model = init_detector(str(config), device='cpu')
     ckpt = tmp_path / 'vis.pth'
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
     val_dir = data['val_img_dir']

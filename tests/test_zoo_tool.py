@@ -21,9 +21,9 @@ import yaml
 from conftest import REPO_ROOT
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from mmdet_dyhead.checkpoint import CheckpointHashError
+from mmdet_dyhead.checkpoint import zoo as zoo_module
 from mmdet_dyhead.cli import zoo as tool
-from mmdet_dyhead.utils import CheckpointHashError
-from mmdet_dyhead.utils import checkpoint as ckpt_module
 
 
 def save_weights(path, value):
@@ -48,7 +48,7 @@ def zoo(http_root, tmp_path, monkeypatch):
         os.rename(tmp, www / file_name)
         served[name] = www / file_name
         entries[name] = (f'{base}/{file_name}', digest[:8])
-    monkeypatch.setattr(ckpt_module, 'zoo_weights', lambda: dict(entries))
+    monkeypatch.setattr(zoo_module, 'zoo_weights', lambda: dict(entries))
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
     yield entries, served, seen, cache
@@ -134,7 +134,7 @@ def test_fetch_without_network_says_what_to_run_instead(
         port = s.getsockname()[1]
     url = f'http://127.0.0.1:{port}/{served["tiny"].name}'
     monkeypatch.setattr(
-        ckpt_module,
+        zoo_module,
         'zoo_weights',
         lambda: {'tiny': (url, entries['tiny'][1])},
     )

@@ -85,19 +85,29 @@ def parse_args(argv=None):
         action=DictAction,
         help='override config settings, e.g. model.neck.1.dcn_backend=torch',
     )
+    parser.add_argument(
+        '--allow-partial-checkpoint',
+        action='store_true',
+        help='export with a checkpoint that leaves model weights unloaded '
+        '(they keep their initial values); refused by default',
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mmdet.apis import init_detector
+    from mmengine.config import Config
+
     import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
+    from mmdet_dyhead.checkpoint import CheckpointError, load_checkpoint
     from mmdet_dyhead.deploy import (
         NativeBackendError,
-        build_detector,
         export_onnx,
         graph_op_counts,
         load_images,
         resolve_dcn_export,
+        use_native_dcn,
         verify_onnx,
     )
 
@@ -107,13 +117,22 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     try:
-        model = build_detector(
-            args.config, args.checkpoint, args.cfg_options, native_dcn=True
-        )
+        use_native_dcn(cfg.model)
+        model = init_detector(cfg, device='cpu')
     except NativeBackendError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    try:
+        load_checkpoint(
+            model, args.checkpoint, allow_partial=args.allow_partial_checkpoint
+        )
+    except CheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     if args.image:
         images, samples = load_images(model, args.image)
     else:

@@ -7,13 +7,15 @@ kind of command line for this package's configs (and any mmdet config)::
     python tools/image_demo.py IMAGE_OR_FOLDER CONFIG --weights CKPT
 
 It writes the drawn images to ``OUT_DIR/vis`` and the predictions as JSON
-to ``OUT_DIR/preds``. Checkpoints saved by mmengine's Runner are read
-weights-only inside the package's scoped allow-list.
+to ``OUT_DIR/preds``. The weights are read by the package's weights-only
+loader (:mod:`mmdet_dyhead.checkpoint`), and a checkpoint that leaves model
+weights unloaded is refused unless ``--allow-partial-checkpoint`` is given.
 """
 
 import argparse
 from typing import List, Optional
 
+from mmdet_dyhead.checkpoint import CheckpointError
 from mmdet_dyhead.cli.mmdet_tools import check_custom_imports
 
 
@@ -29,6 +31,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--weights',
         help='Checkpoint file, or dyhead://<model name> (docs/model_zoo.md). '
         'Without it the model keeps its initial weights.',
+    )
+    parser.add_argument(
+        '--allow-partial-checkpoint',
+        action='store_true',
+        help='Run with a checkpoint that leaves model weights unloaded '
+        '(they keep their initial values); refused by default.',
     )
     parser.add_argument(
         '--out-dir',
@@ -65,33 +73,54 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def build_inferencer(
-    model: str, weights: Optional[str] = None, device: Optional[str] = None
+    model: str,
+    weights: Optional[str] = None,
+    device: Optional[str] = None,
+    allow_partial: bool = False,
 ):
-    """``DetInferencer`` for ``model``, refusing a config that uses this
-    package's types without ``custom_imports``, and reading ``weights``
-    (also mmengine's own checkpoints) under torch's ``weights_only``.
+    """``DetInferencer`` for ``model`` with ``weights`` read by the
+    package's weights-only loader; refuses a config that uses this
+    package's types without ``custom_imports`` and a checkpoint that leaves
+    model weights unloaded (unless ``allow_partial``).
 
     Args:
         model (str): Config file.
         weights (str, optional): Checkpoint path, URL or ``dyhead://`` name.
         device (str, optional): Torch device; default cuda if available.
+        allow_partial (bool): Accept a checkpoint that leaves model weights
+            unloaded (warned).
     """
     from mmdet.apis import DetInferencer
     from mmengine.config import Config
 
     import mmdet_dyhead  # noqa: F401  (registers before the config builds)
-    from mmdet_dyhead.utils import mmengine_safe_globals
+    from mmdet_dyhead.checkpoint import checkpoint_loaders, load_weights
 
     check_custom_imports(Config.fromfile(model), model)
-    with mmengine_safe_globals():
-        return DetInferencer(
+
+    class CheckedDetInferencer(DetInferencer):
+        def _load_weights_to_model(self, model, checkpoint, cfg):
+            if checkpoint is not None:
+                load_weights(model, checkpoint, weights, allow_partial)
+            super()._load_weights_to_model(model, checkpoint, cfg)
+
+    with checkpoint_loaders():
+        return CheckedDetInferencer(
             model=model, weights=weights, device=device, show_progress=False
         )
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    inferencer = build_inferencer(args.model, args.weights, args.device)
+    try:
+        inferencer = build_inferencer(
+            args.model,
+            args.weights,
+            args.device,
+            args.allow_partial_checkpoint,
+        )
+    except CheckpointError as err:
+        raise SystemExit(f'error: {err}') from err
     return inferencer(
         args.inputs,
         batch_size=args.batch_size,

@@ -7,9 +7,13 @@ step scoped to the tool's process and visible in the log:
 - refuse a config that uses this package's types without
   ``custom_imports`` (mmdet's own tools, ``DetInferencer`` and ``mim ...
   mmdet`` would fail on it later with a bare ``KeyError``);
-- read mmengine's checkpoints (``--resume``, ``load_from``, test
-  checkpoints) under torch's ``weights_only`` default, through a scoped
-  allow-list (:func:`~mmdet_dyhead.utils.mmengine_safe_globals`);
+- read every checkpoint (``--resume``, ``load_from``, ``init_cfg``
+  ``Pretrained``, the test checkpoint; local or URL) with the package's
+  weights-only loader (:func:`~mmdet_dyhead.checkpoint.checkpoint_loaders`),
+  and stop with its diagnosis when a file is refused;
+- test: refuse a checkpoint that leaves model weights unloaded
+  (:class:`~mmdet_dyhead.checkpoint.CheckpointFitHook`, added as a default
+  hook) unless ``--allow-partial-checkpoint`` is given;
 - without an accelerator: ``--amp`` selects ``CPUAmpOptimWrapper``, and
   ``--launcher pytorch`` starts a gloo process group and wraps the model in
   ``CPUDistributedDataParallel``.
@@ -98,8 +102,22 @@ def _parse(argv: List[str], train: bool) -> argparse.Namespace:
     parser.add_argument('--launcher', default='none')
     if train:
         parser.add_argument('--amp', action='store_true')
+    else:
+        parser.add_argument('--allow-partial-checkpoint', action='store_true')
     args, _ = parser.parse_known_args(argv)
     return args
+
+
+def _checkpoint_fit(allow_partial: bool, argv: List[str]) -> List[str]:
+    """The test checkpoint must fill the model: ``CheckpointFitHook`` as a
+    default hook of mmdet's script (``--allow-partial-checkpoint`` makes
+    its refusal a warning and is not passed on)."""
+    argv = [a for a in argv if a != '--allow-partial-checkpoint']
+    return argv + [
+        '--cfg-options',
+        'default_hooks.checkpoint_fit.type=CheckpointFitHook',
+        f'default_hooks.checkpoint_fit.allow_partial={allow_partial}',
+    ]
 
 
 def _cpu_amp(cfg, argv: List[str]) -> List[str]:
@@ -160,6 +178,8 @@ def prepare_argv(argv: List[str], train: bool) -> List[str]:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     check_custom_imports(cfg, args.config)
+    if not train:
+        argv = _checkpoint_fit(args.allow_partial_checkpoint, argv)
     if accelerator_available():
         return argv
     wrapper = cfg.get('optim_wrapper', {}).get('type')
@@ -185,7 +205,7 @@ def run_mmdet_tool(relpath: str, argv: Optional[List[str]] = None) -> None:
         argv (list[str], optional): Arguments; default ``sys.argv[1:]``.
     """
     import mmdet_dyhead  # noqa: F401  (registers before the config builds)
-    from mmdet_dyhead.utils import mmengine_safe_globals
+    from mmdet_dyhead.checkpoint import CheckpointError, checkpoint_loaders
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = prepare_argv(argv, train=relpath == 'train.py')
@@ -193,8 +213,10 @@ def run_mmdet_tool(relpath: str, argv: Optional[List[str]] = None) -> None:
     saved = sys.argv
     sys.argv = [script] + argv
     try:
-        with mmengine_safe_globals():
+        with checkpoint_loaders():
             runpy.run_path(script, run_name='__main__')
+    except CheckpointError as err:
+        raise SystemExit(f'error: {err}') from err
     finally:
         sys.argv = saved
         _close_own_process_group()

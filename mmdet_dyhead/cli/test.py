@@ -1,7 +1,9 @@
 """``tools/test.py``: mmdet's test script with this package's steps.
 
-Same command line as mmdet's ``tools/test.py`` (see ``--help``); what is
-added is described in :mod:`mmdet_dyhead.cli.mmdet_tools`.
+Same command line as mmdet's ``tools/test.py`` (see ``--help``), plus
+``--allow-partial-checkpoint``: without it a checkpoint that leaves model
+weights unloaded is refused with the grouped key report. What else is added
+is described in :mod:`mmdet_dyhead.cli.mmdet_tools`.
 """
 
 from typing import List, Optional

@@ -74,6 +74,12 @@ def parse_args(argv=None):
         action=DictAction,
         help='override config settings',
     )
+    p.add_argument(
+        '--allow-partial-checkpoint',
+        action='store_true',
+        help='plot with a checkpoint that leaves model weights unloaded '
+        '(they keep their initial values); refused by default',
+    )
     return p.parse_args(argv)
 
 
@@ -104,8 +110,12 @@ def network_image(model, inputs, sample):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mmdet.apis import init_detector
+    from mmengine.config import Config
+
     import mmdet_dyhead  # noqa: F401  (registers DyHeadNeck)
-    from mmdet_dyhead.deploy import build_detector, load_images
+    from mmdet_dyhead.checkpoint import CheckpointError, load_checkpoint
+    from mmdet_dyhead.deploy import load_images
     from mmdet_dyhead.visualization import (
         BlockFeatureCollector,
         ScaleWeightCollector,
@@ -114,7 +124,17 @@ def main(argv=None) -> int:
         resolve_layer,
     )
 
-    model = build_detector(args.config, args.checkpoint, args.cfg_options)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    model = init_detector(cfg, device='cpu')
+    try:
+        load_checkpoint(
+            model, args.checkpoint, allow_partial=args.allow_partial_checkpoint
+        )
+    except CheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     try:
         name, layer = resolve_layer(model, args.layer)
     except ValueError as e:

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 
-from mmdet_dyhead.utils import checkpoint as ckpt
+from mmdet_dyhead.checkpoint import files, zoo
 
 TOOL = 'python tools/zoo.py'
 
@@ -30,22 +30,22 @@ def _status(path: str, url: str, sha: str) -> str:
     if not os.path.isfile(path):
         return 'missing'
     try:
-        ckpt.check_cached_file(path, url, sha)
-    except ckpt.CheckpointError as err:
+        files.check_cached_file(path, url, sha)
+    except files.CheckpointError as err:
         return f'INVALID: {err}'
     return 'ok (sha256 matches)'
 
 
 def list_models() -> int:
     """Print every zoo model with weights and the state of its cached file."""
-    zoo = ckpt.zoo_weights()
+    models = zoo.zoo_weights()
     print(
-        f'{len(zoo)} zoo models with weights; cache folder: '
-        f'{ckpt.default_cache_dir()} (set TORCH_HOME to move it)'
+        f'{len(models)} zoo models with weights; cache folder: '
+        f'{files.default_cache_dir()} (set TORCH_HOME to move it)'
     )
-    for name in sorted(zoo):
-        url, sha = zoo[name]
-        path = ckpt.zoo_cache_path(name)
+    for name in sorted(models):
+        url, sha = models[name]
+        path = zoo.zoo_cache_path(name)
         print(f'\n{name}')
         print(f'  url     {url}')
         print(f'  sha256  {sha}...')
@@ -64,14 +64,14 @@ def fetch(names) -> int:
     failed = 0
     for name in names:
         try:
-            url, sha = ckpt.resolve_zoo_name(name)
-        except ckpt.CheckpointError as err:
+            url, sha = zoo.resolve_zoo_name(name)
+        except files.CheckpointError as err:
             print(f'error: {err}', file=sys.stderr)
             failed += 1
             continue
         try:
-            path = ckpt.download_checkpoint(url, sha, progress=True)
-        except ckpt.CheckpointError as err:
+            path = files.download_checkpoint(url, sha, progress=True)
+        except files.CheckpointError as err:
             print(
                 f'error: {err}\nOffline, or the download keeps failing? Get '
                 f'{url} by other means (a browser, another machine), then '
@@ -89,17 +89,17 @@ def place(name: str, source: str) -> int:
     """Copy ``source`` into the cache as the weights of ``name`` after
     checking that it is the published file."""
     try:
-        url, sha = ckpt.resolve_zoo_name(name)
-    except ckpt.CheckpointError as err:
+        url, sha = zoo.resolve_zoo_name(name)
+    except files.CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
-    path = ckpt.zoo_cache_path(name)
+    path = zoo.zoo_cache_path(name)
     if not os.path.isfile(source):
         print(f'error: {source} is not a file.', file=sys.stderr)
         return 1
-    digest = ckpt.sha256_of(source)
+    digest = files.sha256_of(source)
     if not digest.startswith(sha.lower()):
-        problem = ckpt.describe_non_checkpoint(source)
+        problem = files.describe_non_checkpoint(source)
         print(
             f'error: refused {source}: its sha256 starts with '
             f'{digest[: len(sha)]}, but {name} is published with {sha} '
@@ -114,7 +114,7 @@ def place(name: str, source: str) -> int:
             file=sys.stderr,
         )
         return 1
-    problem = ckpt.describe_non_checkpoint(source)
+    problem = files.describe_non_checkpoint(source)
     if problem:  # only if the published file itself were not a checkpoint
         print(
             f'error: refused {source}: {problem}. Nothing was placed.',
@@ -133,10 +133,10 @@ def place(name: str, source: str) -> int:
     try:
         shutil.copyfile(source, tmp)
         # checked again where it lies, as dyhead:// will check it
-        ckpt.check_cached_file(tmp, url, sha)
+        files.check_cached_file(tmp, url, sha)
         replaced = os.path.isfile(path)
         os.replace(tmp, path)
-    except (OSError, ckpt.CheckpointError) as err:
+    except (OSError, files.CheckpointError) as err:
         print(
             f'error: could not place {source} at {path}: {err}. Nothing '
             f'was placed.',

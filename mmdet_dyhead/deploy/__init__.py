@@ -4,7 +4,7 @@ See docs/deploy.md. The graph holds backbone, necks and the dense head's raw
 outputs; anchor decoding and NMS run outside it with mmdet's own code.
 """
 
-from .inputs import build_detector, load_images
+from .inputs import load_images
 from .native_backend import (
     NativeBackendError,
     check_exportable_modules,
@@ -24,7 +24,6 @@ from .onnx_export import (
 from .tensor_forward import DetectorTensorForward, decode_raw_outputs
 
 __all__ = [
-    'build_detector',
     'load_images',
     'NativeBackendError',
     'check_exportable_modules',

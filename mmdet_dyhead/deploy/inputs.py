@@ -15,7 +15,7 @@ def load_images(model, image_paths: Sequence[str]) -> Tuple[Tensor, List]:
 
     Args:
         model (BaseDetector): A detector built from a config; ``model.cfg``
-            must hold that config (set by :func:`build_detector`).
+            must hold that config (``mmdet.apis.init_detector`` sets it).
         image_paths (Sequence[str]): Image files.
 
     Returns:
@@ -47,43 +47,3 @@ def load_images(model, image_paths: Sequence[str]) -> Tuple[Tensor, List]:
     with torch.no_grad():
         data = model.data_preprocessor(data, False)
     return data['inputs'], data['data_samples']
-
-
-def build_detector(
-    config, checkpoint=None, cfg_options=None, native_dcn: bool = False
-):
-    """Build a detector on CPU in eval mode, optionally loading weights.
-
-    Args:
-        config (str | Config): Config file or object.
-        checkpoint (str, optional): Weights to load (mmengine format).
-        cfg_options (dict, optional): ``--cfg-options`` style overrides.
-        native_dcn (bool): Switch DyHead to ``dcn_backend='torch'`` first
-            (see :func:`use_native_dcn`); needed for ONNX export.
-
-    Returns:
-        BaseDetector: The model, with ``model.cfg`` set to the config used.
-    """
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-
-    from .native_backend import use_native_dcn
-
-    cfg = Config.fromfile(config) if isinstance(config, str) else config.copy()
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    if native_dcn:
-        use_native_dcn(cfg.model)
-    # Pretrained backbone weights are irrelevant when a checkpoint follows,
-    # and torchvision:// URLs cannot be resolved without torchvision.
-    if checkpoint is not None and isinstance(cfg.model.get('backbone'), dict):
-        cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, map_location='cpu')
-    model.cfg = cfg
-    model.eval()
-    return model

@@ -1,14 +1,11 @@
-"""Let torch's ``weights_only`` loader read mmengine checkpoints, in a scope.
+"""The classes of an mmengine training checkpoint, allow-listed for torch's
+weights-only unpickler.
 
-torch >= 2.6 loads with ``weights_only=True``: only tensors, containers and
-allow-listed classes are unpickled. mmengine 0.10.7's Runner stores its
-``message_hub`` (``HistoryBuffer`` objects holding numpy arrays) in every
-checkpoint, so mmdet's ``tools/test.py`` and ``--resume`` fail on
-self-trained checkpoints. Instead of switching the check off
-(``weights_only=False`` or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``),
-:func:`mmengine_safe_globals` allow-lists exactly the data classes those
-checkpoints contain, for the duration of a ``with`` block (the package's
-``tools/train.py`` and ``tools/test.py`` run mmdet's scripts inside it).
+mmengine's Runner stores its ``message_hub`` (``HistoryBuffer`` objects
+holding numpy arrays and scalars) in every checkpoint it writes, which
+``torch.load(..., weights_only=True)`` refuses. :func:`mmengine_safe_globals`
+allow-lists exactly those data classes for a ``with`` block; the package's
+loader (:func:`mmdet_dyhead.checkpoint.load`) reads every file inside it.
 None of them runs code on unpickling: ``HistoryBuffer`` is restored by
 setting its ``__dict__``, and the numpy entries rebuild arrays, dtypes and
 scalars from raw bytes. Any other global (``os.system``, ``eval``,

@@ -1,12 +1,14 @@
-"""How a state dict fits a model, grouped by module, and a checked loader.
+"""How a checkpoint fits a model, grouped by module, and the checked load
+into a model that test, demo, export and the attention plots use.
 
 torch and mmengine print missing and unexpected keys as one comma-separated
 line per kind: thousands of names when a checkpoint does not fit.
 :class:`KeyReport` groups them by module (``neck.1.dyhead_blocks.{0-5}.
 spatial_attn.mid_branch.conv: weight (6 keys)``), lists shape mismatches
-once, and recognises common causes. :func:`load_state_dict` loads with it,
-:func:`load_checkpoint` reads a file first (weights-only, with the errors
-of :mod:`.checkpoint`). The official-weights converter reports with it too.
+once, and recognises common causes. :func:`load_state_dict` loads with it;
+:func:`load_checkpoint` reads a file first (:func:`.loaders.load`) and, like
+:func:`load_weights` and :class:`CheckpointFitHook`, refuses a checkpoint
+that leaves model weights unloaded unless partial loading is allowed.
 """
 
 import logging
@@ -15,18 +17,17 @@ from collections import OrderedDict
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
+from mmengine.hooks import Hook
 
-from .checkpoint import (
-    SCHEME,
-    CheckpointError,
-    download_checkpoint,
-    load_weights_only,
-)
-from .safe_load import mmengine_safe_globals
+from ..registry import HOOKS
+from .files import CheckpointError
+
+# mmengine's default: DDP's ``module.`` prefix is stripped.
+REVISE_KEYS = ((r'^module\.', ''),)
 
 
 class CheckpointKeyError(CheckpointError):
-    """A checkpoint whose keys or shapes do not fit the model (strict load)."""
+    """A checkpoint whose keys or shapes do not fit the model."""
 
 
 def _ranges(numbers: Iterable[int]) -> str:
@@ -111,6 +112,12 @@ class KeyReport:
     def ok(self) -> bool:
         """True when every key fitted."""
         return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def unloaded(self) -> int:
+        """How many model weights the checkpoint left at their initial
+        values (missing keys and shape mismatches)."""
+        return len(self.missing) + len(self.mismatched)
 
     def _whole_blocks(self) -> Tuple[List[str], set]:
         """Hints for DyHead blocks that only one side has (a ``num_blocks``
@@ -260,9 +267,8 @@ class KeyReport:
 
 
 def _fit_mmdet_names(state_dict: Dict, own: Dict) -> 'OrderedDict':
-    """Rename mmdet ``DyHead`` keys that the model holds under our names, so
-    shapes can be compared before loading (``DyHeadNeck`` renames them on
-    load anyway)."""
+    """mmdet ``DyHead`` keys under the names the model holds them (the
+    blocks rename them on load anyway), so shapes compare before loading."""
     from mmdet_dyhead.models.key_mapping import from_mmdet_keys
 
     out = OrderedDict()
@@ -275,30 +281,25 @@ def _fit_mmdet_names(state_dict: Dict, own: Dict) -> 'OrderedDict':
 
 
 def load_state_dict(
-    module: torch.nn.Module,
-    state_dict: Dict,
-    strict: bool = False,
-    logger=None,
+    module: torch.nn.Module, state_dict: Dict, strict: bool = False
 ) -> KeyReport:
-    """Load ``state_dict`` into ``module``, reporting keys grouped by module.
+    """Load what fits of ``state_dict`` into ``module``; report the rest,
+    grouped by module.
 
-    Same semantics as ``mmengine.runner.checkpoint.load_state_dict``: model
-    wrappers and TTA models are unwrapped, tensors of a different shape are
-    skipped and reported, missing BN ``num_batches_tracked`` counters are
-    not reported (they carry no weights), and a mismatch raises when
-    ``strict``, else is logged as a warning.
+    As ``mmengine.runner.checkpoint.load_state_dict``: model wrappers and
+    TTA models are unwrapped, tensors of a different shape are skipped, and
+    missing BN ``num_batches_tracked`` counters are not reported (they carry
+    no weights). The report is returned, not logged.
 
     Args:
         module (nn.Module): The model (or a wrapper such as DDP or a
             ``BaseTTAModel``).
         state_dict (dict): Weights.
         strict (bool): Raise :class:`CheckpointKeyError` on any mismatch.
-        logger: mmengine logger name or object for the warning.
 
     Returns:
         KeyReport: What did not fit.
     """
-    from mmengine.logging import print_log
     from mmengine.model import BaseTTAModel, is_model_wrapper
 
     if is_model_wrapper(module) or isinstance(module, BaseTTAModel):
@@ -331,87 +332,145 @@ def load_state_dict(
         if k not in skip and not k.endswith('num_batches_tracked')
     ]
     report = KeyReport(missing, result.unexpected_keys, mismatched)
-    if not report.ok:
-        text = 'The checkpoint does not fit the model:\n' + report.format()
-        if strict:
-            raise CheckpointKeyError(text)
-        print_log(text, logger=logger or 'current', level=logging.WARNING)
+    if strict and not report.ok:
+        raise CheckpointKeyError(
+            'The checkpoint does not fit the model:\n' + report.format()
+        )
     return report
 
 
 def extract_state_dict(checkpoint: object, source: str = 'checkpoint') -> Dict:
-    """The weights inside a loaded checkpoint (``state_dict`` or ``model``
-    entry, or the dict itself).
+    """The weights of a read checkpoint, as mmengine takes them: its
+    ``state_dict`` entry, else the dict itself.
 
     Args:
-        checkpoint: What :func:`torch.load` returned.
-        source (str): Name for the error message.
+        checkpoint: What :func:`.loaders.load` returned.
+        source (str): The file, for the message.
     """
+    if isinstance(checkpoint, dict) and 'state_dict' in checkpoint:
+        checkpoint = checkpoint['state_dict']
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f'{source} holds a {type(checkpoint).__name__}'
-            ', not a dict of weights.'
+            f'{source} holds a {type(checkpoint).__name__}, not a dict of '
+            f'weights. Fix: give a checkpoint saved with '
+            f"torch.save({{'state_dict': model.state_dict()}}, path)."
         )
-    for key in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
-        return checkpoint
-    raise CheckpointError(
-        f'{source} has no weights: no "state_dict" or "model" entry and its '
-        f'values are not tensors (top-level keys: {sorted(checkpoint)[:10]}).'
-    )
+    return checkpoint
 
 
-def read_checkpoint(filename: str, map_location='cpu') -> object:
-    """Read a local file, ``dyhead://`` name or http(s) URL, weights-only.
+def load_weights(
+    model: torch.nn.Module,
+    checkpoint: object,
+    source: str,
+    allow_partial: bool = False,
+    revise_keys: Sequence[Tuple[str, str]] = REVISE_KEYS,
+    logger=None,
+) -> KeyReport:
+    """Load a read checkpoint into ``model``; refuse one that leaves model
+    weights unloaded (missing keys, other shapes) unless ``allow_partial``.
 
-    mmengine checkpoints (with their ``message_hub``) are readable; URLs
-    are downloaded with :func:`~.checkpoint.download_checkpoint` (checked
-    against the sha256 prefix in the file name, when it has one).
+    Keys only the checkpoint has are reported as a warning.
+
+    Args:
+        model (nn.Module): Target model (or a wrapper).
+        checkpoint: What :func:`.loaders.load` returned.
+        source (str): The file, for the messages.
+        allow_partial (bool): Keep what fits and warn instead.
+        revise_keys (Sequence[tuple[str, str]]): Regex renames applied to
+            the keys first (default strips DDP's ``module.``).
+        logger: mmengine logger for the warning.
+
+    Raises:
+        CheckpointKeyError: Model weights stay unloaded and partial loading
+            is not allowed.
     """
-    if filename.startswith(SCHEME):
-        from mmengine.runner.checkpoint import CheckpointLoader
+    from mmengine.logging import print_log
 
-        return CheckpointLoader.load_checkpoint(filename, map_location)
-    if filename.startswith(('http://', 'https://')):
-        from torch.hub import HASH_REGEX
-
-        found = HASH_REGEX.search(filename.rsplit('/', 1)[-1])
-        filename = download_checkpoint(
-            filename, found.group(1) if found else None
+    state_dict = extract_state_dict(checkpoint, source)
+    metadata = getattr(state_dict, '_metadata', None)
+    for pattern, repl in revise_keys:
+        state_dict = OrderedDict(
+            (re.sub(pattern, repl, k), v) for k, v in state_dict.items()
         )
-    with mmengine_safe_globals():
-        return load_weights_only(filename, map_location)
+    if metadata is not None:
+        state_dict._metadata = metadata
+    report = load_state_dict(model, state_dict)
+    if report.unloaded and not allow_partial:
+        raise CheckpointKeyError(
+            f'{source} leaves {report.unloaded} weight(s) of the model '
+            f'unloaded: it is not a checkpoint of this config.\n'
+            f'{report.format()}\nFix: give the checkpoint trained with this '
+            f'config (see the hints), or, to run with those weights at their '
+            f'initial values, allow a partial checkpoint '
+            f'(--allow-partial-checkpoint; allow_partial=True in Python).'
+        )
+    if not report.ok:
+        print_log(
+            f'{source} does not fit the model:\n{report.format()}',
+            logger=logger or 'current',
+            level=logging.WARNING,
+        )
+    return report
 
 
 def load_checkpoint(
     model: torch.nn.Module,
     filename: str,
     map_location='cpu',
-    strict: bool = True,
-    revise_keys: Sequence[Tuple[str, str]] = ((r'^module\.', ''),),
+    allow_partial: bool = False,
+    revise_keys: Sequence[Tuple[str, str]] = REVISE_KEYS,
     logger=None,
 ) -> KeyReport:
-    """Load a checkpoint into ``model``, checked, with a grouped report.
+    """Read ``filename`` with :func:`.loaders.load` and load it into
+    ``model`` with :func:`load_weights`.
 
     Args:
         model (nn.Module): Target model.
-        filename (str): Local path, ``dyhead://<model name>`` or http(s) URL.
+        filename (str): Local path, http(s) URL or ``dyhead://<model name>``.
         map_location: As in :func:`torch.load`. Default 'cpu'.
-        strict (bool): Raise on any key or shape mismatch. Default True.
-        revise_keys (Sequence[tuple[str, str]]): Regex renames applied to
-            the keys first (default strips DDP's ``module.``).
-        logger: mmengine logger for a non-strict warning.
+        allow_partial (bool): Load what fits when model weights stay
+            unloaded (warned), instead of raising.
+        revise_keys (Sequence[tuple[str, str]]): Regex renames of the keys.
+        logger: mmengine logger for the warning.
 
     Returns:
-        KeyReport: What did not fit (empty when strict succeeded).
+        KeyReport: What did not fit.
     """
-    state_dict = extract_state_dict(
-        read_checkpoint(filename, map_location), filename
+    from .loaders import load
+
+    checkpoint = load(filename, map_location)
+    return load_weights(
+        model, checkpoint, filename, allow_partial, revise_keys, logger
     )
-    for pattern, repl in revise_keys:
-        state_dict = OrderedDict(
-            (re.sub(pattern, repl, k), v) for k, v in state_dict.items()
+
+
+@HOOKS.register_module()
+class CheckpointFitHook(Hook):
+    """Refuse a ``load_from`` checkpoint that leaves model weights unloaded.
+
+    mmengine loads ``load_from`` non-strictly and logs what did not fit in
+    one line; with this hook the run stops before it starts instead, with
+    the grouped key report and its hints. The package's ``tools/test.py``
+    adds it (``--allow-partial-checkpoint`` turns the refusal into a
+    warning); a config can add it too::
+
+        custom_hooks = [dict(type='CheckpointFitHook')]
+
+    Args:
+        allow_partial (bool): Only report (warning) instead of refusing.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, allow_partial: bool = False) -> None:
+        self.allow_partial = allow_partial
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        # Runner.load_checkpoint calls it for load_from and for resume.
+        load_weights(
+            runner.model,
+            checkpoint,
+            str(runner.cfg.get('load_from') or 'the checkpoint'),
+            self.allow_partial,
+            logger=runner.logger,
         )
-    return load_state_dict(model, state_dict, strict=strict, logger=logger)

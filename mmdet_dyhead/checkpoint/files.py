@@ -1,20 +1,11 @@
-"""Checked checkpoint files: the ``dyhead://`` scheme and clear load errors.
+"""Reading one checkpoint file: weights only, with a diagnosis that names
+the file and the fix; downloads through torch.hub into its cache.
 
-What torch and mmengine already do is used as it is: torch.hub downloads
-(to a ``.partial`` file, with its sha256-prefix check) and ``torch.load``'s
-``weights_only`` unpickler. This module adds what they do not:
-
-- ``dyhead://<model name>`` in mmengine's ``CheckpointLoader`` (registered
-  on import; a new prefix, no existing scheme changes): the name is looked up
-  in the package's model index, which gives the URL and the sha256 prefix.
-  The file is downloaded into torch.hub's cache only once complete and
-  verified, re-checked when taken from the cache, and loaded weights-only::
-
-      load_from = 'dyhead://atss_r50_fpn_dyhead-6b_1x_coco'
-
-- :func:`load_weights_only`: a weights-only load whose errors say what the
-  file is (an HTML page, a git-LFS pointer, JSON, a numpy array, a
-  truncated archive) and name a refused code-running payload.
+Every file is read with ``torch.load(..., weights_only=True)`` passed
+explicitly, inside the allow-list of mmengine's training-checkpoint classes
+(:mod:`.allowlist`). torch >= 2.6 lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+turn the check off only where a caller leaves ``weights_only`` unset, so the
+environment cannot turn it off here.
 """
 
 import hashlib
@@ -24,15 +15,13 @@ import pickle
 import re
 import tempfile
 import zipfile
-from typing import Dict, Optional, Tuple
-from urllib.parse import urlparse
+from typing import List, Optional
 
 import torch
-from mmengine.runner.checkpoint import CheckpointLoader
 
-SCHEME = 'dyhead://'
+from .allowlist import mmengine_safe_globals
 
-# Names whose import by an unpickler means the file runs code when loaded.
+# Globals whose call runs commands or arbitrary code.
 CODE_RUNNING = re.compile(
     r'^(os|posix|nt|subprocess|sys|shutil|socket|runpy|importlib|pty|'
     r'webbrowser|code|marshal|pickle|ctypes)\.|'
@@ -63,9 +52,6 @@ def sha256_of(path: str, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------
-# what a file is
-# ----------------------------------------------------------------------------
 def describe_non_checkpoint(path: str) -> Optional[str]:
     """Why ``path`` cannot be a torch checkpoint, or None if it may be one.
 
@@ -86,7 +72,7 @@ def describe_non_checkpoint(path: str) -> Optional[str]:
         except (zipfile.BadZipFile, OSError):
             return (
                 'it is a truncated or corrupt zip archive (an '
-                'interrupted download or copy)'
+                'interrupted download, copy or save)'
             )
         if any(n.endswith('data.pkl') for n in names):
             return None
@@ -127,13 +113,55 @@ def describe_non_checkpoint(path: str) -> Optional[str]:
     return f'it is a text or unknown file starting with {first_line!r}'
 
 
-def _refused_global(err: Exception) -> Optional[str]:
-    found = re.search(r'GLOBAL ([\w.]+)', str(err))
-    return found.group(1) if found else None
+def _refused_globals(path: str, err: Exception) -> List[str]:
+    """The globals a weights-only load refuses in ``path`` (all of them for
+    zip checkpoints, else the one named in ``err``)."""
+    lister = getattr(
+        torch.serialization, 'get_unsafe_globals_in_checkpoint', None
+    )
+    if lister is not None and zipfile.is_zipfile(path):
+        try:
+            with mmengine_safe_globals():
+                found = sorted(lister(path))
+            if found:
+                return found
+        except (ValueError, RuntimeError, pickle.UnpicklingError):
+            pass
+    named = re.search(r'GLOBAL ([\w.]+)', str(err))
+    return [named.group(1)] if named else []
 
 
-def load_weights_only(path: str, map_location=None) -> object:
-    """``torch.load(path, weights_only=True)`` with errors that name the fix.
+def _unpickling_error(path: str, err: Exception) -> CheckpointError:
+    names = _refused_globals(path, err)
+    running = [n for n in names if CODE_RUNNING.search(n)]
+    if running:
+        return CheckpointError(
+            f'Refused {path}: loading it would call {", ".join(running)}, '
+            f'which runs commands or code. It is not a checkpoint but a '
+            f'payload; do not load it with weights_only=False. Delete it '
+            f'unless you know why it is there.'
+        )
+    if names:
+        return CheckpointError(
+            f'Refused {path}: its pickle names {", ".join(names)}, beyond '
+            f"tensors, containers and mmengine's checkpoint classes. A "
+            f'pickle calls what it names while it loads, so such a file can '
+            f'run code; a weights-only load does not import it (and nothing '
+            f'in this package loads it any other way). Fix: if the file is '
+            f'your own, '
+            f're-save its weights alone where it was made, '
+            f"torch.save({{'state_dict': model.state_dict()}}, path) "
+            f'(official DyHead files: tools/convert_official_dyhead.py); '
+            f'otherwise delete it.'
+        )
+    return CheckpointError(
+        f'Cannot unpickle {path}: {str(err).splitlines()[0]}. The file is '
+        f'truncated or corrupt. Fix: download or copy it again.'
+    )
+
+
+def read_file(path: str, map_location=None) -> object:
+    """Read a local checkpoint weights-only, mmengine's own files included.
 
     Args:
         path (str): A local checkpoint file.
@@ -142,11 +170,13 @@ def load_weights_only(path: str, map_location=None) -> object:
     Raises:
         FileNotFoundError: No such file.
         CheckpointError: The file is not a torch checkpoint, is truncated,
-            or holds Python objects the weights-only unpickler refuses.
+            or names Python objects the weights-only unpickler refuses.
     """
     path = osp.expanduser(path)
     if not osp.isfile(path):
-        raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+        raise FileNotFoundError(
+            f'Checkpoint {path} does not exist. Fix: check the path.'
+        )
     problem = describe_non_checkpoint(path)
     if problem:
         raise CheckpointError(
@@ -154,31 +184,12 @@ def load_weights_only(path: str, map_location=None) -> object:
             f'path, or download or copy the file again.'
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with mmengine_safe_globals():
+            return torch.load(
+                path, map_location=map_location, weights_only=True
+            )
     except pickle.UnpicklingError as err:
-        name = _refused_global(err)
-        if name and CODE_RUNNING.search(name):
-            raise CheckpointError(
-                f'Refused {path}: loading it would call {name}, which runs '
-                f'commands or code. It is not a checkpoint but a payload; do '
-                f'not load it with weights_only=False. Delete it unless you '
-                f'know why it is there.'
-            ) from err
-        if name:
-            raise CheckpointError(
-                f'Checkpoint {path} holds a {name} object, which a '
-                f'weights-only load does not unpickle. Fix: if the file comes '
-                f'from a source you trust, convert it once to a plain '
-                f"{{'state_dict': tensors}} file (official DyHead files: "
-                f'tools/convert_official_dyhead.py); mmengine checkpoints '
-                f'load through the package tools, see '
-                f'docs/model_zoo.md.'
-            ) from err
-        raise CheckpointError(
-            f'Cannot unpickle {path}: {str(err).splitlines()[0]}. The file '
-            f'is truncated or corrupt. Fix: download or copy it '
-            f'again.'
-        ) from err
+        raise _unpickling_error(path, err) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(
             f'Cannot read checkpoint {path}: {str(err).splitlines()[0]}. The '
@@ -187,9 +198,6 @@ def load_weights_only(path: str, map_location=None) -> object:
         ) from err
 
 
-# ----------------------------------------------------------------------------
-# downloads
-# ----------------------------------------------------------------------------
 def default_cache_dir() -> str:
     """torch.hub's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), the
     directory mmengine's own http loader uses, so caches are shared."""
@@ -197,7 +205,7 @@ def default_cache_dir() -> str:
 
 
 def check_cached_file(path: str, url: str, sha256: Optional[str]) -> None:
-    """Check a file in the cache as ``dyhead://`` does before using it.
+    """Check a file in the cache before using it.
 
     Args:
         path (str): The cached file.
@@ -232,14 +240,14 @@ def download_checkpoint(
     cache_dir: Optional[str] = None,
     progress: bool = False,
 ) -> str:
-    """Download ``url`` into ``cache_dir`` once; only a complete, verified
+    """Download ``url`` into ``cache_dir`` once; only a complete, checked
     torch checkpoint reaches the cached name.
 
-    The download goes to a temporary file (torch.hub's
-    ``download_url_to_file``, which also checks the sha256 prefix); the
-    file must then look like a torch checkpoint, and only then is it
-    renamed to ``cache_dir/<file name>``. A file already there is checked
-    the same way before it is used.
+    torch.hub's ``download_url_to_file`` writes a temporary file (and checks
+    the sha256 prefix); the file must then look like a torch checkpoint, and
+    only then is it renamed to ``cache_dir/<file name>``. A failed download
+    leaves nothing. A file already there is checked the same way before it
+    is used.
 
     Args:
         url (str): http(s) URL.
@@ -251,16 +259,19 @@ def download_checkpoint(
         str: The local path.
     """
     cache_dir = cache_dir or default_cache_dir()
-    name = osp.basename(urlparse(url).path)
+    name = osp.basename(url.split('?', 1)[0].split('#', 1)[0])
     if not name:
-        raise CheckpointError(f'{url} does not end in a file name.')
+        raise CheckpointError(
+            f'{url} does not end in a file name. Fix: give the URL of the '
+            f'checkpoint file itself.'
+        )
     path = osp.join(cache_dir, name)
     if osp.isfile(path):
         check_cached_file(path, url, sha256)
         return path
     os.makedirs(cache_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
-        prefix=f'.{name}.', suffix='.part', dir=cache_dir
+        prefix=f'.{name}.', suffix='.partial', dir=cache_dir
     )
     os.close(fd)
     try:
@@ -298,106 +309,16 @@ def download_checkpoint(
     return path
 
 
-# ----------------------------------------------------------------------------
-# the dyhead:// scheme
-# ----------------------------------------------------------------------------
-def _mim_root() -> str:
-    """Where model-index.yml lives: the wheel's .mim/ or the repository."""
-    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
-    shipped = osp.join(package, '.mim')
-    if osp.isfile(osp.join(shipped, 'model-index.yml')):
-        return shipped
-    return osp.dirname(package)
-
-
-def zoo_weights() -> Dict[str, Tuple[str, str]]:
-    """``{model name: (weights URL, sha256 prefix)}`` from the model index,
-    for every zoo entry that has weights."""
-    import yaml
-
-    root = _mim_root()
-    with open(osp.join(root, 'model-index.yml')) as f:
-        index = yaml.safe_load(f)
-    entries = {}
-    for metafile in index.get('Import', []):
-        with open(osp.join(root, metafile)) as f:
-            meta = yaml.safe_load(f) or {}
-        for model in meta.get('Models', []):
-            url = model.get('Weights')
-            if url:
-                sha = str(
-                    model.get('Metadata', {}).get('Weights SHA256 Prefix', '')
-                )
-                entries[model['Name']] = (url, sha)
-    return entries
-
-
-def resolve_zoo_name(filename: str) -> Tuple[str, str]:
-    """``dyhead://<name>`` -> ``(url, sha256 prefix)``.
-
-    Raises:
-        CheckpointError: Unknown name, or an entry without a hash.
-    """
-    name = filename[len(SCHEME) :] if filename.startswith(SCHEME) else filename
-    zoo = zoo_weights()
-    if name not in zoo:
-        raise CheckpointError(
-            f'{SCHEME}{name} is not in the model zoo. Models with weights: '
-            f'{sorted(zoo)} (see docs/model_zoo.md).'
-        )
-    url, sha = zoo[name]
-    if not sha:
-        raise CheckpointError(
-            f'{SCHEME}{name} has no published sha256 in '
-            f'its metafile; refusing an unchecked file.'
-        )
-    return url, sha
-
-
-def zoo_cache_path(name: str, cache_dir: Optional[str] = None) -> str:
-    """Where the weights of zoo model ``name`` belong on this machine.
-
-    That is ``cache_dir/<file name of the weights URL>``: the file
-    ``dyhead://<name>`` checks and then reads instead of downloading
-    (mmengine's loader for the URL itself reads it too, unchecked).
-
-    Args:
-        name (str): A model name of the zoo, or ``dyhead://<name>``.
-        cache_dir (str, optional): Default torch.hub's checkpoint cache.
-
-    Raises:
-        CheckpointError: ``name`` has no weights in the zoo.
-    """
-    url, _ = resolve_zoo_name(name)
-    return osp.join(
-        cache_dir or default_cache_dir(), osp.basename(urlparse(url).path)
-    )
-
-
-def load_from_dyhead(
-    filename: str, map_location=None, model_dir: Optional[str] = None
-) -> object:
-    """mmengine scheme loader for ``dyhead://<model name>``.
-
-    In distributed runs rank 0 downloads first; the others then read the
-    verified cache.
-
-    Args:
-        filename (str): ``dyhead://<model name>``.
-        map_location: As in :func:`torch.load`.
-        model_dir (str, optional): Cache directory (default torch.hub's).
-    """
+def fetch(url: str, sha256: Optional[str] = None) -> str:
+    """:func:`download_checkpoint` for every rank of a distributed run:
+    rank 0 downloads, the others then take the checked cached file."""
     from mmengine.dist import get_dist_info
 
-    url, sha = resolve_zoo_name(filename)
     rank, world_size = get_dist_info()
     if rank == 0:
-        path = download_checkpoint(url, sha, model_dir, progress=True)
+        path = download_checkpoint(url, sha256, progress=os.isatty(2))
     if world_size > 1:
         torch.distributed.barrier()
         if rank > 0:
-            path = download_checkpoint(url, sha, model_dir)
-    return load_weights_only(path, map_location)
-
-
-CheckpointLoader.register_scheme(SCHEME, load_from_dyhead)
+            path = download_checkpoint(url, sha256)
+    return path

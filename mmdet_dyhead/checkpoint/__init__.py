@@ -1,0 +1,57 @@
+"""Where a checkpoint is read: one weights-only loader, thin over mmengine
+and torch.hub.
+
+- :func:`load`: local path, http(s) URL or ``dyhead://<model name>``, read
+  with ``torch.load(..., weights_only=True)`` inside the allow-list of
+  mmengine's training-checkpoint classes (:func:`mmengine_safe_globals`);
+  a broken, foreign or code-running file is named with the fix.
+- :func:`checkpoint_loaders`: a ``with`` block in which mmengine's
+  ``CheckpointLoader`` reads local paths and URLs with :func:`load`; the
+  package's tools run inside it.
+- :func:`load_checkpoint` / :func:`load_weights`: load into a model with a
+  grouped :class:`KeyReport`, refusing a checkpoint that leaves model
+  weights unloaded unless partial loading is allowed;
+  :class:`CheckpointFitHook` does so for a Runner's ``load_from``.
+- ``dyhead://`` (:mod:`.zoo`, registered on import as a new prefix) and the
+  official-weights converter (:mod:`.convert`).
+"""
+
+from .allowlist import mmengine_checkpoint_globals, mmengine_safe_globals
+from .files import (
+    CheckpointError,
+    CheckpointHashError,
+    describe_non_checkpoint,
+    download_checkpoint,
+    sha256_of,
+)
+from .keys import (
+    CheckpointFitHook,
+    CheckpointKeyError,
+    KeyReport,
+    group_keys,
+    load_checkpoint,
+    load_state_dict,
+    load_weights,
+)
+from .loaders import checkpoint_loaders, load
+from .zoo import SCHEME
+
+__all__ = [
+    'SCHEME',
+    'CheckpointError',
+    'CheckpointFitHook',
+    'CheckpointHashError',
+    'CheckpointKeyError',
+    'KeyReport',
+    'checkpoint_loaders',
+    'describe_non_checkpoint',
+    'download_checkpoint',
+    'group_keys',
+    'load',
+    'load_checkpoint',
+    'load_state_dict',
+    'load_weights',
+    'mmengine_checkpoint_globals',
+    'mmengine_safe_globals',
+    'sha256_of',
+]
