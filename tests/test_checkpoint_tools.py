@@ -1,0 +1,305 @@
+"""Every tool reads weights through the package's one loader, tried as a
+user: a tiny detector trained by ``tools/train.py``, then its checkpoint
+through test, image demo, export and attention plots; a code-running pickle
+served over a loopback URL and given with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+to each tool; another detector's checkpoint and broken files.
+"""
+
+import copy
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, subprocess_env
+
+from mmdet_dyhead.checkpoint import (
+    CheckpointError,
+    checkpoint_loaders,
+    mmengine_safe_globals,
+)
+from mmdet_dyhead.cli import image_demo, visualize_attention
+from mmdet_dyhead.cli import test as test_tool
+from mmdet_dyhead.cli import train as train_tool
+from projects.synthetic_coco import (
+    generate_synthetic_coco,
+    mmdet_config_path,
+    tiny_detector_cfg,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
+
+DYHEAD_ATSS = osp.join(
+    REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
+)
+RETINANET = mmdet_config_path('retinanet/retinanet_r50_fpn_1x_coco.py')
+
+
+class _Touch:
+    """Runs ``touch marker`` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny ATSS + DyHead trained for 2 iterations by tools/train.py,
+    another detector's checkpoint, and a live code-running pickle."""
+    root = tmp_path_factory.mktemp('route')
+    data = generate_synthetic_coco(
+        str(root / 'data'),
+        num_train=2,
+        num_val=2,
+        image_size=64,
+        objects_per_image=(2, 3),
+    )
+    cfg = tiny_detector_cfg(
+        DYHEAD_ATSS, data, str(root / 'work'), iters=2, checkpoint_interval=2
+    )
+    cfg.experiment_name = 'route_train'
+    config = str(root / 'tiny_atss_dyhead.py')
+    cfg.dump(config)
+    train_tool.main([config])
+
+    from mmdet.apis import init_detector
+
+    other = tiny_detector_cfg(RETINANET, data, str(root / 'other'))
+    retinanet = init_detector(other, device='cpu')
+    foreign = root / 'retinanet.pth'
+    torch.save({'meta': {}, 'state_dict': retinanet.state_dict()}, foreign)
+
+    marker = root / 'payload_ran'
+    evil = root / 'evil.pth'
+    torch.save({'state_dict': {}, 'meta': _Touch(marker)}, evil)
+    torch.load(evil, weights_only=False)  # the payload is live
+    assert marker.exists()
+    marker.unlink()
+    val = osp.join(data['data_root'], data['val_img_dir'])
+    return dict(
+        cfg=cfg,
+        config=config,
+        ckpt=str(root / 'work' / 'iter_2.pth'),
+        foreign=str(foreign),
+        evil=evil,
+        marker=marker,
+        images=val,
+        image=osp.join(val, sorted(os.listdir(val))[0]),
+    )
+
+
+def named_config(trained, tmp_path, name, edit=None) -> str:
+    """The trained config under its own experiment name (one logger per
+    in-process run) and work dir, optionally edited."""
+    cfg = copy.deepcopy(trained['cfg'])
+    cfg.experiment_name = name
+    cfg.work_dir = str(tmp_path / name)
+    if edit is not None:
+        edit(cfg)
+    path = str(tmp_path / f'{name}.py')
+    cfg.dump(path)
+    return path
+
+
+def run_test_tool(trained, tmp_path, name, checkpoint, *extra):
+    test_tool.main(
+        [named_config(trained, tmp_path, name), checkpoint] + list(extra)
+    )
+
+
+def export(trained, tmp_path, checkpoint, *extra) -> int:
+    pytest.importorskip('onnx')
+    from mmdet_dyhead.cli import export_onnx
+
+    args = [trained['config'], checkpoint, '--out', str(tmp_path / 'm.onnx')]
+    return export_onnx.main(args + ['--shape', '64', '64'] + list(extra))
+
+
+def plot(trained, tmp_path, checkpoint, *extra) -> int:
+    args = [trained['config'], checkpoint, '--images', trained['image']]
+    args += ['--out-dir', str(tmp_path / 'plots')]
+    return visualize_attention.main(args + list(extra))
+
+
+def demo(trained, tmp_path, checkpoint, *extra):
+    args = [trained['images'], trained['config'], '--weights', checkpoint]
+    args += ['--out-dir', str(tmp_path / 'demo'), '--no-save-vis']
+    return image_demo.main(args + list(extra))
+
+
+# ----------------------------------------------------------------------------
+# a checkpoint of tools/train.py works in every tool
+# ----------------------------------------------------------------------------
+def test_a_train_checkpoint_works_in_every_tool(trained, tmp_path):
+    ckpt = trained['ckpt']
+    # torch's weights-only load alone refuses this file (mmengine's message
+    # hub); the tools read it.
+    with pytest.raises(Exception, match='HistoryBuffer'):
+        torch.load(ckpt, weights_only=True)
+    with mmengine_safe_globals():
+        saved = torch.load(ckpt, weights_only=True)['state_dict']
+    run_test_tool(trained, tmp_path, 'works_test', ckpt)
+    result = demo(trained, tmp_path, ckpt)
+    assert len(result['predictions']) == len(os.listdir(trained['images']))
+    assert export(trained, tmp_path, ckpt) == 0
+    assert plot(trained, tmp_path, ckpt) == 0
+    assert os.listdir(tmp_path / 'plots')
+    # what the plots and the export ran is the trained model
+    from mmdet.apis import init_detector
+
+    from mmdet_dyhead.checkpoint import load_checkpoint
+
+    model = init_detector(trained['config'], device='cpu')
+    assert load_checkpoint(model, ckpt).ok
+    for key, value in saved.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+# ----------------------------------------------------------------------------
+# a code-running pickle never runs: over a URL, or with the environment
+# variable that turns torch's default check off
+# ----------------------------------------------------------------------------
+TOOLS = (
+    'test',
+    'demo',
+    'inferencer',
+    'export',
+    'plots',
+    'load_from',
+    'resume',
+    'pretrained',
+)
+
+
+@pytest.mark.parametrize('route', ['url', 'env'])
+@pytest.mark.parametrize('tool', TOOLS)
+def test_a_code_running_checkpoint_is_refused_by_every_tool(
+    trained, tmp_path, http_root, monkeypatch, capsys, tool, route
+):
+    www, base, _ = http_root
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    if route == 'url':
+        (www / 'evil.pth').write_bytes(trained['evil'].read_bytes())
+        source = f'{base}/evil.pth'
+    else:
+        monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+        source = str(trained['evil'])
+    name = f'evil_{tool}_{route}'
+    refused = '(?s)Refused .*evil.pth.*runs commands or code'
+    if tool == 'test':
+        with pytest.raises(SystemExit, match=refused):
+            run_test_tool(trained, tmp_path, name, source)
+    elif tool == 'demo':
+        with pytest.raises(SystemExit, match=refused):
+            demo(trained, tmp_path, source)
+    elif tool == 'inferencer':  # the set-up docs/inference.md documents
+        from mmdet.apis import DetInferencer
+
+        with checkpoint_loaders(), pytest.raises(
+            CheckpointError, match=refused
+        ):
+            DetInferencer(
+                model=trained['config'], weights=source, device='cpu'
+            )
+    elif tool in ('export', 'plots'):
+        run = export if tool == 'export' else plot
+        assert run(trained, tmp_path, source) == 1
+        assert 'runs commands or code' in capsys.readouterr().err
+    else:
+        if tool == 'pretrained':
+
+            def edit(cfg):
+                cfg.model.backbone.init_cfg = dict(
+                    type='Pretrained', checkpoint=source
+                )
+
+            argv = [named_config(trained, tmp_path, name, edit)]
+        elif tool == 'load_from':
+
+            def edit(cfg):
+                cfg.load_from = source
+
+            argv = [named_config(trained, tmp_path, name, edit)]
+        else:
+            argv = [named_config(trained, tmp_path, name), '--resume', source]
+        with pytest.raises(SystemExit, match=refused):
+            train_tool.main(argv)
+    assert not trained['marker'].exists()
+
+
+def test_the_test_script_exits_nonzero_on_a_url_payload(
+    trained, tmp_path, http_root
+):
+    """``python tools/test.py CFG URL`` in a fresh process, as a user runs
+    it."""
+    www, base, _ = http_root
+    (www / 'evil.pth').write_bytes(trained['evil'].read_bytes())
+    env = subprocess_env()
+    env['TORCH_HOME'] = str(tmp_path / 'torch_home')
+    config = named_config(trained, tmp_path, 'evil_subprocess')
+    out = subprocess.run(
+        [sys.executable, 'tools/test.py', config, f'{base}/evil.pth'],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert 'runs commands or code' in out.stderr
+    assert not trained['marker'].exists()
+
+
+# ----------------------------------------------------------------------------
+# another detector's checkpoint, broken files
+# ----------------------------------------------------------------------------
+def test_another_detectors_checkpoint_is_refused_unless_allowed(
+    trained, tmp_path, capsys
+):
+    foreign = trained['foreign']
+    unloaded = '(?s)retinanet.pth leaves \\d+ weight.*--allow-partial'
+    with pytest.raises(SystemExit, match=unloaded):
+        run_test_tool(trained, tmp_path, 'foreign_test', foreign)
+    with pytest.raises(SystemExit, match=unloaded):
+        demo(trained, tmp_path, foreign)
+    assert export(trained, tmp_path, foreign) == 1
+    assert plot(trained, tmp_path, foreign) == 1
+    err = capsys.readouterr().err
+    assert err.count('retinanet.pth leaves') == 2  # export and plots
+    assert 'dyhead_blocks' in err  # the grouped report names what is missing
+    # the user's opt-in runs them, the unloaded weights at their init
+    run_test_tool(
+        trained,
+        tmp_path,
+        'foreign_allowed',
+        foreign,
+        '--allow-partial-checkpoint',
+    )
+    assert (
+        export(trained, tmp_path, foreign, '--allow-partial-checkpoint') == 0
+    )
+
+
+@pytest.mark.parametrize(
+    'content,what',
+    [
+        (b'', 'it is empty'),
+        (b'<!DOCTYPE html><html>Sign in</html>', 'HTML/XML page'),
+    ],
+    ids=['empty', 'html'],
+)
+def test_broken_files_get_the_diagnosis_through_the_test_tool(
+    trained, tmp_path, content, what
+):
+    path = tmp_path / 'model.pth'
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as err:
+        run_test_tool(trained, tmp_path, f'broken_{len(content)}', str(path))
+    text = str(err.value.code)
+    assert str(path) in text and what in text and 'Fix:' in text
+    assert 'weights_only=False' not in text
