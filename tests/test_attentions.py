@@ -11,6 +11,7 @@ from mmdet_dyhead.models import (
     SpatialAwareAttention,
     TaskAwareAttention,
 )
+from mmdet_dyhead.ops import modulated_deform_conv2d
 
 
 def _randomize(module, std=0.3):
@@ -128,8 +129,9 @@ def test_spatial_attention_terms_follow_eq4_aligned():
     ).double()
     _randomize(attn.offset_conv, 0.2)
     feats = pyramid(1, 4, (6, 8), levels=3, dtype=torch.float64)
-    offset, mask = attn.offsets_and_masks(feats[1])
-    terms = dict(attn.level_terms(feats, 1, offset, mask))
+    offsets, masks = zip(*[attn.offsets_and_masks(f) for f in feats])
+    offset, mask = offsets[1], masks[1]
+    terms = dict(attn(feats, offsets, masks)[1])
     # mid: level 1 itself, offsets predicted on level 1.
     ref_mid = _dcn_reference(
         feats[1], offset, mask, attn.mid_branch.conv.weight, 1
@@ -154,6 +156,60 @@ def test_spatial_attention_terms_follow_eq4_aligned():
         assert rel_err(terms[2], ref_high) < 1e-10
 
 
+def _level_terms(sp, feats, level):
+    """pi_S's terms for one output level, one DCN call per branch and map:
+    the per-level form of SpatialAwareAttention.forward."""
+    offset, mask = sp.offsets_and_masks(feats[level])
+
+    def branch(b, x, off, m):
+        c = b.conv
+        y = modulated_deform_conv2d(
+            x, off, m, c.weight, c.bias, c.stride, backend=c.backend
+        )
+        return b.norm(y)
+
+    terms = [(level, branch(sp.mid_branch, feats[level], offset, mask))]
+    if level > 0:
+        low = branch(sp.low_branch, feats[level - 1], offset, mask)
+        terms.append((level - 1, low))
+    if level < len(feats) - 1:
+        coarse = feats[level + 1]
+        off_hi, mask_hi = sp.coarser_level_offsets(
+            offset, mask, coarse.shape[-2:]
+        )
+        high = F.interpolate(
+            branch(sp.high_branch, coarse, off_hi, mask_hi),
+            size=feats[level].shape[-2:],
+            mode='bilinear',
+            align_corners=True,
+        )
+        terms.append((level + 1, high))
+    return terms
+
+
+@pytest.mark.parametrize('offset_mode', ['legacy', 'aligned'])
+def test_spatial_attention_equals_its_per_level_form(offset_mode):
+    """One DCN call per branch over all levels computes what one call per
+    (branch, level) computes."""
+    sp = SpatialAwareAttention(
+        8,
+        8,
+        offset_mode=offset_mode,
+        norm_cfg=dict(type='GN', num_groups=4),
+        dcn_backend='torch',
+    )
+    _randomize(sp, 0.2)
+    feats = pyramid(2, 8, (13, 11), levels=4)
+    offsets, masks = zip(*[sp.offsets_and_masks(f) for f in feats])
+    with torch.no_grad():
+        got = sp(feats, offsets, masks)
+        for level in range(4):
+            want = _level_terms(sp, feats, level)
+            assert [s for s, _ in got[level]] == [s for s, _ in want]
+            for (_, a), (_, b) in zip(got[level], want):
+                assert rel_err(a, b) < 1e-6
+
+
 def test_block_is_the_composition_of_its_attentions():
     block = DynamicHeadBlock(
         8, 8, norm_cfg=dict(type='GN', num_groups=4), dcn_backend='torch'
@@ -163,10 +219,43 @@ def test_block_is_the_composition_of_its_attentions():
     out = block(feats)
     sp, sc, tk = block.spatial_attn, block.scale_attn, block.task_attn
     for lvl in range(3):
-        off, m = sp.offsets_and_masks(feats[lvl])
-        terms = [t for _, t in sp.level_terms(feats, lvl, off, m)]
+        terms = [t for _, t in _level_terms(sp, feats, lvl)]
         fused = sum(t * sc(t) for t in terms) / len(terms)
         assert rel_err(out[lvl], tk(fused)) < 1e-6
+
+
+@pytest.mark.parametrize('order', ['spatial_first', 'scale_first'])
+def test_recorded_attentions_reproduce_the_block_by_eq3_and_eq5(order):
+    """forward_with_attention's weights and coefficients, put into Eq. 2
+    (mean of weighted terms) and Eq. 5 (two-piece max), give the block's
+    outputs; each weight is Eq. 3 of the feature it belongs to."""
+    block = DynamicHeadBlock(
+        8,
+        8,
+        attention_order=order,
+        norm_cfg=dict(type='GN', num_groups=4),
+        dcn_backend='torch',
+    )
+    _randomize(block, 0.3)
+    feats = pyramid(2, 8, (12, 10), levels=3)
+    with torch.no_grad():
+        outs, attn = block.forward_with_attention(feats)
+        assert all(a is b for a, b in zip(attn.inputs, feats))
+        assert all(a is b for a, b in zip(attn.outputs, outs))
+        for lvl in range(3):
+            terms = _level_terms(block.spatial_attn, feats, lvl)
+            fused = 0
+            for src, term in terms:
+                w = attn.scale_weights[(lvl, src)]
+                source = feats[src] if order == 'scale_first' else term
+                assert rel_err(w, block.scale_attn(source)) < 1e-6
+                fused = fused + w * term / len(terms)
+            a1, b1, a2, b2 = attn.task_coefficients[lvl]
+            ref = torch.maximum(a1 * fused + b1, a2 * fused + b2)
+            assert rel_err(outs[lvl], ref) < 1e-5
+        assert set(attn.scale_weights) == {
+            (0, 0), (0, 1), (1, 1), (1, 0), (1, 2), (2, 2), (2, 1)
+        }  # fmt: skip
 
 
 def test_scale_first_uses_one_weight_per_input_level():
@@ -180,9 +269,7 @@ def test_scale_first_uses_one_weight_per_input_level():
     _randomize(block, 0.1)
     feats = pyramid(1, 8, (8, 8), levels=3)
     weights = [block.scale_attn(f) for f in feats]
-    sp = block.spatial_attn
-    off, m = sp.offsets_and_masks(feats[1])
-    terms = sp.level_terms(feats, 1, off, m)
+    terms = _level_terms(block.spatial_attn, feats, 1)
     fused = sum(weights[src] * t for src, t in terms) / 3
     assert rel_err(block(feats)[1], block.task_attn(fused)) < 1e-6
 

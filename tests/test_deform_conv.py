@@ -6,6 +6,8 @@ from conftest import rel_err
 
 from mmdet_dyhead.ops import (
     ModulatedDeformConv,
+    SharedMaps,
+    deform_conv2d,
     mmcv_ops_available,
     modulated_deform_conv2d,
     resolve_dcn_backend,
@@ -164,12 +166,7 @@ def test_chunked_native_path_matches_mmcv(stride, monkeypatch):
         assert rel_err(a.grad, b.grad) < 1e-5, name
 
 
-def test_one_call_on_several_maps_equals_separate_calls():
-    from mmdet_dyhead.ops.deform_conv import (
-        deform_conv2d_on_table,
-        pixel_table,
-    )
-
+def _several_maps():
     maps = [
         torch.randn(2, 4, 12, 9),
         torch.randn(2, 4, 6, 5),
@@ -178,12 +175,45 @@ def test_one_call_on_several_maps_equals_separate_calls():
     w = torch.randn(3, 4, 3, 3)
     offs = [torch.randn(2, 18, h, wd) for h, wd in ((6, 5), (3, 3), (2, 2))]
     masks = [torch.rand(2, 9, h, wd) for h, wd in ((6, 5), (3, 3), (2, 2))]
+    return maps, offs, masks, w
+
+
+def test_one_call_on_several_maps_equals_separate_calls():
+    maps, offs, masks, w = _several_maps()
     # Stride 2: map i lands on the grid of map i+1 (the DyHead low branch).
-    table = pixel_table(maps)
-    got = deform_conv2d_on_table(table, [0, 1, 2], offs, masks, w, stride=2)
+    got = deform_conv2d(maps, offs, masks, w, stride=2, backend='torch')
     for m, o, k, g in zip(maps, offs, masks, got):
         ref = modulated_deform_conv2d(m, o, k, w, stride=2, backend='torch')
-        assert rel_err(g, ref) < 1e-6
+        # The same per-pixel work in either call: the same bits.
+        assert torch.equal(g, ref)
+    # Calls sharing maps, each reading some of them, give the same terms.
+    shared = SharedMaps(maps)
+    low = deform_conv2d(
+        shared, offs[:2], masks[:2], w, stride=2, sources=[0, 1]
+    )
+    last = deform_conv2d(shared, offs[2:], masks[2:], w, stride=2, sources=[2])
+    assert all(torch.equal(a, b) for a, b in zip(low + last, got))
+
+
+@needs_mmcv
+def test_several_maps_match_mmcv_on_both_backends():
+    from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+
+    maps, offs, masks, w = _several_maps()
+    refs = [
+        mmcv_dcn(m, o, k, w, None, 2, 1, 1, 1, 1)
+        for m, o, k in zip(maps, offs, masks)
+    ]
+    for backend in ('torch', 'mmcv'):
+        got = deform_conv2d(maps, offs, masks, w, stride=2, backend=backend)
+        assert all(rel_err(g, r) < 1e-5 for g, r in zip(got, refs)), backend
+
+
+def test_several_maps_need_one_offset_and_mask_each():
+    maps, offs, masks, w = _several_maps()
+    with pytest.raises(ValueError, match='one offset and one mask per term'):
+        deform_conv2d(maps, offs[:2], masks, w, stride=2)
+    assert deform_conv2d([], [], [], w) == []
 
 
 def test_native_path_under_autocast_runs_in_bfloat16():

@@ -57,6 +57,41 @@ def test_same_outputs_as_mmdet_dyhead(backend, batch, size):
         assert rel_err(a, b) < 1e-5, f'level {lvl}'
 
 
+def test_recorded_scale_weights_are_mmdets_scale_attention_outputs():
+    """The weights forward_with_attention reports are what mmdet's DyHead
+    multiplies its branch outputs by: its scale_attn_module's outputs, in
+    mmdet's order (per level: mid, low, high)."""
+    channels = 16
+    theirs = _mmdet_dyhead(channels, num_blocks=2)
+    ours = DyHeadNeck(
+        channels, channels, num_blocks=2, dcn_backend='torch'
+    ).eval()
+    ours.load_state_dict(theirs.state_dict())
+    feats = pyramid(2, channels, (24, 20), levels=4)
+    seen = [[] for _ in theirs.dyhead_blocks]
+    handles = [
+        block.scale_attn_module.register_forward_hook(
+            lambda m, inputs, out, k=k: seen[k].append(out)
+        )
+        for k, block in enumerate(theirs.dyhead_blocks)
+    ]
+    with torch.no_grad():
+        theirs(feats)
+        _, attentions = ours.forward_with_attention(feats)
+    for h in handles:
+        h.remove()
+    order = [
+        (level, src)
+        for level in range(4)
+        for src in (level, level - 1, level + 1)
+        if 0 <= src < 4
+    ]
+    for k, attn in enumerate(attentions):
+        assert len(seen[k]) == len(order) == len(attn.scale_weights)
+        for key, weight in zip(order, seen[k]):
+            assert rel_err(attn.scale_weights[key], weight) < 1e-5, (k, key)
+
+
 def test_gradients_match_mmdet_dyhead():
     channels = 16
     theirs = _mmdet_dyhead(channels, num_blocks=1).train()

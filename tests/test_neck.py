@@ -63,6 +63,43 @@ def test_presets_build_train_and_differ_where_documented(preset):
     assert has_bias == DYHEAD_PRESETS[preset]['dcn_bias']
 
 
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        dict(preset='mmdet'),
+        dict(preset='paper'),
+        dict(use_scale_attn=False),
+        dict(use_spatial_attn=False, use_task_attn=False),
+    ],
+)
+def test_forward_with_attention_returns_forward_bit_for_bit(kwargs):
+    neck = DyHeadNeck(
+        16,
+        16,
+        num_blocks=3,
+        norm_cfg=dict(type='GN', num_groups=8),
+        zero_init_offset=False,
+        **kwargs,
+    ).eval()
+    feats = pyramid(2, 16, (19, 26), levels=4)
+    with torch.no_grad():
+        plain = neck(feats)
+        outs, attentions = neck.forward_with_attention(feats)
+    assert all(torch.equal(a, b) for a, b in zip(plain, outs))
+    assert len(attentions) == 3
+    # Stages chain: each block reads what the previous one returned.
+    assert all(a is b for a, b in zip(attentions[0].inputs, feats))
+    for prev, cur in zip(attentions, attentions[1:]):
+        assert all(a is b for a, b in zip(cur.inputs, prev.outputs))
+    assert all(a is b for a, b in zip(attentions[-1].outputs, outs))
+    scale = neck.dyhead_blocks[0].scale_attn is not None
+    task = neck.dyhead_blocks[0].task_attn is not None
+    for attn in attentions:
+        # 4 levels: 4 mid terms, 3 low, 3 high.
+        assert len(attn.scale_weights) == (10 if scale else 0)
+        assert len(attn.task_coefficients) == (4 if task else 0)
+
+
 def test_table2_block_count_is_a_config_value():
     for n in (1, 2, 4):
         neck = MODELS.build(

@@ -1,4 +1,4 @@
-"""Plot what DyHead's attentions do (paper Figures 3 and 4), via forward hooks.
+"""Plot what DyHead's attentions do (paper Figures 3 and 4).
 
     python tools/visualize_attention.py CONFIG CHECKPOINT \
         --images a.jpg b.jpg --out-dir vis/ [--blocks 2 4 6] [--layer NAME] \
@@ -12,7 +12,8 @@ Writes, in --out-dir:
   --ratio-images (default: --images) of the learned scale ratio per level,
   w(higher resolution) / w(lower resolution) (Figure 3);
 - ``scale_ratios.json``: those ratios as numbers.
-The model is not modified: hooks read its tensors and are removed after.
+The blocks record their attentions only while the tool runs them (their
+``record_attention`` switch); their outputs are the same either way.
 """
 
 import argparse
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument(
         '--layer',
         default=None,
-        help='DyHeadNeck or DynamicHeadBlock to hook (default: the '
+        help='DyHeadNeck or DynamicHeadBlock to record (default: the '
         'first DyHeadNeck); an unknown name lists the choices',
     )
     p.add_argument(
@@ -117,8 +118,7 @@ def main(argv=None) -> int:
     from mmdet_dyhead.checkpoint import CheckpointError, load_checkpoint
     from mmdet_dyhead.deploy import load_images
     from mmdet_dyhead.visualization import (
-        BlockFeatureCollector,
-        ScaleWeightCollector,
+        AttentionRecorder,
         plot_feature_stages,
         plot_scale_ratio_histograms,
         resolve_layer,
@@ -156,10 +156,11 @@ def main(argv=None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     written = []
 
-    with BlockFeatureCollector(layer) as feats, torch.no_grad():
+    with AttentionRecorder(layer) as feats, torch.no_grad():
         for path in args.images:
             inputs, samples = load_images(model, [path])
             model.extract_feat(inputs)
+            feats.collect()
             num_levels = len(feats.stages[0])
             levels = args.levels or list(range(num_levels))
             bad = [lv for lv in levels if not 0 <= lv < num_levels]
@@ -191,13 +192,14 @@ def main(argv=None) -> int:
             written.append(out)
 
     ratio_images = expand_images(args.ratio_images or args.images)
-    with ScaleWeightCollector(layer) as scale, torch.no_grad():
+    with AttentionRecorder(layer) as scale, torch.no_grad():
         for path in ratio_images:
             inputs, _ = load_images(model, [path])
             model.extract_feat(inputs)
+            scale.collect()
     summary = {}
     for b in blocks:
-        if b not in scale.weights:
+        if b not in scale.scale_weights:
             print(f'block {b} has no scale-aware attention: no histogram.')
             continue
         ratios = scale.scale_ratios(b)

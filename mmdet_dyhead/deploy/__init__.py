@@ -4,6 +4,7 @@ See docs/deploy.md. The graph holds backbone, necks and the dense head's raw
 outputs; anchor decoding and NMS run outside it with mmdet's own code.
 """
 
+from .dcn_onnx import DEFORM_CONV_MIN_OPSET, ONNX_DCN_FORMS, onnx_dcn_export
 from .inputs import load_images
 from .native_backend import (
     NativeBackendError,
@@ -39,4 +40,7 @@ __all__ = [
     'verify_onnx',
     'DetectorTensorForward',
     'decode_raw_outputs',
+    'DEFORM_CONV_MIN_OPSET',
+    'ONNX_DCN_FORMS',
+    'onnx_dcn_export',
 ]

@@ -3,7 +3,8 @@
 mmcv's ``modulated_deform_conv2d`` is a compiled kernel. The TorchScript
 ONNX exporter writes it as a custom ``MMCVModulatedDeformConv2d`` node that
 plain onnxruntime cannot run, so the export must use the native backend
-(``dcn_backend='torch'``: ``grid_sample`` + ``matmul``, standard ONNX ops).
+(``dcn_backend='torch'``, written as ONNX ``DeformConv`` or as
+``grid_sample`` + ``matmul``, see :mod:`.dcn_onnx`).
 Both backends read the same weights, so switching needs no retraining.
 """
 

@@ -8,12 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmdet_dyhead.ops.deform_conv import (
-    DEFORM_CONV_MIN_OPSET,
-    ONNX_DCN_FORMS,
-    onnx_dcn_export,
-)
+from mmdet_dyhead.utils.misc import check_choice
 
+from .dcn_onnx import DEFORM_CONV_MIN_OPSET, ONNX_DCN_FORMS, onnx_dcn_export
 from .native_backend import check_exportable_modules
 from .tensor_forward import DetectorTensorForward
 
@@ -51,11 +48,7 @@ def resolve_dcn_export(dcn_export: Optional[str], opset: int) -> str:
         if opset >= DEFORM_CONV_MIN_OPSET:
             return 'deform_conv'
         return 'grid_sample'
-    if dcn_export not in ONNX_DCN_FORMS:
-        raise ValueError(
-            f'--dcn-export {dcn_export!r} does not exist; choose one of '
-            f'{ONNX_DCN_FORMS}.'
-        )
+    check_choice('dcn_export', dcn_export, ONNX_DCN_FORMS)
     if dcn_export == 'deform_conv' and opset < DEFORM_CONV_MIN_OPSET:
         raise ValueError(
             f'--dcn-export deform_conv needs ONNX opset >= '

@@ -1,7 +1,9 @@
 """Key map between mmdet 3.3's ``DyHead`` blocks and ours.
 
-Block-relative prefixes; a checkpoint of mmdet's neck loads into ours (the
-blocks convert on load) and :func:`to_mmdet_keys` writes ours for mmdet.
+Block-relative prefixes. One rename (``_rename``) serves every direction: a
+checkpoint of mmdet's neck loads into ours (each block renames its keys on
+load, :func:`rename_mmdet_keys`), :func:`from_mmdet_keys` converts a whole
+state dict and :func:`to_mmdet_keys` writes ours for mmdet.
 
 =================================  ===================================
 mmdet ``DyHeadBlock``              mmdet-dyhead ``DynamicHeadBlock``
@@ -49,13 +51,30 @@ def from_mmdet_keys(state_dict: Dict) -> 'OrderedDict':
     )
 
 
+def rename_mmdet_keys(state_dict: Dict, prefix: str = '') -> int:
+    """Rename mmdet ``DyHead`` keys under ``prefix`` to ours, in place.
+
+    What a block does on load (``_load_from_state_dict`` gets the whole
+    checkpoint's dict and its own prefix); the same rename as
+    :func:`from_mmdet_keys`, applied to the part after ``prefix``.
+
+    Args:
+        state_dict (dict): Modified in place; other keys are kept.
+        prefix (str): Only keys starting with it are renamed.
+
+    Returns:
+        int: How many keys were renamed.
+    """
+    renamed = 0
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + _rename(key[len(prefix) :], MMDET_TO_OURS)
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
+            renamed += 1
+    return renamed
+
+
 def to_mmdet_keys(state_dict: Dict) -> 'OrderedDict':
     """Our key names -> mmdet ``DyHead``'s, for loading into mmdet's neck."""
     reverse = tuple((new, old) for old, new in MMDET_TO_OURS)
     return OrderedDict((_rename(k, reverse), v) for k, v in state_dict.items())
-
-
-def has_mmdet_keys(state_dict: Dict, prefix: str = '') -> bool:
-    """Whether ``state_dict`` holds mmdet-named block keys under ``prefix``."""
-    olds = tuple(prefix + old for old, _ in MMDET_TO_OURS)
-    return any(k.startswith(olds) for k in state_dict)

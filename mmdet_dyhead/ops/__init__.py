@@ -1,23 +1,23 @@
 from .deform_conv import (
     DCN_BACKENDS,
-    DEFORM_CONV_MIN_OPSET,
-    ONNX_DCN_FORMS,
     ModulatedDeformConv,
+    SharedMaps,
+    deform_conv2d,
     deform_conv_output_size,
+    exporting,
     mmcv_ops_available,
     modulated_deform_conv2d,
-    onnx_dcn_export,
     resolve_dcn_backend,
 )
 
 __all__ = [
     'DCN_BACKENDS',
-    'DEFORM_CONV_MIN_OPSET',
-    'ONNX_DCN_FORMS',
     'ModulatedDeformConv',
+    'SharedMaps',
+    'deform_conv2d',
     'deform_conv_output_size',
+    'exporting',
     'mmcv_ops_available',
     'modulated_deform_conv2d',
-    'onnx_dcn_export',
     'resolve_dcn_backend',
 ]

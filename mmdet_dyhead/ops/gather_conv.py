@@ -43,10 +43,11 @@ from torch.autograd.function import once_differentiable
 
 from .bilinear_taps import bilinear_taps, table_rows
 
-# Output pixels per chunk on CPU. 1024 pixels x 9 taps x 256 channels of
-# float32 columns is 9.4 MB: it stays in L3 between the gather and the
-# matrix product, and the matrix product is still large enough to run at
-# full speed (docs/design.md, chunk-size table).
+# Output pixels per chunk on CPU. 512 pixels x 9 taps x 256 channels of
+# float32 columns is 4.7 MB, which stays in cache between the gather and
+# the matrix product. In the chunk-size sweep of docs/design.md (step 2)
+# 512 was within 2% of the fastest size (1024) and halves the per-chunk
+# buffers of the backward (step 6).
 CPU_CHUNK_PIXELS = 512
 
 

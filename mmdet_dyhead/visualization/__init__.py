@@ -1,15 +1,9 @@
-"""Attention visualisation with forward hooks (paper Figures 3 and 4).
+"""Attention visualisation (paper Figures 3 and 4).
 
 See docs/visualization.md and tools/visualize_attention.py.
 """
 
-from .collectors import (
-    BlockFeatureCollector,
-    ScaleWeightCollector,
-    find_layers,
-    fusion_order,
-    resolve_layer,
-)
+from .collectors import AttentionRecorder, find_layers, resolve_layer
 from .plots import (
     activation_map,
     plot_feature_stages,
@@ -17,10 +11,8 @@ from .plots import (
 )
 
 __all__ = [
-    'BlockFeatureCollector',
-    'ScaleWeightCollector',
+    'AttentionRecorder',
     'find_layers',
-    'fusion_order',
     'resolve_layer',
     'activation_map',
     'plot_feature_stages',

@@ -1,20 +1,25 @@
-"""Forward-hook collectors for DyHead features and scale-aware weights.
+"""Recording DyHead features and scale-aware weights for the paper's plots.
 
-Nothing here changes the model: hooks are attached to existing modules,
-read tensors as they pass, and are removed on :meth:`remove` (or when the
-collector is used as a context manager).
+The blocks record through their own switch (``record_attention``, see
+:class:`~mmdet_dyhead.models.layers.DynamicHeadBlock`): each forward then
+keeps references to what it computed anyway, and its outputs are the same
+with the switch on or off. :class:`AttentionRecorder` sets the switch for
+the blocks of one neck (or one block), reads the records after each forward
+and turns it off again.
 """
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from mmdet_dyhead.utils.misc import check_choice
+
 
 def find_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """Modules the visualisation tools can attach to, by qualified name.
+    """Modules the visualisation tools can record, by qualified name.
 
     Returns every ``DyHeadNeck`` and every ``DynamicHeadBlock`` of ``model``
     (e.g. ``'neck.1'``, ``'neck.1.dyhead_blocks.0'``).
@@ -60,162 +65,77 @@ def resolve_layer(
         )
     if name is None:
         name = next(n for n, m in layers.items() if isinstance(m, DyHeadNeck))
-    if name not in layers:
-        listing = '\n  '.join(layers)
-        raise ValueError(
-            f"layer '{name}' does not exist in this model. "
-            f'Layers that can be visualised:\n  {listing}'
-        )
+    check_choice('layer', name, layers)
     return name, layers[name]
 
 
-def _blocks_of(module: nn.Module) -> List[nn.Module]:
-    blocks = getattr(module, 'dyhead_blocks', None)
-    return list(blocks) if blocks is not None else [module]
+def _to_cpu(tensors) -> List[Tensor]:
+    return [t.detach().float().cpu() for t in tensors]
 
 
-def _detach_levels(feats) -> List[Tensor]:
-    return [f.detach().float().cpu() for f in feats]
+class AttentionRecorder:
+    """What a ``DyHeadNeck``'s blocks (or one block) compute, per forward.
 
+    Use it as a context manager around the forwards of the model that holds
+    the module, and call :meth:`collect` after each forward::
 
-class BlockFeatureCollector:
-    """Feature maps before the first block and after every block.
-
-    ``stages[0]`` holds the neck input (FPN output, "before"), ``stages[k]``
-    the output of block ``k`` (1-based, as the paper counts blocks).
+        with AttentionRecorder(neck) as rec, torch.no_grad():
+            for images in batches:
+                model.extract_feat(images)
+                rec.collect()
+        rec.stages            # the last forward's features (Figure 4)
+        rec.scale_ratios(6)   # block 6's ratios over all forwards (Fig. 3)
 
     Args:
         module (nn.Module): A ``DyHeadNeck`` (all its blocks) or one
             ``DynamicHeadBlock``.
 
     Attributes:
-        stages (dict[int, list[Tensor]]): Stage -> L tensors (N, C, H_l, W_l)
-            from the most recent forward, on CPU in float32.
+        stages (dict[int, list[Tensor]]): From the latest :meth:`collect`:
+            stage 0 is the first block's input (the neck input, "before"),
+            stage k the output of block k (1-based, as the paper counts
+            blocks); L tensors (N, C, H_l, W_l) each, on CPU in float32.
+        scale_weights (dict): ``scale_weights[block][(out_level,
+            src_level)]`` is a list of (N,) tensors, one per
+            :meth:`collect`: pi_L's weight of the term read from
+            ``src_level`` and fused at ``out_level`` (Eq. 3). Blocks
+            without scale attention have no entry.
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.blocks = _blocks_of(module)
+        blocks = getattr(module, 'dyhead_blocks', None)
+        self.blocks = list(blocks) if blocks is not None else [module]
         self.stages: Dict[int, List[Tensor]] = {}
-        self._handles = []
-        first = self.blocks[0]
-        self._handles.append(first.register_forward_pre_hook(self._before))
+        self.scale_weights = defaultdict(lambda: defaultdict(list))
+        for block in self.blocks:
+            block.record_attention = True
+            block.last_attention = None
+
+    def collect(self) -> None:
+        """Read what the blocks recorded in the forward that just ran.
+
+        Raises:
+            RuntimeError: A block ran no forward since the last call (or
+                since the recorder started).
+        """
+        records = []
         for k, block in enumerate(self.blocks, start=1):
-            self._handles.append(
-                block.register_forward_hook(
-                    lambda m, inputs, output, k=k: self._after(k, output)
+            if block.last_attention is None:
+                raise RuntimeError(
+                    f'block {k} recorded nothing: run a forward of the '
+                    f'model between two collect() calls.'
                 )
-            )
-
-    def _before(self, module, inputs) -> None:
-        self.stages = {0: _detach_levels(inputs[0])}
-
-    def _after(self, k: int, output) -> None:
-        self.stages[k] = _detach_levels(output)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def fusion_order(num_levels: int) -> List[Tuple[int, int]]:
-    """(output level, source level) of every term a block fuses, in order.
-
-    The order of ``SpatialAwareAttention.level_terms`` (mid, then the finer
-    neighbour, then the coarser one), level by level, which is the order in
-    which ``DynamicHeadBlock.forward`` weighs the terms.
-    """
-    order = []
-    for level in range(num_levels):
-        order.append((level, level))
-        if level > 0:
-            order.append((level, level - 1))
-        if level < num_levels - 1:
-            order.append((level, level + 1))
-    return order
-
-
-class ScaleWeightCollector:
-    """The scale-aware weights pi_L per block, output level and source level.
-
-    A DyHead block fuses, for output level l, terms read from levels l-1
-    (finer), l and l+1 (coarser), each multiplied by a scalar from its
-    ``ScaleAwareAttention`` (Eq. 3). A pre-hook on the block reads the
-    pyramid it gets; a hook on the scale attention receives each weight
-    together with the feature it was computed from, and pairs it with the
-    next term of :func:`fusion_order`. The feature's size is checked
-    against the level that term belongs to, so a change in the block's
-    order fails loudly instead of mislabelling weights.
-    With ``attention_order='scale_first'`` the attention runs once per
-    input level and that weight is shared by every term read from it.
-
-    Args:
-        module (nn.Module): A ``DyHeadNeck`` or one ``DynamicHeadBlock``.
-
-    Attributes:
-        weights (dict): ``weights[block][(out_level, src_level)]`` is a list
-            of (N,) tensors, one per forward (accumulates over batches);
-            blocks are 1-based. Empty for blocks without scale attention.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.blocks = _blocks_of(module)
-        self.weights = defaultdict(lambda: defaultdict(list))
-        self._handles = []
-        self._state = {}
-        for k, block in enumerate(self.blocks, start=1):
-            if block.scale_attn is None:
-                continue
-            self._handles += [
-                block.register_forward_pre_hook(
-                    lambda m, inputs, k=k: self._start(k, m, inputs[0])
-                ),
-                block.scale_attn.register_forward_hook(
-                    lambda m, inputs, out, k=k: self._weight(k, inputs[0], out)
-                ),
-            ]
-
-    def _start(self, k: int, block: nn.Module, feats) -> None:
-        scale_first = block.attention_order == 'scale_first'
-        order = fusion_order(len(feats))
-        self._state[k] = dict(
-            scale_first=scale_first,
-            sizes=[tuple(f.shape[-2:]) for f in feats],
-            # scale_first: one call per input level, in level order.
-            pending=deque(range(len(feats)) if scale_first else order),
-            order=order,
-        )
-
-    def _weight(self, k: int, source: Tensor, out: Tensor) -> None:
-        st = self._state[k]
-        if not st['pending']:
-            raise RuntimeError(
-                f'block {k} computed more scale weights than '
-                f'it has terms; DynamicHeadBlock.forward no longer '
-                f'matches ScaleWeightCollector.'
-            )
-        item = st['pending'].popleft()
-        w = out.detach().float().cpu().flatten()
-        size_level = item if st['scale_first'] else item[0]
-        if tuple(source.shape[-2:]) != st['sizes'][size_level]:
-            raise RuntimeError(
-                f'block {k}: scale weight for {item} was computed from a '
-                f'{tuple(source.shape[-2:])} map, expected level {size_level} '
-                f'{st["sizes"][size_level]}; DynamicHeadBlock.forward no '
-                f'longer matches ScaleWeightCollector.'
-            )
-        if st['scale_first']:
-            for level, src in st['order']:
-                if src == item:
-                    self.weights[k][(level, src)].append(w)
-        else:
-            self.weights[k][item].append(w)
+            records.append(block.last_attention)
+            # Each forward is read once; a second collect() without a
+            # forward in between raises instead of counting it twice.
+            block.last_attention = None
+        self.stages = {0: _to_cpu(records[0].inputs)}
+        for k, record in enumerate(records, start=1):
+            self.stages[k] = _to_cpu(record.outputs)
+            for key, w in record.scale_weights.items():
+                self.scale_weights[k][key].append(
+                    w.detach().float().cpu().flatten()
+                )
 
     def scale_ratios(self, block: int) -> Dict[int, Tensor]:
         """Paper Figure 3's "scale ratio" per output level, for one block.
@@ -234,12 +154,12 @@ class ScaleWeightCollector:
         Returns:
             dict[int, Tensor]: Output level -> ratios, one per image seen.
         """
-        if block not in self.weights:
+        if block not in self.scale_weights:
             raise KeyError(
                 f'no scale weights recorded for block {block}; '
-                f'recorded: {sorted(self.weights)}.'
+                f'recorded: {sorted(self.scale_weights)}.'
             )
-        rec = self.weights[block]
+        rec = self.scale_weights[block]
         out = {}
         for level in sorted({lv for lv, _ in rec}):
             srcs = sorted(src for lv, src in rec if lv == level)
@@ -250,13 +170,14 @@ class ScaleWeightCollector:
             out[level] = fine / coarse
         return out
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def close(self) -> None:
+        """Turn the blocks' recording off and drop what they hold."""
+        for block in self.blocks:
+            block.record_attention = False
+            block.last_attention = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        self.close()

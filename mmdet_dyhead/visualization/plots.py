@@ -121,7 +121,7 @@ def plot_scale_ratio_histograms(
 
     Args:
         ratios (dict[int, Tensor]): Output level -> ratios (one per image),
-            from :meth:`ScaleWeightCollector.scale_ratios`.
+            from :meth:`AttentionRecorder.scale_ratios`.
         out_file (str): PNG path.
         title (str): Figure title.
         bins (int): Histogram bins (log-spaced, shared by all levels).

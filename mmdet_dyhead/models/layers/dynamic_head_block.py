@@ -1,28 +1,42 @@
 """One DyHead block: pi_C(pi_S(pi_L(F))) (paper Eq. 2, Figure 2a)."""
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule, constant_init, normal_init
 from torch import Tensor
 
-from ..key_mapping import MMDET_TO_OURS, has_mmdet_keys
+from mmdet_dyhead.utils.misc import check_choice
+
+from ..key_mapping import rename_mmdet_keys
 from .hard_sigmoid import check_hsigmoid_style
 from .scale_attention import ScaleAwareAttention
 from .spatial_attention import SpatialAwareAttention
 from .task_attention import TaskAwareAttention
 
 ATTENTION_ORDERS = ('spatial_first', 'scale_first')
-
-
-def _hooked(module: Optional[nn.Module]) -> bool:
-    return module is not None and bool(
-        module._forward_hooks or module._forward_pre_hooks
-    )
-
-
 INIT_STYLES = ('mmdet', 'official')
+
+
+class BlockAttention(NamedTuple):
+    """What one block computed on the way to its outputs (for plots).
+
+    Attributes:
+        inputs (list[Tensor]): The L maps the block read,
+            (N, C_in, H_l, W_l).
+        outputs (list[Tensor]): The L maps it returned, (N, C_out, H_l, W_l).
+        scale_weights (dict[tuple[int, int], Tensor]): pi_L's weight
+            (Eq. 3) of every fused term, keyed (output level, source level),
+            each (N, 1, 1, 1), before the 1/T average. Empty without pi_L.
+        task_coefficients (list[tuple[Tensor, ...]]): Per output level,
+            pi_C's ``(a1, b1, a2, b2)`` (Eq. 5), each (N, C_out, 1, 1).
+            Empty without pi_C.
+    """
+
+    inputs: List[Tensor]
+    outputs: List[Tensor]
+    scale_weights: Dict[Tuple[int, int], Tensor]
+    task_coefficients: List[Tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
 class DynamicHeadBlock(BaseModule):
@@ -43,6 +57,12 @@ class DynamicHeadBlock(BaseModule):
       the term was read from, once per level and reused by the up to three
       terms that read it. The weight is applied after the branch norm: a
       scalar applied before DCN + GroupNorm would be normalised away.
+
+    :meth:`forward_with_attention` returns the outputs together with the
+    weights and coefficients above (:class:`BlockAttention`); ``forward``
+    runs it and, when the ``record_attention`` attribute is True, keeps that
+    record in ``last_attention`` (attention plots, see
+    :mod:`mmdet_dyhead.visualization`).
 
     Args:
         in_channels (int): Channels of the input levels.
@@ -87,16 +107,8 @@ class DynamicHeadBlock(BaseModule):
         init_cfg: Optional[dict] = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
-        if attention_order not in ATTENTION_ORDERS:
-            raise ValueError(
-                f'attention_order={attention_order!r} does not '
-                f'exist; choose one of {ATTENTION_ORDERS}.'
-            )
-        if init_style not in INIT_STYLES:
-            raise ValueError(
-                f'init_style={init_style!r} does not exist; '
-                f'choose one of {INIT_STYLES}.'
-            )
+        check_choice('attention_order', attention_order, ATTENTION_ORDERS)
+        check_choice('init_style', init_style, INIT_STYLES)
         check_hsigmoid_style(hsigmoid)
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -124,6 +136,9 @@ class DynamicHeadBlock(BaseModule):
             else None
         )
         self._init_weights(zero_init_offset, init_style)
+        # The recording switch (see forward); off, nothing is kept.
+        self.record_attention = False
+        self.last_attention: Optional[BlockAttention] = None
 
     def _init_weights(self, zero_init_offset: bool, init_style: str) -> None:
         offset_conv = getattr(self.spatial_attn, 'offset_conv', None)
@@ -147,6 +162,27 @@ class DynamicHeadBlock(BaseModule):
         """Args: feats: L tensors (N, C_in, H_l, W_l), level l+1 half of l.
 
         Returns: L tensors (N, C_out, H_l, W_l).
+
+        With ``record_attention`` set to True, each call also keeps its
+        :class:`BlockAttention` in ``last_attention`` (the outputs are the
+        same either way: both come from :meth:`forward_with_attention`).
+        """
+        outs, attention = self.forward_with_attention(feats)
+        if self.record_attention:
+            self.last_attention = attention
+        return outs
+
+    def forward_with_attention(
+        self, feats: Sequence[Tensor]
+    ) -> Tuple[List[Tensor], BlockAttention]:
+        """The block's outputs and the attentions that produced them.
+
+        Args:
+            feats (Sequence[Tensor]): L maps (N, C_in, H_l, W_l).
+
+        Returns:
+            tuple: L maps (N, C_out, H_l, W_l), and a :class:`BlockAttention`
+            holding references to what was computed (nothing is copied).
         """
         spatial = self.spatial_attn
         level_weights = None
@@ -160,12 +196,14 @@ class DynamicHeadBlock(BaseModule):
             offsets, masks = zip(
                 *[spatial.offsets_and_masks(f) for f in feats]
             )
-        outs = []
-        for terms in spatial.pyramid_terms(feats, offsets, masks):
-            outs.append(self._fuse(terms, level_weights))
-        return outs
+        attention = BlockAttention(list(feats), [], {}, [])
+        for level, terms in enumerate(spatial(feats, offsets, masks)):
+            attention.outputs.append(
+                self._fuse(level, terms, level_weights, attention)
+            )
+        return attention.outputs, attention
 
-    def _fuse(self, terms, level_weights) -> Tensor:
+    def _fuse(self, level, terms, level_weights, attention) -> Tensor:
         """mean_t w_t * term_t, then pi_C, for one output level.
 
         In 'spatial_first' order the scale attention pools every term; the
@@ -173,26 +211,25 @@ class DynamicHeadBlock(BaseModule):
         mean of those pooled vectors (the mean is linear), so no pass over
         the fused map is spent on it. Scalars w_t / T are folded before the
         multiply and the sum is accumulated in place (addcmul_ on a fresh
-        tensor whose old value no backward needs).
+        tensor whose old value no backward needs). The weights and pi_C's
+        coefficients go into ``attention``.
         """
         inv = 1.0 / len(terms)
         pooled_terms = None
-        coeffs = []
-        if self.scale_attn is None:
-            coeffs = [None] * len(terms)
-        elif level_weights is not None:
-            coeffs = [level_weights[src] * inv for src, _ in terms]
-        elif _hooked(self.scale_attn) or _hooked(self.task_attn):
-            # Forward hooks (e.g. attention visualisation) must see the
-            # modules called on full maps, as in the plain formulation.
-            coeffs = [self.scale_attn(term) * inv for _, term in terms]
-        else:
-            pooled_terms = [
-                term.mean(dim=(2, 3), keepdim=True) for _, term in terms
-            ]
-            coeffs = [
-                self.scale_attn.from_pooled(p) * inv for p in pooled_terms
-            ]
+        coeffs = [None] * len(terms)
+        if self.scale_attn is not None:
+            if level_weights is not None:
+                weights = [level_weights[src] for src, _ in terms]
+            else:
+                pooled_terms = [
+                    term.mean(dim=(2, 3), keepdim=True) for _, term in terms
+                ]
+                weights = [
+                    self.scale_attn.from_pooled(p) for p in pooled_terms
+                ]
+            for (src, _), w in zip(terms, weights):
+                attention.scale_weights[(level, src)] = w
+            coeffs = [w * inv for w in weights]
         fused = pooled = None
         for i, ((_, term), coef) in enumerate(zip(terms, coeffs)):
             if coef is None:
@@ -212,13 +249,11 @@ class DynamicHeadBlock(BaseModule):
                 pooled = part if pooled is None else pooled + part
         if self.task_attn is None:
             return fused
-        if _hooked(self.task_attn):
-            return self.task_attn(fused)
         if pooled is None:
             pooled = fused.mean(dim=(2, 3), keepdim=True)
-        return self.task_attn.apply_coefficients(
-            fused, *self.task_attn.coefficients_from_pooled(pooled)
-        )
+        coefficients = self.task_attn.coefficients_from_pooled(pooled)
+        attention.task_coefficients.append(coefficients)
+        return self.task_attn.apply_coefficients(fused, *coefficients)
 
     def _load_from_state_dict(
         self,
@@ -232,15 +267,7 @@ class DynamicHeadBlock(BaseModule):
     ):
         # Checkpoints of mmdet's DyHead (and the mmdet model zoo) name the
         # block's parts differently; rename them in place, see key_mapping.
-        if has_mmdet_keys(state_dict, prefix):
-            for key in [k for k in state_dict if k.startswith(prefix)]:
-                rel = key[len(prefix) :]
-                for old, new in MMDET_TO_OURS:
-                    if rel.startswith(old):
-                        state_dict[prefix + new + rel[len(old) :]] = (
-                            state_dict.pop(key)
-                        )
-                        break
+        if rename_mmdet_keys(state_dict, prefix):
             if prefix.endswith('dyhead_blocks.0.'):
                 print_log(
                     'Loading mmdet DyHead keys into DyHeadNeck '

@@ -3,17 +3,20 @@
 import torch.nn as nn
 from mmcv.cnn import build_activation_layer
 
+from mmdet_dyhead.utils.misc import check_choice
+
 HSIGMOID_STYLES = ('official', 'paper')
 
 
 def check_hsigmoid_style(style: str) -> None:
-    if style not in HSIGMOID_STYLES:
-        raise ValueError(
-            f'hsigmoid={style!r} does not exist; choose one of '
-            f"{HSIGMOID_STYLES} ('official': relu6(x+3)/6 as in "
-            "the released code and mmdet; 'paper': "
-            'max(0, min(1, (x+1)/2)) as in Eq. 3).'
-        )
+    """Raise unless ``style`` is one of :data:`HSIGMOID_STYLES`."""
+    check_choice(
+        'hsigmoid',
+        style,
+        HSIGMOID_STYLES,
+        "('official': relu6(x+3)/6 as in the released code and mmdet; "
+        "'paper': max(0, min(1, (x+1)/2)) as in Eq. 3)",
+    )
 
 
 def build_hard_sigmoid(style: str) -> nn.Module:

@@ -1,24 +1,20 @@
 """Spatial-aware attention pi_S (paper Eq. 4)."""
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
-from mmdet_dyhead.ops import ModulatedDeformConv
-from mmdet_dyhead.ops.deform_conv import (
-    deform_conv2d_on_table,
-    native_path_active,
-    pixel_table,
-)
+from mmdet_dyhead.ops import ModulatedDeformConv, SharedMaps
+from mmdet_dyhead.utils.misc import check_choice
 
 OFFSET_MODES = ('legacy', 'aligned')
 
 
 class DeformConvNorm(nn.Module):
-    """One level branch of pi_S: a 3x3 DCNv2 (or plain conv) and a norm.
+    """One branch of pi_S: a 3x3 DCNv2 (or plain conv) and a norm.
 
     Args:
         in_channels (int): Input channels.
@@ -71,12 +67,32 @@ class DeformConvNorm(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
-        offset: Optional[Tensor] = None,
-        mask: Optional[Tensor] = None,
-    ) -> Tensor:
-        x = self.conv(x, offset, mask) if self.deformable else self.conv(x)
-        return self.norm(x) if self.norm is not None else x
+        maps: Union[Sequence[Tensor], SharedMaps],
+        sources: Sequence[int],
+        offsets: Sequence[Optional[Tensor]],
+        masks: Sequence[Optional[Tensor]],
+    ) -> List[Tensor]:
+        """The branch on several maps (one DCN call for all of them).
+
+        Args:
+            maps (Sequence[Tensor] | SharedMaps): Maps (N, C_in, H_i, W_i).
+            sources (Sequence[int]): The map each output reads.
+            offsets, masks (Sequence[Tensor | None]): Per output, at its
+                grid, (N, 18, H_out, W_out) and (N, 9, H_out, W_out); None
+                for the plain conv.
+
+        Returns:
+            list[Tensor]: One (N, C_out, H_out, W_out) map per source.
+        """
+        if self.deformable:
+            outs = self.conv.forward_maps(maps, offsets, masks, sources)
+        else:
+            if isinstance(maps, SharedMaps):
+                maps = maps.maps
+            outs = [self.conv(maps[s]) for s in sources]
+        if self.norm is None:
+            return outs
+        return [self.norm(x) for x in outs]
 
 
 class SpatialAwareAttention(nn.Module):
@@ -133,13 +149,13 @@ class SpatialAwareAttention(nn.Module):
         dcn_backend: str = 'auto',
     ) -> None:
         super().__init__()
-        if offset_mode not in OFFSET_MODES:
-            raise ValueError(
-                f'offset_mode={offset_mode!r} does not exist; choose '
-                f"'legacy' (bit-compatible with mmdet/official "
-                f"checkpoints) or 'aligned' (offsets resampled to the "
-                f'coarser level, Eq. 4).'
-            )
+        check_choice(
+            'offset_mode',
+            offset_mode,
+            OFFSET_MODES,
+            "('legacy': bit-compatible with mmdet/official checkpoints; "
+            "'aligned': offsets resampled to the coarser level, Eq. 4)",
+        )
         self.deformable = deformable
         self.offset_mode = offset_mode
         self.num_taps = 9
@@ -189,111 +205,52 @@ class SpatialAwareAttention(nn.Module):
             )
         return offset[:, :, ::2, ::2] * 0.5, mask[:, :, ::2, ::2]
 
-    def level_terms(
-        self,
-        feats: Sequence[Tensor],
-        level: int,
-        offset: Optional[Tensor] = None,
-        mask: Optional[Tensor] = None,
-    ) -> List[Tuple[int, Tensor]]:
-        """The resampled neighbours of ``level``, each on ``level``'s grid.
-
-        Returns:
-            list[tuple[int, Tensor]]: ``(source_level, feature)`` pairs in the
-            order mid, low, high; features are (N, C_out, H_l, W_l).
-        """
-        terms = [(level, self.mid_branch(feats[level], offset, mask))]
-        if level > 0:
-            terms.append(
-                (level - 1, self.low_branch(feats[level - 1], offset, mask))
-            )
-        if level < len(feats) - 1:
-            coarse = feats[level + 1]
-            off_hi = mask_hi = None
-            if self.deformable:
-                off_hi, mask_hi = self.coarser_level_offsets(
-                    offset, mask, coarse.shape[-2:]
-                )
-            high = F.interpolate(
-                self.high_branch(coarse, off_hi, mask_hi),
-                size=feats[level].shape[-2:],
-                mode='bilinear',
-                align_corners=True,
-            )
-            terms.append((level + 1, high))
-        return terms
-
-    def pyramid_terms(
+    def forward(
         self,
         feats: Sequence[Tensor],
         offsets: Optional[Sequence[Tensor]] = None,
         masks: Optional[Sequence[Tensor]] = None,
     ) -> List[List[Tuple[int, Tensor]]]:
-        """:meth:`level_terms` of every level, each branch batched over levels.
+        """The resampled neighbours of every level, each on that level's grid.
 
-        With the native DCN, a branch has one weight for all levels, so its
-        convs on all levels are one gather-and-matmul call over a single
-        channels-last copy of the pyramid that all three branches share.
-        With mmcv's kernel (or plain convs) this is the per-level loop.
+        Each branch runs once over all the levels it reads (mid: every
+        level; low: all but the coarsest; high: all but the finest), so
+        with the native DCN a branch is one gather-and-matmul call, and the
+        three calls share one copy of the pyramid (:class:`SharedMaps`).
 
         Args:
-            feats (Sequence[Tensor]): L maps (N, C_in, H_l, W_l).
+            feats (Sequence[Tensor]): L maps (N, C_in, H_l, W_l), level l+1
+                half the size of level l.
             offsets, masks (Sequence[Tensor], optional): Per level, from
                 :meth:`offsets_and_masks`; required when deformable.
 
         Returns:
-            list[list[tuple[int, Tensor]]]: Per level, what
-            ``level_terms(feats, level, offsets[level], masks[level])``
-            returns.
+            list[list[tuple[int, Tensor]]]: Per output level l, the
+            ``(source_level, feature)`` pairs in the order mid (l), low
+            (l - 1), high (l + 1), where those levels exist; features are
+            (N, C_out, H_l, W_l).
         """
         num = len(feats)
-        branches = (self.mid_branch, self.low_branch, self.high_branch)
-        if not self.deformable or not all(
-            native_path_active(b.conv.backend, feats[0]) for b in branches
-        ):
-            return [
-                self.level_terms(
-                    feats,
-                    lvl,
-                    None if offsets is None else offsets[lvl],
-                    None if masks is None else masks[lvl],
+        if not self.deformable:
+            offsets = masks = [None] * num
+        # One pyramid for the three branches: the native DCN copies it into
+        # its pixel table once.
+        pyramid = SharedMaps(feats)
+        mid = self.mid_branch(pyramid, range(num), offsets, masks)
+        # Level l's offsets drive the low branch reading level l - 1.
+        low = self.low_branch(pyramid, range(num - 1), offsets[1:], masks[1:])
+        high_offsets, high_masks = [None] * (num - 1), [None] * (num - 1)
+        if self.deformable:
+            coarse = [
+                self.coarser_level_offsets(
+                    offsets[lvl], masks[lvl], feats[lvl + 1].shape[-2:]
                 )
-                for lvl in range(num)
+                for lvl in range(num - 1)
             ]
-        table = pixel_table(feats)
-
-        def run(branch, sources, offs, msks):
-            conv = branch.conv
-            outs = deform_conv2d_on_table(
-                table,
-                sources,
-                offs,
-                msks,
-                conv.weight,
-                conv.bias,
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-            )
-            return [
-                branch.norm(o) if branch.norm is not None else o for o in outs
-            ]
-
-        mid = run(self.mid_branch, list(range(num)), offsets, masks)
-        low = run(
-            self.low_branch, list(range(num - 1)), offsets[1:], masks[1:]
-        )
-        coarse = [
-            self.coarser_level_offsets(
-                offsets[lvl], masks[lvl], feats[lvl + 1].shape[-2:]
-            )
-            for lvl in range(num - 1)
-        ]
-        high = run(
-            self.high_branch,
-            list(range(1, num)),
-            [o for o, _ in coarse],
-            [m for _, m in coarse],
+            high_offsets = [o for o, _ in coarse]
+            high_masks = [m for _, m in coarse]
+        high = self.high_branch(
+            pyramid, range(1, num), high_offsets, high_masks
         )
         terms = []
         for lvl in range(num):
@@ -301,16 +258,12 @@ class SpatialAwareAttention(nn.Module):
             if lvl > 0:
                 level.append((lvl - 1, low[lvl - 1]))
             if lvl < num - 1:
-                level.append(
-                    (
-                        lvl + 1,
-                        F.interpolate(
-                            high[lvl],
-                            size=feats[lvl].shape[-2:],
-                            mode='bilinear',
-                            align_corners=True,
-                        ),
-                    )
+                up = F.interpolate(
+                    high[lvl],
+                    size=feats[lvl].shape[-2:],
+                    mode='bilinear',
+                    align_corners=True,
                 )
+                level.append((lvl + 1, up))
             terms.append(level)
         return terms

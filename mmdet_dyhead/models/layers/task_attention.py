@@ -5,7 +5,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mmdet_dyhead.ops.deform_conv import exporting
+from mmdet_dyhead.ops import exporting
 
 from .hard_sigmoid import build_hard_sigmoid
 

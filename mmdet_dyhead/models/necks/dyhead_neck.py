@@ -1,7 +1,7 @@
 """The DyHead neck: N stacked blocks on an L-level feature pyramid."""
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
@@ -9,8 +9,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mmdet_dyhead.registry import MODELS
+from mmdet_dyhead.utils.misc import check_choice
 
-from ..layers import DynamicHeadBlock
+from ..layers import BlockAttention, DynamicHeadBlock
 
 # Named settings. Every key can still be overridden one by one.
 DYHEAD_PRESETS = {
@@ -106,11 +107,7 @@ class DyHeadNeck(BaseModule):
         **block_overrides,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
-        if preset not in DYHEAD_PRESETS:
-            raise ValueError(
-                f'preset={preset!r} does not exist; choose one of '
-                f'{tuple(DYHEAD_PRESETS)}.'
-            )
+        check_choice('preset', preset, DYHEAD_PRESETS)
         if not isinstance(in_channels, int):
             in_channels = list(in_channels)
             if len(set(in_channels)) != 1:
@@ -193,6 +190,10 @@ class DyHeadNeck(BaseModule):
                 )
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        """Args: inputs: L tensors (N, C_in, H_l, W_l).
+
+        Returns: L tensors (N, C_out, H_l, W_l).
+        """
         self._check_inputs(inputs)
         feats = list(inputs)
         for block in self.dyhead_blocks:
@@ -206,3 +207,31 @@ class DyHeadNeck(BaseModule):
             else:
                 feats = block(feats)
         return tuple(feats)
+
+    def forward_with_attention(
+        self, inputs: Sequence[Tensor]
+    ) -> Tuple[Tuple[Tensor, ...], List[BlockAttention]]:
+        """The outputs of :meth:`forward` and every block's attentions.
+
+        Runs each block's
+        :meth:`~mmdet_dyhead.models.layers.DynamicHeadBlock.forward_with_attention`,
+        the computation its ``forward`` runs, so the outputs equal
+        :meth:`forward`'s bit for bit (without gradient checkpointing,
+        which changes memory, not values).
+
+        Args:
+            inputs (Sequence[Tensor]): L tensors (N, C_in, H_l, W_l).
+
+        Returns:
+            tuple: The L output tensors (N, C_out, H_l, W_l) and one
+            :class:`~mmdet_dyhead.models.layers.BlockAttention` per block,
+            in order. Block k's ``inputs`` is the neck input for k = 0 and
+            block k - 1's ``outputs`` otherwise (paper Figure 4's stages).
+        """
+        self._check_inputs(inputs)
+        feats = list(inputs)
+        attentions = []
+        for block in self.dyhead_blocks:
+            feats, attention = block.forward_with_attention(feats)
+            attentions.append(attention)
+        return tuple(feats), attentions
