@@ -254,8 +254,8 @@ def test_bad_counts_are_rejected(capsys, quickstart):
 
 @pytest.mark.slow
 def test_quick_run_trains_both_and_writes_the_table(tmp_path):
-    # No --out-dir: everything goes to work_dirs/quickstart of the cwd.
-    out = tmp_path / 'work_dirs' / 'quickstart'
+    # No --out-dir: everything goes to work_dirs/ab_study of the cwd.
+    out = tmp_path / 'work_dirs' / 'ab_study'
 
     def quickstart_cli(*extra):
         proc = subprocess.run(

@@ -1,9 +1,9 @@
-# Stage 1 of the quickstart: pre-trains the backbone and FPN that both
+# Stage 1 of the A/B study: pre-trains the backbone and FPN that both
 # compared detectors start from, the way ImageNet weights are shared in the
 # paper. The head is RetinaNet's, with one stacked conv: a head that is not
 # under test and light enough that the backbone and FPN have to do the work.
 # Everything else (data, backbone, FPN, schedule) is the ATSS baseline's.
-_base_ = './atss_r18-tiny_fpn_synthetic.py'
+_base_ = '../../../configs/quickstart/atss_r18-tiny_fpn_synthetic.py'
 
 # The rate the experiments of docs/ab_study.md pre-trained with; the
 # compared heads were tuned on top of these weights.
