@@ -50,6 +50,7 @@ def config_path(rel_path: str) -> str:
     """``configs/<rel_path>`` of this checkout."""
     return osp.join(ROOT, 'configs', rel_path)
 
+
 FAMILIES = (
     (
         'ATSS',

@@ -23,7 +23,8 @@ Examples::
     python benchmarks/benchmark_dyhead.py  # work_dirs/benchmark_dyhead/
     python benchmarks/benchmark_dyhead.py --out docs/benchmarks.md  # the doc
     python benchmarks/benchmark_dyhead.py --quick --out /tmp/b.md
-    python benchmarks/benchmark_dyhead.py --sizes 800x1344 --batches 1 --repeats 5
+    python benchmarks/benchmark_dyhead.py --sizes 800x1344 --batches 1 \
+        --repeats 5
 """
 
 import argparse
@@ -678,6 +679,7 @@ def main(argv=None):
     with open(args.out, 'w') as f:
         f.write('\n'.join(lines))
     print(f'wrote {args.out}')
+
 
 if __name__ == '__main__':
     main()

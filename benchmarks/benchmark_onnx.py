@@ -55,6 +55,7 @@ def config_path(*parts: str) -> str:
     """``configs/<parts>`` of this checkout."""
     return osp.join(ROOT, 'configs', *parts)
 
+
 MODELS = ('tiny', 'atss_r50_6b')
 DEFAULT_SIZES = {'tiny': (512, 672), 'atss_r50_6b': (800, 1344)}
 FORMS = ('deform_conv', 'grid_sample')
@@ -301,6 +302,7 @@ def main(argv=None) -> int:
     with open(out, 'w') as f:
         f.write(text + '\n')
     return 0
+
 
 if __name__ == '__main__':
     sys.exit(main())
