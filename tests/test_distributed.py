@@ -143,7 +143,9 @@ def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(
         loaded = torch.load(ckpt, map_location='cpu')
     assert loaded['meta']['iter'] == 3
     # Strict load into the same architecture: no key or shape mismatch.
-    model = init_detector(Config.fromfile(str(config)), device='cpu')
+    # palette given: this config has no test_dataloader to read one from
+    cfg = Config.fromfile(str(config))
+    model = init_detector(cfg, palette='random', device='cpu')
     model.load_state_dict(loaded['state_dict'], strict=True)
     # DDP wrapped the model, but the saved keys are the plain model's.
     assert not any(k.startswith('module.') for k in loaded['state_dict'])
