@@ -200,8 +200,9 @@ def test_a_code_running_checkpoint_is_refused_by_every_tool(
     elif tool == 'inferencer':  # the set-up docs/inference.md documents
         from mmdet.apis import DetInferencer
 
-        with checkpoint_loaders(), pytest.raises(
-            CheckpointError, match=refused
+        with (
+            checkpoint_loaders(),
+            pytest.raises(CheckpointError, match=refused),
         ):
             DetInferencer(
                 model=trained['config'], weights=source, device='cpu'
