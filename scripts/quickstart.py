@@ -131,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             f'train_cfg.max_iters={it}',
             f'train_cfg.val_interval={it}',
             f'default_hooks.checkpoint.interval={it}',
+            'default_hooks.logger.interval=1',
             'model.test_cfg.score_thr=0.0',
         ]
     cfg_options = ['--cfg-options'] + options if options else []
@@ -142,7 +143,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         + cfg_options,
     )
     with open(osp.join(ROOT, train_dir, 'last_checkpoint')) as f:
-        checkpoint = osp.relpath(f.read().strip(), ROOT)
+        checkpoint = f.read().strip()  # absolute: mmengine writes it so
+    if checkpoint.startswith(ROOT + os.sep):
+        checkpoint = osp.relpath(checkpoint, ROOT)
 
     test_dir = osp.join(out, 'test')
     predictions = osp.join(test_dir, 'predictions.pkl')
@@ -201,8 +204,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             checkpoint,
             '--out-dir',
             det_dir,
-        ]
-        + cfg_options,
+        ],
     )
     attn_dir = osp.join(out, 'attention')
     run(

@@ -23,7 +23,13 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('quickstart') / 'qs'
-    env = dict(os.environ, MPLBACKEND='Agg', OMP_NUM_THREADS='1')
+    # The tools import this checkout's package, not an installed copy.
+    env = dict(
+        os.environ,
+        MPLBACKEND='Agg',
+        OMP_NUM_THREADS='1',
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    )
     proc = subprocess.run(
         [
             sys.executable,

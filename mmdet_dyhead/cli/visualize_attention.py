@@ -38,7 +38,7 @@ def parse_args(argv=None):
         '--images',
         nargs='+',
         required=True,
-        help='images for the feature-map figure',
+        help='images (or folders of images) for the feature-map figure',
     )
     p.add_argument('--out-dir', required=True, help='folder for the PNGs')
     p.add_argument(
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     written = []
 
     with AttentionRecorder(layer) as feats, torch.no_grad():
-        for path in args.images:
+        for path in expand_images(args.images):
             inputs, samples = load_images(model, [path])
             model.extract_feat(inputs)
             feats.collect()
