@@ -1,22 +1,21 @@
+"""Fixtures shared by the tests; plain helpers are in tests/helpers.py."""
+
 import functools
 import http.server
-import os
 import sys
 import threading
 
 import pytest
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT
+
+# The tests import this checkout's package (and projects/, benchmarks/),
+# not an installed copy.
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import mmdet_dyhead  # noqa: E402,F401  (registers the modules)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|: the relative error used across the tests."""
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.fixture(scope='module')
@@ -33,34 +32,6 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def pyramid(
-    batch=2,
-    channels=32,
-    size=(40, 56),
-    levels=5,
-    dtype=torch.float32,
-    requires_grad=False,
-):
-    """A random feature pyramid whose level l+1 is ceil(level l / 2)."""
-    feats = []
-    h, w = size
-    for _ in range(levels):
-        feats.append(
-            torch.randn(
-                batch, channels, h, w, dtype=dtype, requires_grad=requires_grad
-            )
-        )
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return feats
-
-
-def subprocess_env():
-    """Environment for child processes that must import this source tree."""
-    env = dict(os.environ)
-    env['PYTHONPATH'] = REPO_ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    return env
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

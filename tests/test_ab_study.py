@@ -10,7 +10,6 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, subprocess_env
 from mmengine.config import Config
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -18,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 from projects.ab_study import ab_study as quickstart_module
 from projects.ab_study import study_ablation as study
 from projects.synthetic_coco import SYNTHETIC_CLASSES, generate_synthetic_coco
+from tests.helpers import REPO_ROOT, subprocess_env
 
 CONFIG_DIR = osp.join(REPO_ROOT, 'configs', 'quickstart')
 QUICKSTART = osp.join(REPO_ROOT, 'projects', 'ab_study', 'ab_study.py')

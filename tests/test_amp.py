@@ -255,8 +255,7 @@ def test_train_tool_with_amp_flag_trains_dyhead(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT, subprocess_env
-    from test_distributed import write_train_config
+    from tests.helpers import REPO_ROOT, subprocess_env, write_train_config
 
     config = write_train_config(tmp_path, num_train=4)
     proc = subprocess.run(

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, subprocess_env
 
 from projects.synthetic_coco import generate_synthetic_coco
+from tests.helpers import REPO_ROOT, subprocess_env
 
 CONFIG = osp.join(
     REPO_ROOT,

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import pyramid, rel_err
 
 from mmdet_dyhead.models import (
     DynamicHeadBlock,
@@ -12,6 +11,7 @@ from mmdet_dyhead.models import (
     TaskAwareAttention,
 )
 from mmdet_dyhead.ops import modulated_deform_conv2d
+from tests.helpers import pyramid, rel_err
 
 
 def _randomize(module, std=0.3):

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, subprocess_env
 
 from mmdet_dyhead.checkpoint import (
     CheckpointError,
@@ -28,6 +27,7 @@ from projects.synthetic_coco import (
     mmdet_config_path,
     tiny_detector_cfg,
 )
+from tests.helpers import REPO_ROOT, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 

@@ -10,13 +10,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import subprocess_env
 from mmengine.config import Config
 from mmengine.registry import HOOKS, MODELS, init_default_scope
 
 from mmdet_dyhead.cli import train as train_tool
 from mmdet_dyhead.engine import DyHeadCheckHook
 from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
+from tests.helpers import subprocess_env
 
 USER_CONFIG = """
 _base_ = 'mmdet_dyhead::atss/atss_r50_fpn_dyhead-6b_1x_coco.py'

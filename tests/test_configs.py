@@ -11,7 +11,6 @@ import re
 
 import mmdet
 import pytest
-from conftest import REPO_ROOT
 from mmengine.config import Config
 from mmengine.registry import MODELS as ROOT_MODELS
 from mmengine.registry import init_default_scope
@@ -21,6 +20,7 @@ from mmdet_dyhead.engine import DyHeadConfigError, check_dyhead_detector
 from mmdet_dyhead.models.necks import DyHeadNeck
 from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
 from mmdet_dyhead.registry import MODELS
+from tests.helpers import REPO_ROOT
 
 # Building fills large weight tensors; on a loaded 2-core machine a second
 # intra-op thread mostly waits.
@@ -311,7 +311,10 @@ DY_ATSS = 'atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
 def test_head_with_conv_towers_is_stopped_before_training(tmp_path):
     """Through mmengine's Runner, as tools/train.py runs it: the hook of the
     shipped config stops the run before the first iteration."""
-    from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
+    from projects.synthetic_coco import (
+        generate_synthetic_coco,
+        tiny_detector_cfg,
+    )
 
     data = generate_synthetic_coco(
         str(tmp_path / 'data'),

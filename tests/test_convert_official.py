@@ -13,10 +13,10 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, rel_err
 
 from mmdet_dyhead.checkpoint import convert
 from mmdet_dyhead.cli import convert_official_dyhead as tool
+from tests.helpers import REPO_ROOT, rel_err
 
 CONFIG = osp.join(
     REPO_ROOT, 'configs/atss/atss_r50-caffe_fpn_dyhead-6b_official_1x_coco.py'

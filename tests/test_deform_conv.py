@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import rel_err
 
 from mmdet_dyhead.ops import (
     ModulatedDeformConv,
@@ -12,6 +11,7 @@ from mmdet_dyhead.ops import (
     modulated_deform_conv2d,
     resolve_dcn_backend,
 )
+from tests.helpers import rel_err
 
 needs_mmcv = pytest.mark.skipif(
     not mmcv_ops_available(), reason='mmcv built without ops'

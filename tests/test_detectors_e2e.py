@@ -14,7 +14,6 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REPO_ROOT
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
@@ -24,6 +23,7 @@ from pycocotools.cocoeval import COCOeval
 from mmdet_dyhead.models.necks import DyHeadNeck
 from mmdet_dyhead.models.roi_heads import TaskAttnBBoxHead
 from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
+from tests.helpers import REPO_ROOT
 
 CFG = osp.join(REPO_ROOT, 'configs')
 # Table 3 of the paper: (family, baseline config, +DyHead config(s)).

@@ -10,73 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, subprocess_env
 
 from mmdet_dyhead.engine import (
     CPUDistributedDataParallel,
     init_cpu_process_group,
 )
-
-BASE_CONFIG = osp.join(
-    REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
-)
-
-TRAIN_CONFIG = """
-_base_ = {base!r}
-custom_imports = dict(imports=['mmdet_dyhead'],
-                      allow_failed_imports=False)
-data_root = {data_root!r}
-classes = {classes!r}
-model = dict(
-    backbone=dict(depth=18, base_channels=8, out_indices=(1, 2, 3),
-                  frozen_stages=-1, norm_eval=False, init_cfg=None),
-    neck=[
-        dict(type='FPN', in_channels=[16, 32, 64], out_channels=32,
-             start_level=0, add_extra_convs='on_output', num_outs=5),
-        dict(type='DyHeadNeck', in_channels=32, out_channels=32, num_blocks=2,
-             num_levels=5,
-             norm_cfg=dict(type='GN', num_groups=8, requires_grad=True)),
-    ],
-    bbox_head=dict(num_classes=len(classes), in_channels=32, feat_channels=32))
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='Resize', scale=(64, 64), keep_ratio=True),
-    dict(type='PackDetInputs'),
-]
-train_dataloader = dict(
-    batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, metainfo=dict(classes=classes),
-                 ann_file='annotations/instances_train.json',
-                 data_prefix=dict(img='train/'), pipeline=train_pipeline))
-val_dataloader = val_cfg = val_evaluator = None
-test_dataloader = test_cfg = test_evaluator = None
-train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=3)
-param_scheduler = []
-optim_wrapper = dict(optimizer=dict(lr=0.001))
-default_hooks = dict(checkpoint=dict(by_epoch=False, interval=3),
-                     logger=dict(interval=1))
-log_processor = dict(by_epoch=False)
-env_cfg = dict(dist_cfg=dict(backend='gloo'))
-"""
-
-
-def write_train_config(tmp_path, num_train=8):
-    """Synthetic data in tmp_path/data and a 3-iteration config for it."""
-    from projects.synthetic_coco import SYNTHETIC_CLASSES, generate_synthetic_coco
-
-    data = generate_synthetic_coco(
-        str(tmp_path / 'data'), num_train=num_train, num_val=2, image_size=64
-    )
-    config = tmp_path / 'train_cfg.py'
-    config.write_text(
-        TRAIN_CONFIG.format(
-            base=BASE_CONFIG,
-            data_root=data['data_root'] + '/',
-            classes=tuple(SYNTHETIC_CLASSES),
-        )
-    )
-    return config
+from tests.helpers import REPO_ROOT, subprocess_env, write_train_config
 
 
 def free_port():
@@ -131,9 +70,8 @@ def test_torchrun_two_cpu_processes_train_and_save_a_loadable_checkpoint(
     assert "type='CPUDistributedDataParallel'" in log
     assert len(re.findall(r'Iter\(train\) \[3/3\]', log)) >= 1, log[-3000:]
 
-    from mmengine.config import Config
-
     from mmdet.apis import init_detector
+    from mmengine.config import Config
 
     ckpt = work_dir / 'iter_3.pth'
     assert ckpt.is_file()

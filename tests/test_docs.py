@@ -27,7 +27,8 @@ import sys
 from typing import List, NamedTuple
 
 import pytest
-from conftest import REPO_ROOT, subprocess_env
+
+from tests.helpers import REPO_ROOT, subprocess_env
 
 DOCS = ['README.md'] + sorted(
     osp.relpath(p, REPO_ROOT)
@@ -108,10 +109,13 @@ def scratch(tmp_path):
 def tiny_files(tmp_path_factory):
     """A config, a checkpoint and images, made once per module."""
     import torch
+    from mmdet.apis import init_detector
     from mmengine.registry import init_default_scope
 
-    from mmdet.apis import init_detector
-    from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
+    from projects.synthetic_coco import (
+        generate_synthetic_coco,
+        tiny_detector_cfg,
+    )
 
     scratch = tmp_path_factory.mktemp('tiny')
     data = generate_synthetic_coco(

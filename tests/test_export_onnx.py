@@ -10,7 +10,8 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+
+from tests.helpers import REPO_ROOT
 
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')

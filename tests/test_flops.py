@@ -5,11 +5,11 @@ import os.path as osp
 
 import pytest
 import torch
-from conftest import pyramid
 
 from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.ops import ModulatedDeformConv, mmcv_ops_available
 from mmdet_dyhead.utils.flops import FLOP_HANDLES
+from tests.helpers import pyramid
 
 BACKENDS = [
     'torch',
@@ -174,9 +174,8 @@ def test_mmdet_mode_counts_a_dyhead_config_without_dcn_warning(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT, subprocess_env
-
     from projects.synthetic_coco import generate_synthetic_coco
+    from tests.helpers import REPO_ROOT, subprocess_env
 
     # The quickstart config reads data/synthetic_coco/ under the cwd.
     generate_synthetic_coco(
@@ -280,7 +279,7 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT, subprocess_env
+    from tests.helpers import REPO_ROOT, subprocess_env
 
     docs = os.path.join(REPO_ROOT, 'docs', 'benchmarks.md')
     before = open(docs).read()

@@ -9,13 +9,13 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
 from mmengine.config import Config
 
 from mmdet_dyhead.cli import image_demo
 from mmdet_dyhead.cli import test as test_tool
 from mmdet_dyhead.cli import train as train_tool
 from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 DYHEAD_ATSS = osp.join(

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import pyramid, rel_err
 
 from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.models.key_mapping import from_mmdet_keys, to_mmdet_keys
 from mmdet_dyhead.ops import mmcv_ops_available
+from tests.helpers import pyramid, rel_err
 
 pytestmark = pytest.mark.skipif(
     not mmcv_ops_available(), reason="mmdet's DyHead needs mmcv ops"

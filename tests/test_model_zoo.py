@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
-from conftest import REPO_ROOT, pyramid, rel_err
 from torch.hub import HASH_REGEX
 
 from mmdet_dyhead.checkpoint import (
@@ -22,6 +21,7 @@ from mmdet_dyhead.checkpoint import (
     load_state_dict,
 )
 from mmdet_dyhead.checkpoint.files import default_cache_dir
+from tests.helpers import REPO_ROOT, pyramid, rel_err
 
 
 def mmdet_mim_dir():
@@ -537,7 +537,10 @@ def test_mim_train_then_mim_test_run_a_config_of_this_package(tmp_path):
     --checkpoint ...` run the wheel's .mim/tools scripts (mmdet's, with the
     plugin imported) on a tiny ATSS+DyHead config; the test ends with
     CocoMetric's COCO summary."""
-    from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
+    from projects.synthetic_coco import (
+        generate_synthetic_coco,
+        tiny_detector_cfg,
+    )
 
     _, env = installed_package_dir(tmp_path)
     data = generate_synthetic_coco(

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import pyramid, rel_err
 
 from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.models.necks import DYHEAD_PRESETS
 from mmdet_dyhead.registry import MODELS
+from tests.helpers import pyramid, rel_err
 
 
 @pytest.mark.parametrize('levels', [3, 4, 5, 6])

@@ -9,7 +9,7 @@ compares. Only new, package-owned names may appear.
 import subprocess
 import sys
 
-from conftest import subprocess_env
+from tests.helpers import subprocess_env
 
 SNAPSHOT_AND_COMPARE = r"""
 import sys

@@ -101,7 +101,10 @@ class _AttrProbe:
 def test_getattr_is_limited_to_history_buffer_statistics(tmp_path):
     path = tmp_path / 'probe.pth'
     torch.save({'x': _AttrProbe()}, path)
-    with mmengine_safe_globals(), pytest.raises(
-        pickle.UnpicklingError, match='HistoryBuffer statistics'
+    with (
+        mmengine_safe_globals(),
+        pytest.raises(
+            pickle.UnpicklingError, match='HistoryBuffer statistics'
+        ),
     ):
         torch.load(path, weights_only=True)

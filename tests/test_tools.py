@@ -15,13 +15,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
 from mmengine.config import Config
 
+from mmdet_dyhead.checkpoint import mmengine_safe_globals
 from mmdet_dyhead.cli import test as test_tool
 from mmdet_dyhead.cli import train as train_tool
-from projects.synthetic_coco import generate_synthetic_coco, mmdet_config_path, tiny_detector_cfg
-from mmdet_dyhead.checkpoint import mmengine_safe_globals
+from projects.synthetic_coco import (
+    generate_synthetic_coco,
+    mmdet_config_path,
+    tiny_detector_cfg,
+)
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 

@@ -7,10 +7,10 @@ import os.path as osp
 
 import pytest
 import torch
-from conftest import REPO_ROOT, pyramid
 
 from mmdet_dyhead.models import DyHeadNeck
 from mmdet_dyhead.visualization import AttentionRecorder, resolve_layer
+from tests.helpers import REPO_ROOT, pyramid
 
 pytest.importorskip('matplotlib')
 

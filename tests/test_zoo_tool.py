@@ -18,12 +18,12 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from mmdet_dyhead.checkpoint import CheckpointHashError
 from mmdet_dyhead.checkpoint import zoo as zoo_module
 from mmdet_dyhead.cli import zoo as tool
+from tests.helpers import REPO_ROOT
 
 
 def save_weights(path, value):

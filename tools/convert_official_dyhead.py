@@ -1,6 +1,6 @@
 """Convert an official DynamicHead (detectron2) ATSS checkpoint to our layout.
 
-See --help; the logic is in mmdet_dyhead/cli/convert_official_dyhead.py.
+See --help; the logic is in mmdet_dyhead/checkpoint/convert.py.
 """
 
 import os.path as osp
