@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mmdet_dyhead.models import DyHeadNeck
+from mmdet_dyhead.models.key_mapping import to_mmdet_keys
 from mmdet_dyhead.models.necks import DYHEAD_PRESETS
 from mmdet_dyhead.registry import MODELS
 from tests.helpers import pyramid, rel_err
@@ -173,3 +174,25 @@ def test_errors_name_the_problem_and_the_fix():
         DyHeadNeck(16, 16, hsigmoid='sigmoid')
     with pytest.raises(TypeError, match='unknown arguments'):
         DyHeadNeck(16, 16, num_block=3)
+
+
+@pytest.mark.parametrize('bad', [0, 2.5, '6', True, None])
+def test_num_blocks_that_is_not_a_positive_int_is_named(bad):
+    with pytest.raises(ValueError, match=r'num_blocks must be a whole'):
+        DyHeadNeck(16, 16, num_blocks=bad)
+
+
+def test_a_one_level_pyramid_runs_and_matches_mmdet():
+    """One level: only the mid branch (no finer or coarser neighbour), as
+    in mmdet's DyHead."""
+    from mmdet.models.necks import DyHead
+
+    torch.manual_seed(0)
+    ours = DyHeadNeck(16, 16, num_blocks=2, zero_init_offset=False).eval()
+    ref = DyHead(16, 16, num_blocks=2, zero_init_offset=False).eval()
+    ref.load_state_dict(to_mmdet_keys(ours.state_dict()))
+    x = [torch.randn(2, 16, 12, 10)]
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert len(got) == 1
+    assert rel_err(got[0], want[0]) < 1e-5

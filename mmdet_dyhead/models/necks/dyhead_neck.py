@@ -124,8 +124,18 @@ class DyHeadNeck(BaseModule):
                     f'but num_levels={num_levels}.'
                 )
             in_channels = in_channels[0]
-        if num_blocks < 1:
-            raise ValueError(f'num_blocks must be >= 1, got {num_blocks}.')
+        # bool is an int to Python, and '6' or 2.5 would fail later with a
+        # bare TypeError that does not name the argument.
+        if (
+            isinstance(num_blocks, bool)
+            or not isinstance(num_blocks, int)
+            or num_blocks < 1
+        ):
+            raise ValueError(
+                f'DyHeadNeck num_blocks must be a whole number >= 1 (the '
+                f'paper uses 6), got {num_blocks!r}; set e.g. num_blocks=6 '
+                f'in the config.'
+            )
         unknown = (
             set(block_overrides)
             - set(DYHEAD_PRESETS['mmdet'])
