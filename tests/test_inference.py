@@ -6,6 +6,7 @@ import json
 import os
 import os.path as osp
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -106,3 +107,21 @@ def test_image_demo_refuses_a_dyhead_config_without_custom_imports(
     image = osp.join(data['data_root'], data['val_img_dir'])
     with pytest.raises(SystemExit, match='custom_imports'):
         image_demo.main([image, bad, '--weights', ckpt])
+
+
+@pytest.mark.parametrize(
+    'content, problem',
+    [(b'', 'is empty'), (b'not an image', 'is not an image')],
+)
+def test_image_demo_names_an_empty_or_broken_image(
+    trained, tmp_path, content, problem
+):
+    """OpenCV alone stops with `!buf.empty()` and no file name."""
+    _, data, config, ckpt = trained
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    val = osp.join(data['data_root'], data['val_img_dir'])
+    shutil.copy(osp.join(val, sorted(os.listdir(val))[0]), folder / 'a.png')
+    (folder / 'b.png').write_bytes(content)
+    with pytest.raises(SystemExit, match=rf'b\.png {problem}'):
+        image_demo.main([str(folder), config, '--weights', ckpt])

@@ -13,6 +13,7 @@ weights unloaded is refused unless ``--allow-partial-checkpoint`` is given.
 """
 
 import argparse
+import os.path as osp
 from typing import List, Optional
 
 from mmdet_dyhead.checkpoint import CheckpointError
@@ -110,8 +111,32 @@ def build_inferencer(
         )
 
 
+def image_files(inputs: str) -> List[str]:
+    """The local image files ``inputs`` names: itself, or the images of a
+    folder as DetInferencer lists them (URLs are left to it)."""
+    from mmdet.apis.det_inferencer import IMG_EXTENSIONS
+    from mmengine.fileio import list_dir_or_file
+
+    if '://' in inputs:
+        return []
+    if not osp.isdir(inputs):
+        return [inputs]
+    return [
+        osp.join(inputs, name)
+        for name in list_dir_or_file(
+            inputs, list_dir=False, suffix=IMG_EXTENSIONS
+        )
+    ]
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
+    from mmdet_dyhead.deploy.inputs import check_images
+
+    try:
+        check_images(image_files(args.inputs))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f'error: {err}') from err
     try:
         inferencer = build_inferencer(
             args.model,

@@ -23,14 +23,11 @@ def load_images(model, image_paths: Sequence[str]) -> Tuple[Tensor, List]:
         N ``DetDataSample`` objects holding each image's meta information
         (``img_shape``, ``scale_factor``, ``ori_shape``, ...).
     """
-    import os.path as osp
 
     from mmcv.transforms import Compose
     from mmdet.utils import get_test_pipeline_cfg
 
-    missing = [p for p in image_paths if not osp.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f'image file(s) not found: {missing}.')
+    check_images(image_paths)
     pipeline_cfg = get_test_pipeline_cfg(model.cfg.copy())
     # Keep only what inference needs; annotation loaders fail on bare images.
     pipeline_cfg = [
@@ -47,3 +44,37 @@ def load_images(model, image_paths: Sequence[str]) -> Tuple[Tensor, List]:
     with torch.no_grad():
         data = model.data_preprocessor(data, False)
     return data['inputs'], data['data_samples']
+
+
+def check_images(image_paths: Sequence[str]) -> None:
+    """Refuse missing, empty or undecodable image files by name.
+
+    OpenCV would otherwise stop deep inside the pipeline with
+    ``!buf.empty()`` and no file name.
+
+    Args:
+        image_paths (Sequence[str]): Image files.
+
+    Raises:
+        FileNotFoundError: A file does not exist.
+        ValueError: A file is empty or not an image OpenCV can decode.
+    """
+    import os.path as osp
+
+    import cv2
+
+    missing = [p for p in image_paths if not osp.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f'image file(s) not found: {missing}.')
+    for path in image_paths:
+        if osp.getsize(path) == 0:
+            raise ValueError(
+                f'image file {path} is empty (0 bytes): an interrupted copy '
+                f'or download. Fix: copy it again, or leave it out.'
+            )
+        if cv2.imread(path, cv2.IMREAD_UNCHANGED) is None:
+            raise ValueError(
+                f'image file {path} is not an image OpenCV can read '
+                f'(corrupt, or another kind of file). Fix: check the file, '
+                f'or leave it out.'
+            )
