@@ -125,9 +125,9 @@ sys.exit(0 if (2, 0) <= v < (2, 14) else 1)
 PYEOF
     log "torch $torch_ver already installed"
   fi
-  log "installing build tools (setuptools>=77.0.3,<81 keeps pkg_resources, which mmcv/mmengine/mim import, without the deprecation warning 81 prints on every import)"
-  pip_run install -q "setuptools>=77.0.3,<81" wheel ninja ||
-    die "could not install setuptools<81/wheel/ninja (see above)."
+  log "installing build tools (setuptools>=77.0.3,<80.9 keeps pkg_resources, which mmcv/mmengine/mim import, without the UserWarning that 80.9 and later print on every import)"
+  pip_run install -q "setuptools>=77.0.3,<80.9" wheel ninja ||
+    die "could not install setuptools<80.9/wheel/ninja (see above)."
 
   # --- mmcv with compiled ops ---------------------------------------------------
   if "$PY" -c "import mmcv, mmcv._ext, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" >/dev/null 2>&1; then
@@ -175,7 +175,7 @@ PYEOF
   pip_run install -q --no-deps "openmim==0.3.9" || die "could not install openmim (see above)."
   pip_run install -q "${MIM_DEPS[@]}" || die "could not install mim's dependencies (see above)."
   "$PY" -c "import pkg_resources" >/dev/null 2>&1 ||
-    die "setuptools in $VENV has no pkg_resources (setuptools>=82?). Fix: $VENV/bin/pip install 'setuptools>=77.0.3,<81'."
+    die "setuptools in $VENV has no pkg_resources (setuptools>=82?). Fix: $VENV/bin/pip install 'setuptools>=77.0.3,<80.9'."
   echo "$want_stamp" >"$STAMP"
 fi
 
