@@ -108,3 +108,42 @@ def write_train_config(tmp_path, num_train=8):
         )
     )
     return config
+
+
+def train_tiny_dyhead(root, name: str):
+    """A tiny ATSS + DyHead trained for 2 iterations by the package's
+    tools/train.py on synthetic data in ``root``.
+
+    Args:
+        root (Path): An empty folder.
+        name (str): The run's experiment name (one logger per in-process
+            run).
+
+    Returns:
+        tuple: ``(data, cfg, config file, checkpoint file)``.
+    """
+    from mmdet_dyhead.cli import train as train_tool
+    from projects.synthetic_coco import (
+        generate_synthetic_coco,
+        tiny_detector_cfg,
+    )
+
+    data = generate_synthetic_coco(
+        str(root / 'data'),
+        num_train=2,
+        num_val=2,
+        image_size=64,
+        objects_per_image=(2, 3),
+    )
+    cfg = tiny_detector_cfg(
+        osp.join(REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'),
+        data,
+        str(root / 'work'),
+        iters=2,
+        checkpoint_interval=2,
+    )
+    cfg.experiment_name = name
+    config = str(root / 'tiny_atss_dyhead.py')
+    cfg.dump(config)
+    train_tool.main([config])
+    return data, cfg, config, str(root / 'work' / 'iter_2.pth')

@@ -23,17 +23,13 @@ from mmdet_dyhead.cli import image_demo, visualize_attention
 from mmdet_dyhead.cli import test as test_tool
 from mmdet_dyhead.cli import train as train_tool
 from projects.synthetic_coco import (
-    generate_synthetic_coco,
     mmdet_config_path,
     tiny_detector_cfg,
 )
-from tests.helpers import REPO_ROOT, subprocess_env
+from tests.helpers import REPO_ROOT, subprocess_env, train_tiny_dyhead
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
-DYHEAD_ATSS = osp.join(
-    REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
-)
 RETINANET = mmdet_config_path('retinanet/retinanet_r50_fpn_1x_coco.py')
 
 
@@ -52,20 +48,7 @@ def trained(tmp_path_factory):
     """A tiny ATSS + DyHead trained for 2 iterations by tools/train.py,
     another detector's checkpoint, and a live code-running pickle."""
     root = tmp_path_factory.mktemp('route')
-    data = generate_synthetic_coco(
-        str(root / 'data'),
-        num_train=2,
-        num_val=2,
-        image_size=64,
-        objects_per_image=(2, 3),
-    )
-    cfg = tiny_detector_cfg(
-        DYHEAD_ATSS, data, str(root / 'work'), iters=2, checkpoint_interval=2
-    )
-    cfg.experiment_name = 'route_train'
-    config = str(root / 'tiny_atss_dyhead.py')
-    cfg.dump(config)
-    train_tool.main([config])
+    data, cfg, config, ckpt = train_tiny_dyhead(root, 'route_train')
 
     from mmdet.apis import init_detector
 
@@ -84,7 +67,7 @@ def trained(tmp_path_factory):
     return dict(
         cfg=cfg,
         config=config,
-        ckpt=str(root / 'work' / 'iter_2.pth'),
+        ckpt=ckpt,
         foreign=str(foreign),
         evil=evil,
         marker=marker,

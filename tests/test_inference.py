@@ -14,40 +14,17 @@ from mmengine.config import Config
 
 from mmdet_dyhead.cli import image_demo
 from mmdet_dyhead.cli import test as test_tool
-from mmdet_dyhead.cli import train as train_tool
-from projects.synthetic_coco import generate_synthetic_coco, tiny_detector_cfg
-from tests.helpers import REPO_ROOT
+from tests.helpers import train_tiny_dyhead
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
-DYHEAD_ATSS = osp.join(
-    REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
-)
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """A tiny ATSS + DyHead trained for 2 iterations by tools/train.py."""
     root = tmp_path_factory.mktemp('inference')
-    data = generate_synthetic_coco(
-        str(root / 'data'),
-        num_train=2,
-        num_val=2,
-        image_size=64,
-        objects_per_image=(2, 3),
-    )
-    cfg = tiny_detector_cfg(
-        DYHEAD_ATSS,
-        data,
-        str(root / 'work'),
-        iters=2,
-        checkpoint_interval=2,
-    )
-    cfg.model.test_cfg.score_thr = 0.0
-    cfg.experiment_name = 'inference_train'
-    config = str(root / 'tiny_atss_dyhead.py')
-    cfg.dump(config)
-    train_tool.main([config])
-    return root, data, config, str(root / 'work' / 'iter_2.pth')
+    data, _, config, ckpt = train_tiny_dyhead(root, 'inference_train')
+    return root, data, config, ckpt
 
 
 def test_image_demo_predicts_what_the_test_tool_predicts(trained, tmp_path):
