@@ -1,11 +1,15 @@
 """Export an mmdet detector with DyHead to ONNX (no custom operators).
 
     python tools/export_onnx.py CONFIG CHECKPOINT --out model.onnx \
-        [--image demo.jpg] [--static] [--opset 19] \
+        [--postprocess] [--image demo.jpg] [--static] [--opset 19] \
         [--dcn-export {deform_conv,grid_sample}] [--cfg-options k=v ...]
 
 The graph maps a preprocessed image batch (N, 3, H, W) to the dense head's
-raw outputs; decoding and NMS stay in Python (see docs/deploy.md). Each
+raw outputs; decoding and NMS stay in Python (see docs/deploy.md). With
+``--postprocess`` it ends in final detections instead (priors, decoding,
+score threshold, top-k and NMS in the graph, the test_cfg and the
+preprocessing recorded in its metadata), which
+``mmdet_dyhead/deploy/runtime.py`` runs without torch. Each
 DyHead DCN is one standard ``DeformConv`` node (default, opset >= 19,
 onnxruntime >= 1.25) or, with ``--dcn-export grid_sample``, a GridSample
 decomposition that runtimes without DeformConv run (OpenVINO, older
@@ -68,6 +72,14 @@ def parse_args(argv=None):
         'deform_conv at opset >= 19, grid_sample below',
     )
     parser.add_argument(
+        '--postprocess',
+        action='store_true',
+        help='end-to-end graph: inputs input (N, 3, H, W) and img_shape '
+        '(N, 2), outputs dets (N, max_per_img, 5) and labels '
+        "(N, max_per_img) with the config's test_cfg baked in; run it "
+        'with mmdet_dyhead/deploy/runtime.py (no torch needed)',
+    )
+    parser.add_argument(
         '--box-tol',
         type=float,
         default=0.5,
@@ -103,8 +115,10 @@ def main(argv=None) -> int:
     from mmdet_dyhead.checkpoint import CheckpointError, load_checkpoint
     from mmdet_dyhead.deploy import (
         NativeBackendError,
+        PostprocessError,
         export_onnx,
         graph_op_counts,
+        img_shapes,
         load_images,
         resolve_dcn_export,
         use_native_dcn,
@@ -147,8 +161,10 @@ def main(argv=None) -> int:
             opset=args.opset,
             dynamic=not args.static,
             dcn_export=dcn_form,
+            postprocess=args.postprocess,
+            img_shape=img_shapes(samples) if samples else None,
         )
-    except NativeBackendError as e:
+    except (NativeBackendError, PostprocessError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     import onnx
@@ -159,11 +175,18 @@ def main(argv=None) -> int:
         if args.static
         else ''
     )
-    print(
-        f'wrote {args.out}: input (N, 3, H, W) -> {len(names)} outputs '
-        f'{names[0]} .. {names[-1]}'
-        f'{static_note}'
-    )
+    if args.postprocess:
+        k = model.bbox_head.test_cfg['max_per_img']
+        print(
+            f'wrote {args.out}: input (N, 3, H, W), img_shape (N, 2) -> '
+            f'dets (N, {k}, 5), labels (N, {k}){static_note}'
+        )
+    else:
+        print(
+            f'wrote {args.out}: input (N, 3, H, W) -> {len(names)} outputs '
+            f'{names[0]} .. {names[-1]}'
+            f'{static_note}'
+        )
     ops = graph_op_counts(args.out)
     dcn_op = 'DeformConv' if dcn_form == 'deform_conv' else 'GridSample'
     print(
@@ -173,6 +196,8 @@ def main(argv=None) -> int:
     if samples is None:
         print('no --image given: export not verified against onnxruntime.')
         return 0
+    if args.postprocess:
+        return _verify_end_to_end(args, model, images, samples)
     try:
         report = verify_onnx(
             model,
@@ -197,3 +222,33 @@ def main(argv=None) -> int:
             f'{r["max_score_diff"]:.3g}: {"OK" if r["ok"] else "MISMATCH"}'
         )
     return 0 if report['ok'] else 1
+
+
+def _verify_end_to_end(args, model, images, samples) -> int:
+    """``--postprocess --image``: onnxruntime against mmdet's predict."""
+    from mmdet_dyhead.deploy import verify_end_to_end
+
+    try:
+        report = verify_end_to_end(
+            model,
+            args.out,
+            images,
+            samples,
+            box_tol=args.box_tol,
+            score_tol=args.score_tol,
+        )
+    except RuntimeError as e:  # no DeformConv kernel in this onnxruntime
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    for path, r in zip(args.image, report['images']):
+        print(
+            f'{path}: {r["count_ref"]} detections (PyTorch predict) vs '
+            f'{r["count_other"]} (onnxruntime, end to end), max box diff '
+            f'{r["max_box_diff"]:.3g} px, max score diff '
+            f'{r["max_score_diff"]:.3g}: {"OK" if r["ok"] else "MISMATCH"}'
+        )
+    return 0 if report['ok'] else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -78,3 +78,69 @@ def check_images(image_paths: Sequence[str]) -> None:
                 f'(corrupt, or another kind of file). Fix: check the file, '
                 f'or leave it out.'
             )
+
+
+# Test-pipeline steps the torch-free runner (runtime.py) reproduces;
+# annotation loading and packing do nothing to the image.
+_PASSIVE_STEPS = ('LoadAnnotations', 'PackDetInputs')
+
+
+def preprocess_settings(cfg) -> dict:
+    """The test pipeline and data preprocessor as plain numbers.
+
+    What :mod:`mmdet_dyhead.deploy.runtime` needs to turn an image file
+    into the exported graph's input without mmcv: the decode, the resize
+    and the normalisation and padding of ``DetDataPreprocessor``.
+
+    Args:
+        cfg (Config): The detector's config (``model.cfg``).
+
+    Returns:
+        dict: ``resize`` (``scale`` [w, h], ``keep_ratio``,
+        ``interpolation``), ``mean``, ``std``, ``bgr_to_rgb``,
+        ``pad_size_divisor`` and ``pad_value``; or, when a step has no
+        equivalent in the runner, ``{'unsupported': <reason>}``.
+    """
+    from mmdet.utils import get_test_pipeline_cfg
+
+    def name(step):
+        t = step['type']
+        return getattr(t, '__name__', str(t)).split('.')[-1]
+
+    resize = None
+    for step in get_test_pipeline_cfg(cfg.copy()):
+        kind = name(step)
+        if kind in _PASSIVE_STEPS:
+            continue
+        if kind == 'LoadImageFromFile':
+            if step.get('color_type', 'color') != 'color' or step.get(
+                'to_float32', False
+            ):
+                return dict(unsupported=f'{kind} {dict(step)}')
+            continue
+        if kind == 'Resize' and resize is None and step.get('scale'):
+            scale = step['scale']
+            if isinstance(scale, int):
+                scale = (scale, scale)
+            if step.get('backend', 'cv2') != 'cv2':
+                return dict(unsupported=f'{kind} {dict(step)}')
+            resize = dict(
+                scale=[int(scale[0]), int(scale[1])],
+                keep_ratio=bool(step.get('keep_ratio', False)),
+                interpolation=step.get('interpolation', 'bilinear'),
+            )
+            continue
+        return dict(unsupported=f'test pipeline step {dict(step)}')
+    pre = cfg.model.get('data_preprocessor', {})
+    if name(pre) != 'DetDataPreprocessor' or pre.get('batch_augments'):
+        return dict(unsupported=f'data_preprocessor {dict(pre)}')
+    mean = pre.get('mean')
+    std = pre.get('std')
+    return dict(
+        resize=resize,
+        mean=None if mean is None else [float(v) for v in mean],
+        std=None if std is None else [float(v) for v in std],
+        bgr_to_rgb=bool(pre.get('bgr_to_rgb') or pre.get('rgb_to_bgr')),
+        pad_size_divisor=int(pre.get('pad_size_divisor', 1)),
+        pad_value=float(pre.get('pad_value', 0)),
+    )

@@ -1,5 +1,6 @@
 """Export a detector's tensor forward to ONNX and check it with onnxruntime."""
 
+import json
 import warnings
 from collections import Counter
 from typing import Dict, List, Optional, Sequence
@@ -11,8 +12,14 @@ from torch import Tensor
 from mmdet_dyhead.utils.misc import check_choice
 
 from .dcn_onnx import DEFORM_CONV_MIN_OPSET, ONNX_DCN_FORMS, onnx_dcn_export
+from .inputs import preprocess_settings
 from .native_backend import check_exportable_modules
+from .postprocess import INPUT_NAMES, OUTPUT_NAMES, DetectorWithPostprocess
 from .tensor_forward import DetectorTensorForward
+
+# metadata_props['mmdet_dyhead.format'] of end-to-end files; the runner
+# refuses files of another format.
+DEPLOY_FORMAT = 'mmdet_dyhead.detections.v1'
 
 # GridSample (the decomposed DCN) exists in ONNX from opset 16 on.
 MIN_OPSET = 16
@@ -67,8 +74,11 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic: bool = True,
     dcn_export: Optional[str] = None,
+    postprocess: bool = False,
+    img_shape: Optional[Tensor] = None,
 ) -> List[str]:
-    """Write ``detector``'s raw tensor forward to ``out_file``.
+    """Write ``detector``'s raw tensor forward (or, with ``postprocess``,
+    its detections) to ``out_file``.
 
     Uses torch's TorchScript-based exporter (``dynamo=False``): it needs no
     extra package (the dynamo exporter needs ``onnxscript``) and handles the
@@ -92,22 +102,51 @@ def export_onnx(
             them to ``images.shape``.
         dcn_export (str, optional): ``'deform_conv'`` or ``'grid_sample'``;
             None picks :func:`resolve_dcn_export`'s default for ``opset``.
+        postprocess (bool): End-to-end graph
+            (:class:`~.postprocess.DetectorWithPostprocess`): inputs
+            ``input`` and ``img_shape`` (N, 2), outputs ``dets``
+            (N, max_per_img, 5) and ``labels`` (N, max_per_img); the
+            test_cfg and the preprocessing go into the file's
+            ``metadata_props`` (:func:`deploy_metadata`).
+        img_shape (Tensor, optional): (N, 2) (height, width) to trace the
+            end-to-end graph with; default: the whole of ``images``.
 
     Returns:
-        list[str]: Output names in graph order (``cls_score_0``, ...).
+        list[str]: Output names in graph order (``cls_score_0``, ... or
+        ``dets``, ``labels``).
+
+    Raises:
+        PostprocessError: ``postprocess`` for a head whose decoding or NMS
+            the graph does not reproduce.
     """
     form = resolve_dcn_export(dcn_export, opset)
     check_exportable_modules(detector)
-    wrapper = DetectorTensorForward(detector).eval()
-    with torch.no_grad():
-        wrapper(images)
-    names = wrapper.output_names()
+    if postprocess:
+        wrapper = DetectorWithPostprocess(detector).eval()
+        if img_shape is None:
+            img_shape = images.new_tensor(images.shape[2:]).repeat(
+                len(images), 1
+            )
+        args = (images, img_shape.float())
+        input_names = list(INPUT_NAMES)
+        names = list(OUTPUT_NAMES)
+    else:
+        wrapper = DetectorTensorForward(detector).eval()
+        with torch.no_grad():
+            wrapper(images)
+        args = (images,)
+        input_names = ['input']
+        names = wrapper.output_names()
     dynamic_axes = None
     if dynamic:
         dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
-        dynamic_axes.update(
-            {n: {0: 'batch', 2: f'h_{n}', 3: f'w_{n}'} for n in names}
-        )
+        if postprocess:
+            dynamic_axes.update({n: {0: 'batch'} for n in INPUT_NAMES[1:]})
+            dynamic_axes.update({n: {0: 'batch'} for n in names})
+        else:
+            dynamic_axes.update(
+                {n: {0: 'batch', 2: f'h_{n}', 3: f'w_{n}'} for n in names}
+            )
     with warnings.catch_warnings():
         # The neck and DCN validate shapes with Python comparisons; the
         # tracer warns that those become constants, which is what checks
@@ -116,9 +155,9 @@ def export_onnx(
         with onnx_dcn_export(form):
             torch.onnx.export(
                 wrapper,
-                (images,),
+                args,
                 out_file,
-                input_names=['input'],
+                input_names=input_names,
                 output_names=names,
                 opset_version=opset,
                 dynamic_axes=dynamic_axes,
@@ -128,7 +167,48 @@ def export_onnx(
     # export() puts the wrapper back in the mode it had, but be explicit:
     # BN in training mode would make every later comparison meaningless.
     detector.eval()
+    if postprocess:
+        _write_metadata(
+            out_file, deploy_metadata(detector, wrapper.settings, form)
+        )
     return names
+
+
+def deploy_metadata(detector, settings: Dict, dcn_form: str) -> Dict:
+    """What an end-to-end file records for the torch-free runner.
+
+    Args:
+        detector (SingleStageDetector): The exported model (``cfg`` set).
+        settings (dict): :func:`~.postprocess.postprocess_settings`.
+        dcn_form (str): The DCN form of the graph.
+
+    Returns:
+        dict[str, str]: ``metadata_props`` entries: ``mmdet_dyhead.format``,
+        ``.postprocess``, ``.preprocess`` and ``.classes`` (JSON), plus
+        each test_cfg value under its own key for viewers such as Netron.
+    """
+    meta = dict(getattr(detector, 'dataset_meta', None) or {})
+    classes = list(meta.get('classes') or [])
+    props = {
+        'mmdet_dyhead.format': DEPLOY_FORMAT,
+        'mmdet_dyhead.postprocess': json.dumps(settings),
+        'mmdet_dyhead.preprocess': json.dumps(
+            preprocess_settings(detector.cfg)
+        ),
+        'mmdet_dyhead.classes': json.dumps(classes),
+        'mmdet_dyhead.dcn_export': dcn_form,
+    }
+    for key in ('score_thr', 'nms_pre', 'iou_threshold', 'max_per_img'):
+        props[f'test_cfg.{key}'] = str(settings[key])
+    return props
+
+
+def _write_metadata(onnx_file: str, props: Dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(onnx_file)
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, onnx_file)
 
 
 def onnxruntime_session(onnx_file: str, num_threads: Optional[int] = None):
@@ -320,6 +400,95 @@ def verify_onnx(
     return dict(
         max_raw_abs_diff=abs_diff,
         max_raw_rel_diff=rel_diff,
+        images=per_image,
+        ok=all(p['ok'] for p in per_image),
+        torch_dets=ref_dets,
+        ort_dets=ort_dets,
+    )
+
+
+def img_shapes(data_samples: Sequence) -> Tensor:
+    """(N, 2) float32 (height, width) of each image inside the batch: the
+    end-to-end graph's ``img_shape`` input.
+
+    Args:
+        data_samples (Sequence[DetDataSample]): From :func:`load_images`.
+    """
+    return torch.tensor(
+        [s.metainfo['img_shape'][:2] for s in data_samples],
+        dtype=torch.float32,
+    )
+
+
+def detections_from_outputs(dets, labels) -> List:
+    """The end-to-end graph's padded outputs as one InstanceData per image.
+
+    Args:
+        dets (np.ndarray | Tensor): (N, K, 5) x1, y1, x2, y2, score.
+        labels (np.ndarray | Tensor): (N, K), -1 in unused rows.
+
+    Returns:
+        list[InstanceData]: ``bboxes`` (k, 4), ``scores`` (k,), ``labels``
+        (k,) of the used rows, in the input's pixels.
+    """
+    from mmengine.structures import InstanceData
+
+    dets, labels = torch.as_tensor(dets), torch.as_tensor(labels)
+    out = []
+    for d, lab in zip(dets, labels):
+        used = lab >= 0
+        out.append(
+            InstanceData(
+                bboxes=d[used, :4], scores=d[used, 4], labels=lab[used]
+            )
+        )
+    return out
+
+
+def verify_end_to_end(
+    detector,
+    onnx_file: str,
+    images: Tensor,
+    data_samples: Sequence,
+    box_tol: float = 0.5,
+    score_tol: float = 1e-4,
+) -> Dict:
+    """An end-to-end file in onnxruntime against mmdet's ``predict``.
+
+    The reference is ``detector.predict(images, data_samples,
+    rescale=False)``: mmdet's own post-processing, boxes in input pixels
+    like the graph's.
+
+    Args:
+        detector (SingleStageDetector): The exported model (eval mode).
+        onnx_file (str): Its end-to-end ONNX file.
+        images (Tensor): (N, 3, H, W) preprocessed images.
+        data_samples (Sequence[DetDataSample]): Their meta information.
+        box_tol (float): Allowed box difference in pixels.
+        score_tol (float): Allowed score difference.
+
+    Returns:
+        dict: Per image the :func:`match_detections` report under
+        ``images``; ``ok`` if every image passed; ``torch_dets`` and
+        ``ort_dets`` (lists of InstanceData).
+    """
+    session = onnxruntime_session(onnx_file)
+    dets, labels = session.run(
+        None,
+        {
+            'input': images.detach().cpu().float().numpy(),
+            'img_shape': img_shapes(data_samples).numpy(),
+        },
+    )
+    ort_dets = detections_from_outputs(dets, labels)
+    with torch.no_grad():
+        ref = detector.predict(images, list(data_samples), rescale=False)
+    ref_dets = [r.pred_instances for r in ref]
+    per_image = [
+        match_detections(r, o, box_tol, score_tol)
+        for r, o in zip(ref_dets, ort_dets)
+    ]
+    return dict(
         images=per_image,
         ok=all(p['ok'] for p in per_image),
         torch_dets=ref_dets,
