@@ -169,7 +169,9 @@ def export_onnx(
     detector.eval()
     if postprocess:
         _write_metadata(
-            out_file, deploy_metadata(detector, wrapper.settings, form)
+            out_file,
+            deploy_metadata(detector, wrapper.settings, form),
+            wrapper.settings['max_per_img'],
         )
     return names
 
@@ -187,8 +189,7 @@ def deploy_metadata(detector, settings: Dict, dcn_form: str) -> Dict:
         ``.postprocess``, ``.preprocess`` and ``.classes`` (JSON), plus
         each test_cfg value under its own key for viewers such as Netron.
     """
-    meta = dict(getattr(detector, 'dataset_meta', None) or {})
-    classes = list(meta.get('classes') or [])
+    classes = _class_names(detector)
     props = {
         'mmdet_dyhead.format': DEPLOY_FORMAT,
         'mmdet_dyhead.postprocess': json.dumps(settings),
@@ -203,11 +204,40 @@ def deploy_metadata(detector, settings: Dict, dcn_form: str) -> Dict:
     return props
 
 
-def _write_metadata(onnx_file: str, props: Dict[str, str]) -> None:
+def _class_names(detector) -> List[str]:
+    """The config's class names (its test dataset's ``metainfo``), else the
+    model's ``dataset_meta``; [] when neither matches the head's classes.
+
+    The config comes first: ``init_detector`` without a checkpoint fills
+    ``dataset_meta`` with COCO's 80 names whatever the model was trained on.
+    """
+    cfg = getattr(detector, 'cfg', None)
+    found = []
+    try:
+        found.append(cfg.test_dataloader.dataset.metainfo['classes'])
+    except (AttributeError, KeyError, TypeError):
+        pass
+    found.append(
+        (getattr(detector, 'dataset_meta', None) or {}).get('classes')
+    )
+    num = detector.bbox_head.num_classes
+    for names in found:
+        if names is not None and len(names) == num:
+            return [str(n) for n in names]
+    return []
+
+
+def _write_metadata(
+    onnx_file: str, props: Dict[str, str], max_per_img: int
+) -> None:
+    """Store ``props`` in the file and give ``dets``/``labels`` their fixed
+    second dimension (the tracer leaves it symbolic)."""
     import onnx
 
     model = onnx.load(onnx_file)
     onnx.helper.set_model_props(model, props)
+    for out in model.graph.output:
+        out.type.tensor_type.shape.dim[1].dim_value = max_per_img
     onnx.save(model, onnx_file)
 
 

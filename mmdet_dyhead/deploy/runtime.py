@@ -1,0 +1,386 @@
+"""Run an end-to-end ONNX detector with numpy, OpenCV and onnxruntime only.
+
+For files written by ``tools/export_onnx.py --postprocess``: the file's
+metadata holds the test pipeline's resize, the normalisation and padding,
+the class names and the baked-in test_cfg, so this module needs neither
+torch nor mmdet/mmcv/mmengine. It imports nothing from ``mmdet_dyhead``
+either: the package's ``__init__`` imports torch (it registers the
+models), so on a machine without torch run this file by its path, or copy
+it next to the model::
+
+    python mmdet_dyhead/deploy/runtime.py model.onnx img1.jpg img2.jpg \\
+        [--out-json dets.json] [--show-dir vis/] [--show-thr 0.3]
+
+It prints one JSON object per image: boxes in the original image's pixels
+(x1, y1, x2, y2), scores and labels (with names when the file has them).
+The same steps as mmdet's inference: ``cv2.imread`` (BGR), the config's
+``Resize`` (mmcv's rounding), BGR->RGB, ``(x - mean) / std``, zero padding
+to the size divisor; boxes scaled back by mmdet's ``scale_factor``.
+"""
+
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+# Must equal mmdet_dyhead.deploy.onnx_export.DEPLOY_FORMAT.
+DEPLOY_FORMAT = 'mmdet_dyhead.detections.v1'
+
+_INTERPOLATION = {
+    'nearest': cv2.INTER_NEAREST,
+    'bilinear': cv2.INTER_LINEAR,
+    'bicubic': cv2.INTER_CUBIC,
+    'area': cv2.INTER_AREA,
+    'lanczos': cv2.INTER_LANCZOS4,
+}
+
+
+def read_metadata(session) -> Dict:
+    """The ``mmdet_dyhead.*`` metadata of an end-to-end file.
+
+    Args:
+        session (onnxruntime.InferenceSession): The loaded file.
+
+    Returns:
+        dict: ``preprocess``, ``postprocess`` (dicts), ``classes`` (list).
+
+    Raises:
+        ValueError: Not an end-to-end file of this format (a raw-map
+            export, or another tool's), or preprocessing the runner cannot
+            reproduce; the message says what to do.
+    """
+    props = session.get_modelmeta().custom_metadata_map
+    fmt = props.get('mmdet_dyhead.format')
+    if fmt != DEPLOY_FORMAT:
+        raise ValueError(
+            f'the file is not an end-to-end export (metadata '
+            f'mmdet_dyhead.format={fmt!r}, expected {DEPLOY_FORMAT!r}). '
+            f'Export it with tools/export_onnx.py --postprocess; raw-map '
+            f'files need mmdet_dyhead.deploy.decode_raw_outputs (torch).'
+        )
+    meta = {
+        key: json.loads(props[f'mmdet_dyhead.{key}'])
+        for key in ('preprocess', 'postprocess', 'classes')
+    }
+    if 'unsupported' in meta['preprocess']:
+        raise ValueError(
+            f"the config's test pipeline has a step this runner does not "
+            f'reproduce ({meta["preprocess"]["unsupported"]}); preprocess '
+            f'the images yourself and call OnnxDetector.run(batch, '
+            f'img_shape).'
+        )
+    return meta
+
+
+def make_session(onnx_file: str, num_threads: Optional[int] = None):
+    """An onnxruntime CPU session; a clear error for an old onnxruntime.
+
+    Args:
+        onnx_file (str): The end-to-end model.
+        num_threads (int, optional): Intra-op threads (None: default).
+
+    Raises:
+        RuntimeError: This onnxruntime has no ``DeformConv`` kernel; the
+            message names both ways out.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if num_threads is not None:
+        options.intra_op_num_threads = num_threads
+    try:
+        return ort.InferenceSession(
+            onnx_file, options, providers=['CPUExecutionProvider']
+        )
+    except Exception as e:
+        if 'DeformConv' not in str(e):
+            raise
+        raise RuntimeError(
+            f'onnxruntime {ort.__version__} cannot run the DeformConv nodes '
+            f'of {onnx_file} (its CPU kernel needs onnxruntime >= 1.25). '
+            f'Upgrade onnxruntime (pip install "onnxruntime>=1.25"), or '
+            f'export again with --dcn-export grid_sample.'
+        ) from e
+
+
+def resize(image: np.ndarray, settings: Dict) -> Tuple[np.ndarray, Tuple]:
+    """The config's ``Resize`` with mmcv's rounding.
+
+    Args:
+        image (np.ndarray): (H, W, 3) uint8 BGR.
+        settings (dict): ``scale`` [w, h], ``keep_ratio``,
+            ``interpolation`` (the file's ``preprocess.resize``), or None
+            for no resize.
+
+    Returns:
+        tuple: The resized image and mmdet's ``scale_factor``
+        (new_w / w, new_h / h).
+    """
+    if not settings:
+        return image, (1.0, 1.0)
+    h, w = image.shape[:2]
+    sw, sh = settings['scale']
+    if settings['keep_ratio']:
+        # mmcv.rescale_size: fit the long side to the long edge of the
+        # scale and the short side to its short edge; round half up.
+        factor = min(max(sw, sh) / max(h, w), min(sw, sh) / min(h, w))
+        new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
+    else:
+        new_w, new_h = sw, sh
+    out = cv2.resize(
+        image,
+        (new_w, new_h),
+        interpolation=_INTERPOLATION[settings['interpolation']],
+    )
+    return out, (new_w / w, new_h / h)
+
+
+def preprocess(
+    images: Sequence[np.ndarray], settings: Dict
+) -> Tuple[np.ndarray, np.ndarray, List[Tuple[float, float]]]:
+    """Images -> the graph's ``input`` and ``img_shape`` (mmdet's steps).
+
+    Args:
+        images (Sequence[np.ndarray]): (H, W, 3) uint8 BGR, as cv2.imread.
+        settings (dict): The file's ``preprocess`` metadata.
+
+    Returns:
+        tuple: ``batch`` (N, 3, H, W) float32 (normalised, zero-padded to
+        the size divisor and to the largest image), ``img_shape`` (N, 2)
+        float32 (height, width before padding) and each image's
+        ``scale_factor`` (w, h).
+    """
+    arrays, shapes, factors = [], [], []
+    mean = settings['mean']
+    std = settings['std']
+    for image in images:
+        img, factor = resize(image, settings['resize'])
+        if settings['bgr_to_rgb']:
+            img = img[..., ::-1]
+        x = img.astype(np.float32)
+        if mean is not None:
+            x = (x - np.asarray(mean, np.float32)) / np.asarray(
+                std, np.float32
+            )
+        arrays.append(x.transpose(2, 0, 1))
+        shapes.append(img.shape[:2])
+        factors.append(factor)
+    div = settings['pad_size_divisor']
+    h = max(s[0] for s in shapes)
+    w = max(s[1] for s in shapes)
+    h, w = -(-h // div) * div, -(-w // div) * div
+    batch = np.full(
+        (len(arrays), 3, h, w), settings['pad_value'], dtype=np.float32
+    )
+    for i, x in enumerate(arrays):
+        batch[i, :, : x.shape[1], : x.shape[2]] = x
+    return batch, np.asarray(shapes, np.float32), factors
+
+
+class OnnxDetector:
+    """An end-to-end detector file, ready to run on images.
+
+    Args:
+        onnx_file (str): Written by ``tools/export_onnx.py --postprocess``.
+        num_threads (int, optional): onnxruntime intra-op threads.
+        session (optional): An object with onnxruntime's ``run`` and
+            ``get_modelmeta`` (e.g. another runtime's adapter); default: an
+            onnxruntime CPU session of ``onnx_file``.
+    """
+
+    def __init__(
+        self,
+        onnx_file: str,
+        num_threads: Optional[int] = None,
+        session=None,
+    ) -> None:
+        self.session = session or make_session(onnx_file, num_threads)
+        meta = read_metadata(self.session)
+        self.preprocess_settings = meta['preprocess']
+        self.postprocess_settings = meta['postprocess']
+        self.classes = meta['classes']
+
+    def run(
+        self, batch: np.ndarray, img_shape: np.ndarray
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """The graph on a preprocessed batch.
+
+        Args:
+            batch (np.ndarray): (N, 3, H, W) float32.
+            img_shape (np.ndarray): (N, 2) float32 (height, width).
+
+        Returns:
+            tuple: ``dets`` (N, K, 5) and ``labels`` (N, K), in input
+            pixels, unused rows with label -1.
+        """
+        dets, labels = self.session.run(
+            None,
+            {
+                'input': np.ascontiguousarray(batch, np.float32),
+                'img_shape': np.asarray(img_shape, np.float32),
+            },
+        )
+        return dets, labels
+
+    def __call__(
+        self, images: Sequence[Union[str, np.ndarray]]
+    ) -> List[Dict[str, np.ndarray]]:
+        """Detections in each original image's pixels.
+
+        Args:
+            images (Sequence[str | np.ndarray]): Image files, or (H, W, 3)
+                uint8 BGR arrays; run as one batch.
+
+        Returns:
+            list[dict]: Per image ``bboxes`` (k, 4) float32 x1, y1, x2, y2,
+            ``scores`` (k,), ``labels`` (k,) int64, best first.
+        """
+        arrays = [read_image(i) if isinstance(i, str) else i for i in images]
+        batch, shapes, factors = preprocess(arrays, self.preprocess_settings)
+        dets, labels = self.run(batch, shapes)
+        results = []
+        for d, lab, (fw, fh) in zip(dets, labels, factors):
+            used = lab >= 0
+            # mmdet's rescale: boxes times (1 / w_scale, 1 / h_scale).
+            inv = np.asarray([1 / fw, 1 / fh, 1 / fw, 1 / fh], np.float32)
+            results.append(
+                dict(
+                    bboxes=d[used, :4] * inv,
+                    scores=d[used, 4],
+                    labels=lab[used].astype(np.int64),
+                )
+            )
+        return results
+
+
+def read_image(path: str) -> np.ndarray:
+    """``path`` as (H, W, 3) uint8 BGR, as mmcv's ``LoadImageFromFile``
+    (cv2 backend, ``color_type='color'``) decodes it.
+
+    Raises:
+        FileNotFoundError, ValueError: Missing, empty or undecodable file.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'image file not found: {path}')
+    with open(path, 'rb') as f:
+        data = np.frombuffer(f.read(), np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ValueError(
+            f'image file {path} is empty or not an image OpenCV can read.'
+        )
+    return image
+
+
+def draw(
+    image: np.ndarray,
+    result: Dict[str, np.ndarray],
+    classes: Sequence[str],
+    score_thr: float,
+) -> np.ndarray:
+    """A copy of ``image`` with the boxes scoring >= ``score_thr``."""
+    out = image.copy()
+    for box, score, label in zip(
+        result['bboxes'], result['scores'], result['labels']
+    ):
+        if score < score_thr:
+            continue
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        hue = int(label) * 47 % 180
+        color = cv2.cvtColor(np.uint8([[[hue, 200, 255]]]), cv2.COLOR_HSV2BGR)[
+            0, 0
+        ].tolist()
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, 1)
+        name = classes[label] if label < len(classes) else str(label)
+        cv2.putText(
+            out,
+            f'{name} {score:.2f}',
+            (x1, max(y1 - 2, 8)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.35,
+            color,
+            1,
+        )
+    return out
+
+
+def to_json(
+    path: str, result: Dict[str, np.ndarray], classes: Sequence[str]
+) -> Dict:
+    """One image's detections as JSON-ready lists."""
+    labels = result['labels'].tolist()
+    return dict(
+        image=path,
+        bboxes=np.round(result['bboxes'].astype(float), 3).tolist(),
+        scores=np.round(result['scores'].astype(float), 5).tolist(),
+        labels=labels,
+        names=[classes[i] if i < len(classes) else str(i) for i in labels],
+    )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Detect objects with an end-to-end ONNX file (numpy, '
+        'OpenCV and onnxruntime only).'
+    )
+    parser.add_argument('model', help='file of export_onnx.py --postprocess')
+    parser.add_argument('images', nargs='+', help='image files')
+    parser.add_argument(
+        '--batch-size', type=int, default=1, help='images per run'
+    )
+    parser.add_argument(
+        '--out-json', help='also write the detections to this JSON file'
+    )
+    parser.add_argument(
+        '--show-dir', help='write each image with its boxes here'
+    )
+    parser.add_argument(
+        '--show-thr',
+        type=float,
+        default=0.3,
+        help='score from which --show-dir draws a box',
+    )
+    parser.add_argument(
+        '--threads', type=int, default=None, help='onnxruntime threads'
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        detector = OnnxDetector(args.model, args.threads)
+    except (ValueError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    records = []
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]
+        try:
+            arrays = [read_image(p) for p in paths]
+        except (FileNotFoundError, ValueError) as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 1
+        for path, image, result in zip(paths, arrays, detector(arrays)):
+            record = to_json(path, result, detector.classes)
+            records.append(record)
+            print(json.dumps(record))
+            if args.show_dir:
+                os.makedirs(args.show_dir, exist_ok=True)
+                cv2.imwrite(
+                    osp.join(args.show_dir, osp.basename(path)),
+                    draw(image, result, detector.classes, args.show_thr),
+                )
+    if args.out_json:
+        with open(args.out_json, 'w') as f:
+            json.dump(records, f)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

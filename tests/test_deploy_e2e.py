@@ -1,0 +1,309 @@
+"""End-to-end ONNX (detections in the graph) and the torch-free runner.
+
+References are mmdet's own: ``model.predict`` (its ``predict_by_feat``
+and mmcv's NMS) on the same preprocessed batch, and mmdet's test pipeline
+(``load_images``) for the runner's preprocessing.
+"""
+
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import REPO_ROOT
+
+pytest.importorskip('onnx')
+pytest.importorskip('onnxruntime')
+
+from mmdet.apis import init_detector  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.structures import InstanceData  # noqa: E402
+
+from mmdet_dyhead.deploy import (  # noqa: E402
+    DetectorWithPostprocess,
+    PostprocessError,
+    export_onnx,
+    graph_op_counts,
+    img_shapes,
+    load_images,
+    match_detections,
+    use_native_dcn,
+    verify_end_to_end,
+)
+from projects.synthetic_coco.tiny_configs import (  # noqa: E402
+    TEST_META_KEYS,
+    shrink_model,
+)
+
+RUNTIME = osp.join(REPO_ROOT, 'mmdet_dyhead', 'deploy', 'runtime.py')
+FAMILIES = {
+    'atss': ('configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py', 'atss_cls'),
+    'fcos': (
+        'configs/fcos/fcos_r50-caffe_fpn_dyhead-6b-center-normbbox-'
+        'centeronreg-giou_1x_coco.py',
+        'conv_cls',
+    ),
+    'retinanet': (
+        'configs/retinanet/retinanet_r50_fpn_dyhead-6b_1x_coco.py',
+        'retina_cls',
+    ),
+}
+
+
+def tiny_model(family, num_blocks=2, score_thr=0.3):
+    """``family``'s shipped DyHead config, shrunk, with random weights that
+    give many detections (class bias 0: scores near 0.5, some above
+    ``score_thr``, most below) and visibly deformed DCN sampling."""
+    path, cls_conv = FAMILIES[family]
+    cfg = Config.fromfile(osp.join(REPO_ROOT, path))
+    shrink_model(cfg.model)
+    cfg.model.neck[1].num_blocks = num_blocks
+    cfg.model.neck[1].zero_init_offset = False
+    cfg.model.test_cfg.score_thr = score_thr
+    cfg.test_dataloader.dataset.pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=(128, 128), keep_ratio=True),
+        dict(type='PackDetInputs', meta_keys=TEST_META_KEYS),
+    ]
+    cfg.test_dataloader.dataset.metainfo = dict(
+        classes=tuple(f'c{i}' for i in range(cfg.model.bbox_head.num_classes))
+    )
+    use_native_dcn(cfg.model)
+    model = init_detector(cfg, device='cpu')
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'offset_conv' in name:
+                p.normal_(0, 0.2)
+        getattr(model.bbox_head, cls_conv).bias.zero_()
+    return model.eval()
+
+
+def write_image(path, h, w, seed):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+    for _ in range(5):  # bright rectangles, so that the features vary
+        y, x = rng.integers(0, h - 16), rng.integers(0, w - 16)
+        img[
+            y : y + rng.integers(8, h // 2), x : x + rng.integers(8, w // 2)
+        ] = rng.integers(100, 255, 3)
+    cv2.imwrite(path, img)
+    return path
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp('e2e_images')
+    # Different sizes and aspects: one batch pads them to a common size.
+    return [
+        write_image(str(d / 'a.png'), 96, 128, 0),
+        write_image(str(d / 'b.png'), 150, 70, 1),
+        write_image(str(d / 'c.jpg'), 61, 93, 2),
+    ]
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_torch_postprocess_equals_mmdet_predict(family, images, one_thread):
+    """The graph's post-processing, run in PyTorch, is mmdet's: same boxes,
+    scores, labels and order, for a padded batch of two sizes."""
+    model = tiny_model(family)
+    inputs, samples = load_images(model, images[:2])
+    with torch.no_grad():
+        dets, labels = DetectorWithPostprocess(model)(
+            inputs, img_shapes(samples)
+        )
+        ref = model.predict(inputs, samples, rescale=False)
+    k = model.bbox_head.test_cfg.max_per_img
+    assert dets.shape == (2, k, 5) and labels.shape == (2, k)
+    for i, r in enumerate(ref):
+        r = r.pred_instances
+        n = len(r.scores)
+        assert 10 < n, 'too few detections for a meaningful check'
+        torch.testing.assert_close(dets[i, :n, :4], r.bboxes)
+        torch.testing.assert_close(dets[i, :n, 4], r.scores)
+        assert torch.equal(labels[i, :n], r.labels)
+        # Padding: zero rows, label -1.
+        assert (labels[i, n:] == -1).all() and (dets[i, n:] == 0).all()
+
+
+@pytest.fixture(scope='module')
+def atss_file(tmp_path_factory, images):
+    model = tiny_model('atss')
+    inputs, samples = load_images(model, images[:1])
+    path = str(tmp_path_factory.mktemp('e2e') / 'atss_e2e.onnx')
+    export_onnx(
+        model, inputs, path, postprocess=True, img_shape=img_shapes(samples)
+    )
+    return model, path
+
+
+def test_end_to_end_graph_ops_metadata_and_shapes(atss_file):
+    import onnx
+
+    model, path = atss_file
+    ops = graph_op_counts(path)
+    assert ops['NonMaxSuppression'] == 1
+    assert ops['TopK'] == 5 + 1  # nms_pre per level, max_per_img
+    assert ops['DeformConv'] == 2 * 13
+    onnx_model = onnx.load(path)
+    assert {n.domain for n in onnx_model.graph.node} <= {'', 'ai.onnx'}
+    props = {p.key: p.value for p in onnx_model.metadata_props}
+    cfg = model.bbox_head.test_cfg
+    post = json.loads(props['mmdet_dyhead.postprocess'])
+    assert post['score_thr'] == cfg.score_thr == 0.3
+    assert post['nms_pre'] == cfg.nms_pre
+    assert post['iou_threshold'] == cfg.nms.iou_threshold
+    assert post['max_per_img'] == cfg.max_per_img
+    assert json.loads(props['mmdet_dyhead.classes']) == list(
+        model.cfg.test_dataloader.dataset.metainfo['classes']
+    )
+    pre = json.loads(props['mmdet_dyhead.preprocess'])
+    assert pre['resize'] == dict(
+        scale=[128, 128], keep_ratio=True, interpolation='bilinear'
+    )
+    dp = model.cfg.model.data_preprocessor
+    assert pre['mean'] == list(dp.mean) and pre['std'] == list(dp.std)
+    assert pre['pad_size_divisor'] == dp.pad_size_divisor
+    dims = {
+        v.name: [
+            d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim
+        ]
+        for v in list(onnx_model.graph.input) + list(onnx_model.graph.output)
+    }
+    assert dims == {
+        'input': ['batch', 3, 'height', 'width'],
+        'img_shape': ['batch', 2],
+        'dets': ['batch', cfg.max_per_img, 5],
+        'labels': ['batch', cfg.max_per_img],
+    }
+
+
+def test_end_to_end_onnx_equals_mmdet_predict(atss_file, images):
+    """One dynamic file: a batch of two sizes, then a third size alone."""
+    model, path = atss_file
+    for batch in (images[:2], images[2:]):
+        inputs, samples = load_images(model, batch)
+        report = verify_end_to_end(model, path, inputs, samples)
+        for r in report['images']:
+            assert r['count_ref'] > 10, r
+        assert report['ok'], report['images']
+
+
+def shim_dir(tmp_path):
+    """A folder whose torch, mmcv, mmdet and mmengine fail to import."""
+    d = tmp_path / 'no_torch'
+    d.mkdir()
+    for name in ('torch', 'mmcv', 'mmdet', 'mmengine', 'mmdet_dyhead'):
+        (d / f'{name}.py').write_text(
+            f'raise ImportError("{name} is not installed here")\n'
+        )
+    return str(d)
+
+
+def test_runner_without_torch_equals_mmdet_predict(
+    atss_file, images, tmp_path
+):
+    model, path = atss_file
+    env = dict(os.environ, PYTHONPATH=shim_dir(tmp_path))
+    probe = subprocess.run(
+        [sys.executable, '-c', 'import torch'], env=env, capture_output=True
+    )
+    assert probe.returncode != 0, 'the shim must hide torch'
+    out = str(tmp_path / 'dets.json')
+    show = str(tmp_path / 'vis')
+    proc = subprocess.run(
+        [sys.executable, RUNTIME, path, *images, '--out-json', out]
+        + ['--show-dir', show],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = json.load(open(out))
+    assert [r['image'] for r in records] == images
+    assert len(proc.stdout.strip().splitlines()) == len(images)
+    assert sorted(os.listdir(show)) == sorted(osp.basename(p) for p in images)
+    classes = model.cfg.test_dataloader.dataset.metainfo['classes']
+    # One image per run (the runner's default): padding to a common batch
+    # size changes what the convolutions see near the border.
+    for image, rec in zip(images, records):
+        inputs, samples = load_images(model, [image])
+        with torch.no_grad():
+            (ref,) = model.predict(inputs, samples, rescale=True)
+        ours = InstanceData(
+            bboxes=torch.tensor(rec['bboxes']).view(-1, 4),
+            scores=torch.tensor(rec['scores']),
+            labels=torch.tensor(rec['labels']),
+        )
+        # The JSON rounds boxes to 1e-3 px and scores to 1e-5.
+        r = match_detections(ref.pred_instances, ours, 2e-3, 2e-5)
+        assert r['count_ref'] > 10 and r['ok'], r
+        assert rec['names'] == [classes[i] for i in rec['labels']]
+
+
+def test_runner_preprocessing_is_mmdets_test_pipeline(atss_file, images):
+    """The runner's numpy/OpenCV preprocessing gives the batch mmdet's
+    pipeline and data preprocessor give, bit for bit."""
+    from mmdet_dyhead.deploy import runtime
+
+    model, path = atss_file
+    detector = runtime.OnnxDetector(path)
+    arrays = [runtime.read_image(p) for p in images]
+    batch, shapes, factors = runtime.preprocess(
+        arrays, detector.preprocess_settings
+    )
+    inputs, samples = load_images(model, images)
+    assert batch.shape == tuple(inputs.shape)
+    np.testing.assert_array_equal(batch, inputs.numpy())
+    np.testing.assert_array_equal(shapes, img_shapes(samples).numpy())
+    for f, s in zip(factors, samples):
+        assert f == tuple(s.metainfo['scale_factor'])
+
+
+def test_runner_refuses_a_raw_map_file(tmp_path, images):
+    from mmdet_dyhead.deploy import runtime
+
+    model = tiny_model('retinanet', num_blocks=1)
+    inputs, _ = load_images(model, images[:1])
+    raw = str(tmp_path / 'raw.onnx')
+    export_onnx(model, inputs, raw, dynamic=False)
+    assert runtime.main([raw, images[0]]) == 2
+    with pytest.raises(ValueError, match='--postprocess'):
+        runtime.OnnxDetector(raw)
+
+
+def test_unsupported_nms_is_refused_with_the_way_out():
+    model = tiny_model('atss', num_blocks=1)
+    model.bbox_head.test_cfg.nms = dict(type='soft_nms', iou_threshold=0.5)
+    with pytest.raises(PostprocessError, match='without --postprocess'):
+        DetectorWithPostprocess(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['fcos', 'retinanet'])
+def test_fcos_and_retinanet_end_to_end_onnx(family, images, tmp_path):
+    """Points and distance decoding (FCOS), nine anchors per location and no
+    score factor (RetinaNet), in onnxruntime; the grid_sample form."""
+    model = tiny_model(family, num_blocks=1)
+    inputs, samples = load_images(model, images[:2])
+    path = str(tmp_path / f'{family}.onnx')
+    export_onnx(
+        model,
+        inputs,
+        path,
+        dcn_export='grid_sample',
+        postprocess=True,
+        img_shape=img_shapes(samples),
+    )
+    report = verify_end_to_end(model, path, inputs, samples)
+    for r in report['images']:
+        assert r['count_ref'] > 10, r
+    assert report['ok'], report['images']
