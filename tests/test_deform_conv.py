@@ -62,6 +62,104 @@ def test_native_matches_mmcv_forward_and_every_gradient(stride, bias):
         assert rel_err(ours.grad, theirs.grad) < 1e-5, name
 
 
+# Sample positions on and next to the lines where mmcv's kernel changes
+# rule: -1 and H (W) bound the taps that count, 0 and H - 1 (W - 1) are the
+# last in-map pixels, integers are where the floor-based corners switch.
+# Dyadic steps (2**-10) keep every position exact in float32 and float64.
+_EPS = 2.0**-10
+
+
+def _border_positions(size):
+    return [
+        -1.5,
+        -1 - _EPS,
+        -1.0,
+        -1 + _EPS,
+        -0.5,
+        0.0,
+        1.0,
+        2.25,
+        size - 1 - _EPS,
+        size - 1.0,
+        size - 1 + _EPS,
+        size - _EPS,
+        float(size),
+        size + _EPS,
+    ]
+
+
+def _offsets_to(ty, tx, out_size, stride, dtype):
+    """Offsets (1, 18, H_out, W_out) that move tap ``t`` of the 3x3, pad-1
+    conv onto (ty[t], tx[t]), taps counted as ``(i * W_out + j) * 9 + k``.
+    """
+    ho, wo = out_size
+    k = torch.arange(3, dtype=dtype)
+    base_y = (torch.arange(ho, dtype=dtype) * stride - 1).view(ho, 1, 1)
+    base_x = (torch.arange(wo, dtype=dtype) * stride - 1).view(1, wo, 1)
+    base_y = (base_y + k.repeat_interleave(3)).expand(ho, wo, 9)
+    base_x = (base_x + k.repeat(3)).expand(ho, wo, 9)
+    dy = ty.view(ho, wo, 9) - base_y
+    dx = tx.view(ho, wo, 9) - base_x
+    # mmcv reads the raw buffer: hand it a contiguous (dy, dx) layout.
+    off = torch.stack((dy, dx), -1).permute(2, 3, 0, 1)
+    return off.reshape(1, 18, ho, wo).contiguous()
+
+
+@needs_mmcv
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_native_matches_mmcv_on_integer_and_border_positions(dtype, stride):
+    """Every (y, x) pair of border and integer positions, through forward
+    and all four gradients. mmcv gives a tap at y = -1 (or x = -1) no value
+    and no gradient; the corner weights alone give its offset a one-sided
+    slope there (the pixel row 0 has weight 0 but slope 1)."""
+    from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+
+    torch.manual_seed(0)
+    h, w = 5, 6
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    pairs = torch.tensor(
+        [(y, x) for y in _border_positions(h) for x in _border_positions(w)],
+        dtype=dtype,
+    )
+    # Enough output pixels to hold every pair at least once.
+    n = -(-len(pairs) // (ho * wo * 9))
+    pick = torch.arange(n * ho * wo * 9) % len(pairs)
+    offset = torch.cat(
+        [
+            _offsets_to(
+                pairs[chunk, 0], pairs[chunk, 1], (ho, wo), stride, dtype
+            )
+            for chunk in pick.view(n, -1)
+        ]
+    )
+    x = torch.randn(n, 3, h, w, dtype=dtype)
+    mask = torch.rand(n, 9, ho, wo, dtype=dtype) + 0.5
+    weight = torch.randn(4, 3, 3, 3, dtype=dtype)
+    ours = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
+    ref = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
+    out = modulated_deform_conv2d(*ours, stride=stride, backend='torch')
+    expected = mmcv_dcn(*ref, None, stride, 1, 1, 1, 1)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(out, expected) < tol
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for name, a, b in zip(('input', 'offset', 'mask', 'weight'), ours, ref):
+        assert b.grad.abs().max() > 0, name
+        assert rel_err(a.grad, b.grad) < tol, name
+
+    # The taps in question exist, and neither offset of a tap on y = -1 or
+    # x = -1 gets a gradient.
+    def per_tap(col):
+        return pairs[pick, col].view(n, ho, wo, 9).permute(0, 3, 1, 2)
+
+    on_line = (per_tap(0) == -1) | (per_tap(1) == -1)
+    assert on_line.sum() >= 2 * len(_border_positions(h))
+    offset_grad = ours[1].grad.view(n, 9, 2, ho, wo)
+    assert (offset_grad.permute(0, 1, 3, 4, 2)[on_line] == 0).all()
+
+
 @needs_mmcv
 def test_mmcv_backend_dispatch_matches_native():
     args = _inputs()

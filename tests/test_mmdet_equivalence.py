@@ -109,6 +109,67 @@ def test_gradients_match_mmdet_dyhead():
         assert rel_err(p.grad, ours_grads[name]) < 1e-4, name
 
 
+def test_gradients_match_mmdet_dyhead_from_its_default_init():
+    """Both necks as a config builds them, through the registry and
+    init_weights(): zero offset convs, so every tap sits on an integer
+    position and the border taps exactly on -1, where mmcv's kernel gives
+    no gradient. This is the state every training starts from."""
+    import mmdet.models  # noqa: F401  (registers DyHead)
+    from mmdet.registry import MODELS as MMDET_MODELS
+
+    from mmdet_dyhead.registry import MODELS
+
+    torch.manual_seed(0)
+    # Not 16: GroupNorm's 16 groups would then normalise each channel on
+    # its own, so a pyramid end's pooled attention input is 0 up to
+    # rounding and the attention ReLUs (zero bias at init) sit on their
+    # kink, where either side is a valid gradient.
+    channels = 32
+    theirs = MMDET_MODELS.build(
+        dict(
+            type='DyHead',
+            in_channels=channels,
+            out_channels=channels,
+            num_blocks=2,
+        )
+    )
+    theirs.init_weights()
+    ours = MODELS.build(
+        dict(
+            type='DyHeadNeck',
+            in_channels=channels,
+            out_channels=channels,
+            num_blocks=2,
+            dcn_backend='torch',
+        )
+    )
+    ours.init_weights()
+    ours.load_state_dict(from_mmdet_keys(theirs.state_dict()))
+    offset_convs = [
+        p for n, p in theirs.named_parameters() if 'spatial_conv_offset' in n
+    ]
+    assert offset_convs and all(not p.any() for p in offset_convs)
+    theirs.train()
+    ours.train()
+    feats = pyramid(2, channels, (24, 20), levels=4)
+    projections = [torch.randn_like(f) for f in feats]
+    outs_theirs = theirs(feats)
+    outs_ours = ours(feats)
+    for lvl, (a, b) in enumerate(zip(outs_ours, outs_theirs)):
+        assert rel_err(a, b) < 1e-5, f'level {lvl}'
+    sum((o * g).sum() for o, g in zip(outs_theirs, projections)).backward()
+    sum((o * g).sum() for o, g in zip(outs_ours, projections)).backward()
+    ref_grads = from_mmdet_keys(
+        {k: p.grad for k, p in theirs.named_parameters()}
+    )
+    checked = 0
+    for name, p in ours.named_parameters():
+        assert ref_grads[name].abs().max() > 0, name
+        assert rel_err(p.grad, ref_grads[name]) < 1e-5, name
+        checked += 'offset' in name
+    assert checked == 4  # weight and bias of both blocks' offset convs
+
+
 def test_mmdet_checkpoint_keys_load_with_nothing_missing_or_left_over():
     from mmengine.runner.checkpoint import load_state_dict
 

@@ -80,9 +80,14 @@ def bilinear_taps(
     """Row indices and weights of every tap of every output pixel.
 
     Taps are ordered output pixel first, kernel tap second:
-    ``b = ((n * H_out + i) * W_out + j) * K + k``. A corner outside the map
-    gets weight 0 (its index is clamped to a valid row), which is mmcv's
-    rule: a sample is the sum of its in-map corners only.
+    ``b = ((n * H_out + i) * W_out + j) * K + k``. mmcv's rules: a corner
+    outside the map gets weight 0 (its index is clamped to a valid row), so
+    a sample is the sum of its in-map corners; and a tap whose position is
+    not strictly inside (-1, H) x (-1, W) gets weight 0 at all four
+    corners, so it has no value and no gradient (offset, mask or input),
+    not even on the border lines y = -1 or x = -1 that zero offsets hit.
+    Between those lines the offset gradient is the one-sided slope of the
+    floor-based corners, as in mmcv (at integer positions too).
 
     Args:
         offset (Tensor): (N, 2K, H_out, W_out), (dy, dx) per tap.
@@ -134,7 +139,14 @@ def bilinear_taps(
     in_x = (xs >= 0) & (xs < w)
     wy = torch.stack((1 - ly, ly), -1) * in_y
     wx = torch.stack((1 - lx, lx), -1) * in_x
-    m = mask.to(coord_dtype).permute(0, 2, 3, 1)
+    # mmcv's kernel drops a tap whose position is not strictly inside
+    # (-1, H) x (-1, W): its value is 0 there anyway, but it also returns a
+    # zero offset gradient, where the corner weights alone would give a
+    # one-sided one (at y = -1 the corner y1 = 0 has weight ly = 0 but
+    # slope 1). Zero offsets put the border taps exactly on -1, so without
+    # this the first training step already differs from mmcv.
+    inside = (pos_y > -1) & (pos_y < h) & (pos_x > -1) & (pos_x < w)
+    m = mask.to(coord_dtype).permute(0, 2, 3, 1) * inside.detach()
     weight = (wy * m.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)
     sample_base = (
         torch.arange(n, device=offset.device) * (h * w) + row_base
