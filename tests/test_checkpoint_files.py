@@ -6,8 +6,17 @@ loading is what it is without the package outside
 ``checkpoint_loaders()``, and the package's loader inside it.
 """
 
+import contextlib
+import http.server
+import multiprocessing
 import os
 import pickle
+import signal
+import struct
+import threading
+import time
+import timeit
+import zipfile
 
 import numpy as np
 import pytest
@@ -18,6 +27,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.runner.checkpoint import load_checkpoint as mmengine_load
 
 from mmdet_dyhead.checkpoint import (
+    CheckpointCorruptError,
     CheckpointError,
     CheckpointHashError,
     CheckpointKeyError,
@@ -222,6 +232,134 @@ def test_code_running_payloads_never_run_and_are_not_called_harmless(
     assert not marker.exists()
 
 
+def _plain_function():
+    """A function of no risk: still a call, not data, in a pickle."""
+
+
+class _Calls:
+    def __init__(self, how):
+        self.how = how
+
+    def __reduce__(self):
+        import argparse
+        import builtins
+
+        if self.how == 'timeit.timeit':
+            return (timeit.timeit, ('pass', 'pass', time.perf_counter, 1))
+        if self.how == 'builtins.eval':
+            return (builtins.eval, ('1 + 1',))
+        if self.how == 'function':
+            return (_plain_function, ())
+        return (argparse.Namespace, ())  # a plain data class
+
+
+@pytest.mark.parametrize(
+    'how', ['timeit.timeit', 'builtins.eval', 'function', 'data class']
+)
+def test_a_call_in_a_pickle_is_told_apart_from_a_plain_data_class(
+    tmp_path, how
+):
+    path = tmp_path / 'x.pth'
+    torch.save({'state_dict': {}, 'x': _Calls(how)}, path)
+    with pytest.raises(CheckpointError) as err:
+        load(str(path))
+    text = str(err.value)
+    assert str(path) in text
+    if how == 'data class':
+        assert 'argparse.Namespace' in text and 'data classes' in text
+        assert 're-save its weights' in text
+        assert 'tries to call' not in text and 'not be trusted' not in text
+        return
+    name = f'{__name__}._plain_function' if how == 'function' else how
+    assert f'tries to call {name}' in text and 'when loaded' in text
+    assert 'should not be trusted' in text
+    assert 're-save' not in text and 'your own' not in text
+    if how == 'function':
+        assert 'a function, not data' in text
+    else:
+        assert f'{how} runs commands or code' in text
+
+
+# ----------------------------------------------------------------------------
+# defect: torch.load does not check the zip's CRC-32
+# ----------------------------------------------------------------------------
+def flip_bit_in_tensor_data(path):
+    """Flip one bit in the middle of the largest tensor record of a
+    torch.save zip; returns that record's name."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(
+            (i for i in archive.infolist() if '/data/' in i.filename),
+            key=lambda i: i.file_size,
+        )
+    data = bytearray(path.read_bytes())
+    # the local header's name and extra (alignment padding) lengths
+    name_len, extra_len = struct.unpack_from(
+        '<HH', data, info.header_offset + 26
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_flipped_bit_in_tensor_data_is_refused_naming_member_and_fix(
+    retinanet_file,
+):
+    trained, path = retinanet_file
+    member = flip_bit_in_tensor_data(path)
+    # torch itself loads it without a word, with one value changed
+    loaded = torch.load(path, weights_only=True)['state_dict']
+    changed = [
+        k
+        for k, v in trained.state_dict().items()
+        if not torch.equal(loaded[k], v)
+    ]
+    assert len(changed) == 1
+    with pytest.raises(CheckpointCorruptError) as err:
+        load(str(path))
+    text = str(err.value)
+    assert f'{path} is corrupt' in text and member in text
+    assert 'CRC-32' in text and 'download or copy it again' in text
+    assert 'previous one' in text
+    # mmengine's loader in the package's scope (what the tools run)
+    with checkpoint_loaders(), pytest.raises(CheckpointCorruptError):
+        mmengine_load(plain_retinanet(), str(path))
+    # outside it mmengine's loader is as it ships: importing the package
+    # patched nothing, so it loads the flipped bit silently
+    target = plain_retinanet()
+    mmengine_load(target, str(path))
+    assert not torch.equal(
+        target.state_dict()[changed[0]], trained.state_dict()[changed[0]]
+    )
+
+
+def test_an_intact_checkpoint_still_loads_in_and_out_of_the_scope(
+    retinanet_file,
+):
+    trained, path = retinanet_file
+    assert load(str(path))['state_dict'].keys() == trained.state_dict().keys()
+    for scope in (checkpoint_loaders, contextlib.nullcontext):
+        target = plain_retinanet()
+        with scope():
+            mmengine_load(target, str(path), strict=True)
+        torch.testing.assert_close(target.state_dict(), trained.state_dict())
+
+
+def test_a_legacy_file_loads_with_a_note_that_it_cannot_be_checked(
+    tmp_path,
+):
+    path = tmp_path / 'legacy.pth'
+    weights = {'w': torch.arange(4.0)}
+    torch.save(
+        {'state_dict': weights}, path, _use_new_zipfile_serialization=False
+    )
+    with pytest.warns(UserWarning, match='legacy .non-zip. format') as seen:
+        loaded = load(str(path))
+    assert 'cannot be checked' in str(seen[0].message)
+    assert str(path) in str(seen[0].message)
+    torch.testing.assert_close(loaded['state_dict'], weights)
+
+
 # ----------------------------------------------------------------------------
 # dyhead:// and downloads
 # ----------------------------------------------------------------------------
@@ -305,6 +443,176 @@ def test_login_pages_and_cut_downloads_never_reach_the_cache(
     with pytest.raises(CheckpointError, match='Nothing was cached'):
         files_module.download_checkpoint(f'{base}/nohash.pth')
     assert [p for p in seen if p == '/nohash.pth'] == ['/nohash.pth'] * 2
+
+
+def test_a_download_with_a_flipped_bit_is_not_cached(
+    http_root, tmp_path, retinanet_file
+):
+    www, base, _ = http_root
+    _, path = retinanet_file
+    member = flip_bit_in_tensor_data(path)
+    os.rename(path, www / 'flipped.pth')
+    cache = tmp_path / 'cache'
+    with pytest.raises(CheckpointCorruptError) as err:
+        files_module.download_checkpoint(
+            f'{base}/flipped.pth', cache_dir=str(cache)
+        )
+    assert member in str(err.value) and 'Nothing was cached' in str(err.value)
+    assert os.listdir(cache) == []
+
+
+class _StallingHandler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.www/<name>``; under ``/slow/`` it sends half the
+    bytes, then waits for ``server.release`` (a download in progress)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        data = (self.server.www / self.path.rsplit('/', 1)[-1]).read_bytes()
+        half = len(data) // 2 if self.path.startswith('/slow/') else len(data)
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data[:half])
+            self.wfile.flush()
+            if half < len(data):
+                self.server.release.wait(120)
+                self.wfile.write(data[half:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client was killed
+
+
+@pytest.fixture
+def stalling_server(tmp_path):
+    """``(www folder, base URL, release event)``; ``www/w.pth`` is a 2 MB
+    checkpoint."""
+    www = tmp_path / 'www_slow'
+    www.mkdir()
+    torch.save({'state_dict': {'w': torch.randn(512, 1024)}}, www / 'w.pth')
+    server = http.server.ThreadingHTTPServer(
+        ('127.0.0.1', 0), _StallingHandler
+    )
+    server.www, server.release = www, threading.Event()
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (
+            www,
+            f'http://127.0.0.1:{server.server_address[1]}',
+            server.release,
+        )
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def _download_in_child(url, cache_dir):
+    """A second process downloading into the same cache (fork: no new
+    interpreter, so no import time)."""
+    child = multiprocessing.get_context('fork').Process(
+        target=files_module.download_checkpoint,
+        args=(url,),
+        kwargs=dict(cache_dir=str(cache_dir)),
+    )
+    child.start()
+    deadline = time.monotonic() + 60
+    # wait until half the bytes are on disk
+    while time.monotonic() < deadline:
+        sizes = (
+            [
+                p.stat().st_size
+                for p in cache_dir.glob('.*.partial')
+                if p.is_file()
+            ]
+            if cache_dir.is_dir()
+            else []
+        )
+        if sizes and max(sizes) > 0:
+            return child
+        time.sleep(0.05)
+    child.kill()
+    raise AssertionError('the child download never started writing')
+
+
+def test_an_interrupted_download_leaves_nothing(
+    stalling_server, tmp_path, monkeypatch
+):
+    www, base, _ = stalling_server
+    opened = torch.hub.urlopen
+
+    class Interrupted:
+        def __init__(self, response):
+            self.response, self.reads = response, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.response.close()
+
+        def info(self):
+            return self.response.info()
+
+        def read(self, size):
+            self.reads += 1
+            if self.reads == 3:  # Ctrl+C halfway through
+                raise KeyboardInterrupt
+            return self.response.read(size)
+
+    monkeypatch.setattr(
+        torch.hub, 'urlopen', lambda *a, **k: Interrupted(opened(*a, **k))
+    )
+    cache = tmp_path / 'cache'
+    with pytest.raises(KeyboardInterrupt):
+        files_module.download_checkpoint(f'{base}/w.pth', cache_dir=str(cache))
+    assert os.listdir(cache) == []
+
+
+@pytest.mark.parametrize('sig', ['SIGKILL', 'SIGTERM'])
+def test_a_killed_downloads_files_are_removed_by_the_next_download(
+    stalling_server, tmp_path, sig
+):
+    www, base, _ = stalling_server
+    cache = tmp_path / 'cache'
+    child = _download_in_child(f'{base}/slow/w.pth', cache)
+    os.kill(child.pid, getattr(signal, sig))
+    child.join(30)
+    left = sorted(os.listdir(cache))
+    assert left and all(n.startswith('.w.pth.') for n in left), left
+    path = files_module.download_checkpoint(
+        f'{base}/w.pth', cache_dir=str(cache)
+    )
+    assert os.listdir(cache) == ['w.pth']
+    assert open(path, 'rb').read() == (www / 'w.pth').read_bytes()
+
+
+def test_another_process_download_in_progress_is_left_alone(
+    stalling_server, tmp_path
+):
+    www, base, release = stalling_server
+    cache = tmp_path / 'cache'
+    child = _download_in_child(f'{base}/slow/w.pth', cache)
+    try:
+        theirs = sorted(os.listdir(cache))
+        # this process downloads the same file meanwhile
+        path = files_module.download_checkpoint(
+            f'{base}/w.pth', cache_dir=str(cache)
+        )
+        assert sorted(os.listdir(cache)) == sorted(theirs + ['w.pth'])
+        # and a later call (any file) still leaves the live download alone
+        assert files_module.remove_abandoned_downloads(str(cache)) == []
+        release.set()
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+    assert os.listdir(cache) == ['w.pth']
+    assert open(path, 'rb').read() == (www / 'w.pth').read_bytes()
 
 
 def test_a_damaged_cached_copy_is_refused_with_the_fix(served_zoo):

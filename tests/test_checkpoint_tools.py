@@ -8,8 +8,11 @@ to each tool; another detector's checkpoint and broken files.
 import copy
 import os
 import os.path as osp
+import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -287,3 +290,89 @@ def test_broken_files_get_the_diagnosis_through_the_test_tool(
     text = str(err.value.code)
     assert str(path) in text and what in text and 'Fix:' in text
     assert 'weights_only=False' not in text
+
+
+# ----------------------------------------------------------------------------
+# defect: --resume of a truncated or corrupt last checkpoint ended in torch's
+# "failed finding central directory", naming neither file
+# ----------------------------------------------------------------------------
+def flip_a_tensor_bit(path):
+    """Flip one bit inside the largest tensor record of a torch.save zip."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(open(path, 'rb').read())
+    lengths = struct.unpack_from('<HH', data, info.header_offset + 26)
+    start = info.header_offset + 30 + sum(lengths)
+    data[start + info.file_size // 2] ^= 0x10
+    open(path, 'wb').write(bytes(data))
+
+
+def work_dir_with_last_checkpoint(trained, tmp_path, damage):
+    """A work_dir as tools/train.py leaves it: an intact iter_2.pth, and
+    iter_4.pth (``damage``: 'truncated', 'flipped bit' or None) named in
+    last_checkpoint."""
+    work = tmp_path / 'work'
+    work.mkdir()
+    good, last = work / 'iter_2.pth', work / 'iter_4.pth'
+    shutil.copy(trained['ckpt'], good)
+    shutil.copy(trained['ckpt'], last)
+    if damage == 'truncated':
+        data = last.read_bytes()
+        last.write_bytes(data[: len(data) * 2 // 3])
+    elif damage == 'flipped bit':
+        flip_a_tensor_bit(last)
+    os.utime(good, (1e9, 1e9))  # saved before iter_4.pth
+    (work / 'last_checkpoint').write_text(str(last))
+    return work, good, last
+
+
+def train_script(script, trained, work):
+    return subprocess.run(
+        [sys.executable, script, trained['config'], '--work-dir', str(work)]
+        + ['--resume'],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped bit'])
+def test_resume_from_a_broken_last_checkpoint_names_the_intact_one(
+    trained, tmp_path, damage
+):
+    work, good, last = work_dir_with_last_checkpoint(trained, tmp_path, damage)
+    before = sorted(os.listdir(work))
+    out = train_script('tools/train.py', trained, work)
+    assert out.returncode == 1, out.stderr[-3000:]
+    err = out.stderr
+    assert f'cannot resume from {last}' in err
+    assert f'named in {work}/last_checkpoint' in err
+    assert f'iter_2.pth is intact: pass --resume {good}' in err
+    what = 'truncated or corrupt zip' if damage == 'truncated' else 'CRC-32'
+    assert what in err
+    assert 'central directory' not in err
+    # refused before mmengine started: no run, nothing chosen for the user
+    assert sorted(os.listdir(work)) == before
+    assert (work / 'last_checkpoint').read_text() == str(last)
+
+
+def test_resume_from_an_intact_checkpoint_still_runs_and_mmdet_is_as_it_was(
+    trained, tmp_path
+):
+    work, _, last = work_dir_with_last_checkpoint(trained, tmp_path, None)
+    out = train_script('tools/train.py', trained, work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # mmengine's note (the config logs warnings only) that it resumed
+    assert 'Advance dataloader 2 steps' in out.stdout
+    # mmdet's own train.py (the package imported by the config's
+    # custom_imports) still ends in torch's error: nothing was patched
+    shutil.rmtree(work)
+    work, _, _ = work_dir_with_last_checkpoint(trained, tmp_path, 'truncated')
+    from mmdet_dyhead.cli.mmdet_tools import mmdet_tool_path
+
+    out = train_script(mmdet_tool_path('train.py'), trained, work)
+    assert out.returncode != 0
+    assert 'central directory' in out.stderr
+    assert 'is intact' not in out.stderr

@@ -4,7 +4,9 @@ and torch.hub.
 - :func:`load`: local path, http(s) URL or ``dyhead://<model name>``, read
   with ``torch.load(..., weights_only=True)`` inside the allow-list of
   mmengine's training-checkpoint classes (:func:`mmengine_safe_globals`);
-  a broken, foreign or code-running file is named with the fix.
+  a broken, foreign or code-running file is named with the fix, and a zip
+  member whose bytes fail their CRC-32 (which torch.load does not check)
+  too.
 - :func:`checkpoint_loaders`: a ``with`` block in which mmengine's
   ``CheckpointLoader`` reads local paths and URLs with :func:`load`; the
   package's tools run inside it.
@@ -18,10 +20,14 @@ and torch.hub.
 
 from .allowlist import mmengine_checkpoint_globals, mmengine_safe_globals
 from .files import (
+    CheckpointCorruptError,
     CheckpointError,
     CheckpointHashError,
+    corrupt_member,
     describe_non_checkpoint,
     download_checkpoint,
+    global_kind,
+    remove_abandoned_downloads,
     sha256_of,
 )
 from .keys import (
@@ -38,14 +44,17 @@ from .zoo import SCHEME
 
 __all__ = [
     'SCHEME',
+    'CheckpointCorruptError',
     'CheckpointError',
     'CheckpointFitHook',
     'CheckpointHashError',
     'CheckpointKeyError',
     'KeyReport',
     'checkpoint_loaders',
+    'corrupt_member',
     'describe_non_checkpoint',
     'download_checkpoint',
+    'global_kind',
     'group_keys',
     'load',
     'load_checkpoint',
@@ -53,5 +62,6 @@ __all__ = [
     'load_weights',
     'mmengine_checkpoint_globals',
     'mmengine_safe_globals',
+    'remove_abandoned_downloads',
     'sha256_of',
 ]

@@ -11,6 +11,10 @@ step scoped to the tool's process and visible in the log:
   ``Pretrained``, the test checkpoint; local or URL) with the package's
   weights-only loader (:func:`~mmdet_dyhead.checkpoint.checkpoint_loaders`),
   and stop with its diagnosis when a file is refused;
+- train with ``--resume``: refuse a local resume target (the file
+  ``work_dir/last_checkpoint`` names, or the given path) that is truncated,
+  not a checkpoint or fails its CRC-32 check, before mmengine reads it,
+  naming the newest intact checkpoint beside it to pass instead;
 - test: refuse a checkpoint that leaves model weights unloaded
   (:class:`~mmdet_dyhead.checkpoint.CheckpointFitHook`, added as a default
   hook) unless ``--allow-partial-checkpoint`` is given;
@@ -21,10 +25,12 @@ step scoped to the tool's process and visible in the log:
 
 import argparse
 import logging
+import os
 import os.path as osp
 import runpy
 import sys
-from typing import Iterable, List, Optional, Set
+import zipfile
+from typing import Iterable, List, Optional, Set, Tuple
 
 PACKAGE = 'mmdet_dyhead'
 
@@ -102,10 +108,94 @@ def _parse(argv: List[str], train: bool) -> argparse.Namespace:
     parser.add_argument('--launcher', default='none')
     if train:
         parser.add_argument('--amp', action='store_true')
+        parser.add_argument('--work-dir')
+        parser.add_argument('--resume', nargs='?', const='auto')
     else:
         parser.add_argument('--allow-partial-checkpoint', action='store_true')
     args, _ = parser.parse_known_args(argv)
     return args
+
+
+def resume_target(args, cfg) -> Optional[Tuple[str, str]]:
+    """The local file mmdet's train.py will resume from, and what named it
+    (mmdet's ``--resume`` / ``--work-dir`` rules, then mmengine's
+    ``Runner.load_or_resume``); None without resuming or for a URL."""
+    work_dir = (
+        args.work_dir
+        or cfg.get('work_dir')
+        or osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    )
+    if args.resume == 'auto' or (
+        args.resume is None and cfg.get('resume') and not cfg.get('load_from')
+    ):
+        pointer = osp.join(work_dir, 'last_checkpoint')
+        if not osp.isfile(pointer):  # mmengine then trains from scratch
+            return None
+        with open(pointer) as f:
+            return f.read().strip(), f'named in {pointer}'
+    target = args.resume or (
+        cfg.get('load_from') if cfg.get('resume') else None
+    )
+    if not target or '://' in target:
+        return None
+    return target, 'given to resume from'
+
+
+def _damage(path: str) -> Optional[str]:
+    """Why ``path`` cannot be resumed from, or None if it is intact."""
+    from mmdet_dyhead.checkpoint import corrupt_member, describe_non_checkpoint
+
+    if not osp.isfile(path):
+        return 'it does not exist'
+    problem = describe_non_checkpoint(path)
+    if problem:
+        return problem
+    member = corrupt_member(path) if zipfile.is_zipfile(path) else None
+    if member:
+        return (
+            f'its member {member} fails the CRC-32 check stored in the file '
+            f'(its bytes changed after they were written)'
+        )
+    return None
+
+
+def check_resume_target(args, cfg) -> None:
+    """Refuse a broken resume target before mmengine reads it, naming the
+    newest intact checkpoint in its folder; nothing else is chosen for the
+    user, since resuming from an earlier point repeats training.
+
+    Raises:
+        SystemExit: The target is missing, truncated, not a checkpoint or
+            fails its CRC-32 check.
+    """
+    found = resume_target(args, cfg)
+    if found is None:
+        return
+    target, named = found
+    problem = _damage(target)
+    if problem is None:
+        return
+    folder = osp.dirname(target) or '.'
+    others = [
+        osp.join(folder, name)
+        for name in (os.listdir(folder) if osp.isdir(folder) else [])
+        if name.endswith('.pth') and osp.join(folder, name) != target
+    ]
+    others.sort(key=osp.getmtime, reverse=True)
+    intact = next((p for p in others if _damage(p) is None), None)
+    if intact:
+        fix = (
+            f'{osp.basename(intact)} is intact: pass --resume {intact} to '
+            f'resume from it (training restarts at that point)'
+        )
+    else:
+        fix = (
+            f'no intact checkpoint is in {folder}: start again without '
+            f'--resume, or copy an intact checkpoint there'
+        )
+    raise SystemExit(
+        f'error: cannot resume from {target} ({named}): {problem}. {fix}.'
+    )
 
 
 def _checkpoint_fit(allow_partial: bool, argv: List[str]) -> List[str]:
@@ -178,7 +268,9 @@ def prepare_argv(argv: List[str], train: bool) -> List[str]:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     check_custom_imports(cfg, args.config)
-    if not train:
+    if train:
+        check_resume_target(args, cfg)
+    else:
         argv = _checkpoint_fit(args.allow_partial_checkpoint, argv)
     if accelerator_available():
         return argv
