@@ -24,8 +24,10 @@ from ._paths import config_path
 
 
 def parse_args(argv=None):
-    summary = ' '.join(__doc__.split('\n\n')[0].split())
-    parser = argparse.ArgumentParser(description=summary)
+    parser = argparse.ArgumentParser(
+        description='Convert a microsoft/DynamicHead (detectron2) ATSS '
+        'checkpoint to mmdet-dyhead.'
+    )
     parser.add_argument('src', help='official DynamicHead checkpoint (.pth)')
     parser.add_argument('dst', help='output checkpoint for mmdet-dyhead')
     parser.add_argument(
@@ -63,3 +65,7 @@ def main(argv=None) -> int:
         return 1
     print(f'wrote {out}')
     return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

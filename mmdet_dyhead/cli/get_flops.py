@@ -262,3 +262,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, 'w') as f:
             f.write(text + '\n')
+
+
+if __name__ == '__main__':
+    main()

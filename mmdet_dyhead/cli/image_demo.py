@@ -30,8 +30,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         '--weights',
-        help='Checkpoint file, or dyhead://<model name> (docs/model_zoo.md). '
-        'Without it the model keeps its initial weights.',
+        help='Checkpoint file, or dyhead://<model name> (dyhead-zoo list '
+        'names them). Without it the model keeps its initial weights.',
     )
     parser.add_argument(
         '--allow-partial-checkpoint',
@@ -157,5 +157,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     )
 
 
+def console_main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``dyhead-image-demo`` console script.
+
+    ``main`` returns the inferencer's results for callers in Python; a
+    console script hands its return value to ``sys.exit``, which would
+    print them and exit with status 1, so this returns nothing.
+
+    Args:
+        argv (list[str], optional): Arguments; default ``sys.argv[1:]``.
+    """
+    main(argv)
+
+
 if __name__ == '__main__':
-    main()
+    console_main()

@@ -215,3 +215,7 @@ def main(argv=None) -> int:
     written.append(json_file)
     print('wrote:\n  ' + '\n  '.join(written))
     return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -22,8 +22,12 @@ import sys
 import tempfile
 
 from mmdet_dyhead.checkpoint import files, zoo
+from mmdet_dyhead.cli._paths import repo_root
 
-TOOL = 'python tools/zoo.py'
+# The command the messages suggest: in a checkout the script next to the
+# configs; an installed package has no tools/ folder to run, but it has the
+# console script.
+TOOL = 'python tools/zoo.py' if repo_root() else 'dyhead-zoo'
 
 
 def _status(path: str, url: str, sha: str) -> str:
@@ -157,8 +161,8 @@ def place(name: str, source: str) -> int:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0],
-        epilog='Details: docs/model_zoo.md, "Offline machines and failed '
-        'downloads".',
+        epilog='Details: docs/model_zoo.md of the source repository, '
+        '"Offline machines and failed downloads".',
     )
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
@@ -191,3 +195,7 @@ def main(argv=None) -> int:
     if args.command == 'fetch':
         return fetch(args.names)
     return place(args.name, args.file)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
