@@ -9,7 +9,8 @@ models), so on a machine without torch run this file by its path, or copy
 it next to the model::
 
     python mmdet_dyhead/deploy/runtime.py model.onnx img1.jpg img2.jpg \\
-        [--out-json dets.json] [--show-dir vis/] [--show-thr 0.3]
+        [--out-json dets.json] [--show-dir vis/] [--show-thr 0.3] \\
+        [--backend {onnxruntime,openvino}]
 
 It prints one JSON object per image: boxes in the original image's pixels
 (x1, y1, x2, y2), scores and labels (with names when the file has them).
@@ -182,24 +183,101 @@ def preprocess(
     return batch, np.asarray(shapes, np.float32), factors
 
 
+class _Meta:
+    """``get_modelmeta()``'s answer: the ``custom_metadata_map``."""
+
+    def __init__(self, props: Dict[str, str]) -> None:
+        self.custom_metadata_map = props
+
+
+class OpenVinoSession:
+    """OpenVINO (CPU) behind onnxruntime's ``run``/``get_modelmeta``.
+
+    OpenVINO has no ``DeformConv`` conversion: it runs the ``grid_sample``
+    export only. Its CPU plugin also fails on the dynamic-shape graph (a
+    Reshape in DyHead's high branch, whose shape it infers wrongly while
+    onnxruntime runs it), so one static-shape model is compiled per input
+    size and kept (a keep-ratio resize produces few sizes).
+
+    Args:
+        onnx_file (str): An end-to-end file in the ``grid_sample`` form.
+        num_threads (int, optional): ``INFERENCE_NUM_THREADS``.
+
+    Raises:
+        RuntimeError: The file has ``DeformConv`` nodes (the message names
+            ``--dcn-export grid_sample``), or no OpenVINO is installed.
+    """
+
+    def __init__(self, onnx_file: str, num_threads: Optional[int] = None):
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise RuntimeError(
+                'the openvino backend needs OpenVINO: pip install openvino.'
+            ) from e
+        self.core = ov.Core()
+        self.config = {'INFERENCE_PRECISION_HINT': 'f32'}
+        if num_threads:
+            self.config['INFERENCE_NUM_THREADS'] = num_threads
+        try:
+            self.model = self.core.read_model(onnx_file)
+        except Exception as e:
+            if 'DeformConv' not in str(e):
+                raise
+            raise RuntimeError(
+                f'OpenVINO {ov.__version__} cannot convert the DeformConv '
+                f'nodes of {onnx_file} (it has no conversion rule for ONNX '
+                f'DeformConv). Export again with --dcn-export grid_sample, '
+                f'or run this file with --backend onnxruntime (>= 1.25).'
+            ) from e
+        # The ONNX frontend keeps metadata_props under rt_info 'framework'.
+        info = self.model.get_rt_info()
+        framework = info['framework'] if 'framework' in info else {}
+        self.meta = _Meta({k: str(v.value) for k, v in framework.items()})
+        self.compiled = {}
+
+    def get_modelmeta(self) -> _Meta:
+        return self.meta
+
+    def run(self, output_names, feeds: Dict[str, np.ndarray]):
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        key = tuple(sorted(shapes.items()))
+        if key not in self.compiled:
+            model = self.model.clone()
+            model.reshape({k: list(v) for k, v in shapes.items()})
+            self.compiled[key] = self.core.compile_model(
+                model, 'CPU', self.config
+            )
+        compiled = self.compiled[key]
+        out = compiled({k: v for k, v in feeds.items()})
+        return [out[o] for o in compiled.outputs]
+
+
+BACKENDS = ('onnxruntime', 'openvino')
+
+
 class OnnxDetector:
     """An end-to-end detector file, ready to run on images.
 
     Args:
         onnx_file (str): Written by ``tools/export_onnx.py --postprocess``.
-        num_threads (int, optional): onnxruntime intra-op threads.
-        session (optional): An object with onnxruntime's ``run`` and
-            ``get_modelmeta`` (e.g. another runtime's adapter); default: an
-            onnxruntime CPU session of ``onnx_file``.
+        num_threads (int, optional): Intra-op threads of the backend.
+        backend (str): ``'onnxruntime'`` (CPU) or ``'openvino'`` (CPU,
+            ``grid_sample`` files only, see :class:`OpenVinoSession`).
     """
 
     def __init__(
         self,
         onnx_file: str,
         num_threads: Optional[int] = None,
-        session=None,
+        backend: str = 'onnxruntime',
     ) -> None:
-        self.session = session or make_session(onnx_file, num_threads)
+        if backend not in BACKENDS:
+            raise ValueError(f'backend {backend!r}: choose one of {BACKENDS}')
+        if backend == 'openvino':
+            self.session = OpenVinoSession(onnx_file, num_threads)
+        else:
+            self.session = make_session(onnx_file, num_threads)
         meta = read_metadata(self.session)
         self.preprocess_settings = meta['preprocess']
         self.postprocess_settings = meta['postprocess']
@@ -346,7 +424,13 @@ def parse_args(argv=None):
         help='score from which --show-dir draws a box',
     )
     parser.add_argument(
-        '--threads', type=int, default=None, help='onnxruntime threads'
+        '--threads', type=int, default=None, help='backend threads'
+    )
+    parser.add_argument(
+        '--backend',
+        choices=BACKENDS,
+        default='onnxruntime',
+        help='openvino runs --dcn-export grid_sample files only',
     )
     return parser.parse_args(argv)
 
@@ -354,7 +438,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        detector = OnnxDetector(args.model, args.threads)
+        detector = OnnxDetector(args.model, args.threads, args.backend)
     except (ValueError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
