@@ -19,7 +19,7 @@ import mmdet_dyhead
 from mmdet_dyhead.registry import MODELS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUR_NAMES = ['DyHeadNeck', 'TaskAttnBBoxHead']
+OUR_NAMES = ['DyHeadNeck', 'TaskAttnBBoxHead', 'DyHeadATSSHead']
 
 
 def test_import_registers_every_module_in_mmdet_registry():

@@ -157,6 +157,7 @@ def test_registered_names_are_new_to_mmdet():
         'CPUAmpOptimWrapper',
         'CPUDistributedDataParallel',
         'CheckpointFitHook',
+        'DyHeadATSSHead',
         'DyHeadCheckHook',
         'DyHeadNeck',
         'TaskAttnBBoxHead',

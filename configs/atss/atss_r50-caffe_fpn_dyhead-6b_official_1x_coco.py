@@ -5,17 +5,17 @@
 # - DCN convs with bias, PyTorch-default init of the offset conv and of the
 #   task-attention FCs: DyHeadNeck(preset='official');
 # - P7 = conv(relu(P6)) (detectron2's LastLevelP6P7): relu_before_extra_convs;
+# - pre-NMS ranking: the top 1000 candidates per level by class score x
+#   centerness (the release's inference), not by class score alone as in
+#   mmdet's ATSSHead: DyHeadATSSHead(nms_pre_rank='cls_x_centerness'), which
+#   is mmdet's ATSSHead otherwise (same weights, losses, final scores);
 # - nothing frozen in the backbone (MODEL.BACKBONE.FREEZE_AT=-1; BN stays
 #   frozen); 1000 warm-up iterations from lr x 0.001.
 # Kept from the base: caffe R-50 in BGR with detectron2's mean and std 1,
 # pad to 128, ATSS with stacked_convs=0, 1x1 predictors, one anchor of
 # 8 x stride centred at offset 0.5, pillow resize, NMS 0.6.
-# Still different from the release (mmdet's ATSS head and runner; none of
-# these changes a weight's name or shape, so converted weights load):
-# - post-processing: the release ranks the pre-NMS top 1000 per level by
-#   class score x centerness, mmdet's ATSSHead by class score alone and
-#   multiplies by centerness afterwards (mmdet measured 42.3 AP for the
-#   converted official weights this way, 42.4 in detectron2);
+# Still different from the release (mmdet's runner and losses; none of these
+# changes a weight's name or shape, so converted weights load):
 # - schedule: the release trains 90k iterations at 16 images (steps 60k and
 #   80k); this config keeps mmdet's 12 epochs at 2 images per GPU (x8 GPUs =
 #   16), steps at epochs 8 and 11, which is about the same number of images;
@@ -46,6 +46,7 @@ model = dict(
             preset='official',
         ),
     ],
+    bbox_head=dict(type='DyHeadATSSHead', nms_pre_rank='cls_x_centerness'),
 )
 
 param_scheduler = [

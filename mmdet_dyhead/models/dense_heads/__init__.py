@@ -1,0 +1,3 @@
+from .dyhead_atss_head import DyHeadATSSHead
+
+__all__ = ['DyHeadATSSHead']
