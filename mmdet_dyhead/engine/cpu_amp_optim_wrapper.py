@@ -11,11 +11,20 @@ accelerator exists; configs can name it directly::
                          optimizer=dict(type='SGD', lr=0.01))
 
 mmengine's own ``AmpOptimWrapper`` is left as it is.
+
+A step whose gradients hold NaN or inf is skipped, never applied: the
+wrapper logs a warning with the running count, and stops training with an
+error once ``max_nonfinite_steps`` steps in a row were non-finite (see
+:class:`CPUAmpOptimWrapper`). Without loss scaling (bfloat16's default)
+nothing else would notice: ``GradScaler`` checks gradients only when it
+scales, so a NaN would otherwise go into the weights, and the run would end
+with exit status 0 and empty detections.
 """
 
 import contextlib
 import logging
-from typing import Union
+import math
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -59,6 +68,13 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
         dtype (str | torch.dtype, optional): ``'bfloat16'`` (default) or
             ``'float16'``.
         use_fsdp (bool): Must be False (FSDP needs GPUs).
+        max_nonfinite_steps (int, optional): Consecutive optimizer steps
+            with a non-finite gradient after which training stops with a
+            ``FloatingPointError``. Default 10. Each such step is skipped
+            (the weights and the optimizer state stay as they were; with
+            dynamic loss scaling the scaler also lowers its scale) and
+            logged as a warning; a finite step resets the run. None never
+            stops (skipping and warnings stay).
         **kwargs: As for ``OptimWrapper`` (``optimizer``, ``clip_grad``,
             ``accumulative_counts``).
     """
@@ -68,6 +84,7 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
         loss_scale: Union[str, float, dict, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         use_fsdp: bool = False,
+        max_nonfinite_steps: Optional[int] = 10,
         **kwargs,
     ) -> None:
         if use_fsdp:
@@ -81,8 +98,21 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
                 f'torch {torch.__version__} has no CPU autocast for {dtype}. '
                 f"Use optim_wrapper.dtype='bfloat16', or train without --amp."
             )
+        if max_nonfinite_steps is not None and (
+            isinstance(max_nonfinite_steps, bool)
+            or not isinstance(max_nonfinite_steps, int)
+            or max_nonfinite_steps < 1
+        ):
+            raise ValueError(
+                'optim_wrapper.max_nonfinite_steps must be a whole number '
+                f'>= 1 or None, got {max_nonfinite_steps!r}.'
+            )
         # AmpOptimWrapper.__init__ asserts a GPU; OptimWrapper's is the rest.
         OptimWrapper.__init__(self, **kwargs)
+        self.max_nonfinite_steps = max_nonfinite_steps
+        # Steps skipped for a non-finite gradient: all, and the current run.
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite_steps = 0
         self.cast_dtype = dtype
         self._scale_update_param = None
         if loss_scale is None:
@@ -128,6 +158,84 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
                 f'torch.float16.'
             )
         return dtype
+
+    def step(self, **kwargs) -> None:
+        """``AmpOptimWrapper.step`` that never applies a non-finite gradient.
+
+        Args:
+            kwargs: Keyword arguments for :meth:`torch.optim.Optimizer.step`.
+        """
+        if self.clip_grad_kwargs:
+            self.loss_scaler.unscale_(self.optimizer)
+            self._clip_grad()
+        norm = self._grad_norm()
+        if math.isfinite(norm):
+            self.consecutive_nonfinite_steps = 0
+            self.loss_scaler.step(self.optimizer, **kwargs)
+        else:
+            self._skip_nonfinite_step(norm)
+            if self.loss_scaler.is_enabled():
+                # The scaler finds the same inf/NaN, skips the update
+                # itself and lowers its scale in update() below.
+                self.loss_scaler.step(self.optimizer, **kwargs)
+        self.loss_scaler.update(self._scale_update_param)
+
+    def _grad_norm(self) -> float:
+        """2-norm of all gradients (scaled, if loss scaling is on): finite
+        exactly when every gradient is."""
+        grads: List[torch.Tensor] = [
+            p.grad
+            for group in self.optimizer.param_groups
+            for p in group['params']
+            if p.grad is not None
+        ]
+        if not grads:
+            return 0.0
+        return float(
+            torch.linalg.vector_norm(
+                torch.stack(
+                    [torch.linalg.vector_norm(g.float()) for g in grads]
+                )
+            )
+        )
+
+    def _skip_nonfinite_step(self, norm: float) -> None:
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite_steps += 1
+        run = self.consecutive_nonfinite_steps
+        scaling = self.loss_scaler.is_enabled()
+        if scaling:
+            action = (
+                'step skipped by the loss scaler (scale '
+                f'{self.loss_scaler.get_scale():g})'
+            )
+        else:
+            action = 'step skipped, weights unchanged'
+        print_log(
+            f'CPUAmpOptimWrapper: gradient norm is {norm} under '
+            f'{self.cast_dtype} autocast; {action} ({run} in a row, '
+            f'{self.nonfinite_steps} in total).',
+            logger='current',
+            level=logging.WARNING,
+        )
+        if self.max_nonfinite_steps is not None and (
+            run >= self.max_nonfinite_steps
+        ):
+            scale = (
+                f', loss scale {self.loss_scaler.get_scale():g}'
+                if scaling
+                else ''
+            )
+            raise FloatingPointError(
+                f'CPUAmpOptimWrapper: the gradients were non-finite (norm '
+                f'{norm}) in {run} consecutive steps under {self.cast_dtype} '
+                f'autocast{scale}; none of them was applied. Train the same '
+                'config without --amp (float32): if it stays finite, this '
+                'model needs float32 on CPU; if not, lower the learning '
+                'rate or set optim_wrapper.clip_grad. '
+                'optim_wrapper.max_nonfinite_steps sets how many '
+                'consecutive skipped steps are tolerated (None: no limit).'
+            )
 
     @contextlib.contextmanager
     def optim_context(self, model: nn.Module):
