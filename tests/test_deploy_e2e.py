@@ -268,13 +268,29 @@ def test_runner_preprocessing_is_mmdets_test_pipeline(atss_file, images):
         assert f == tuple(s.metainfo['scale_factor'])
 
 
-def test_runner_refuses_a_raw_map_file(tmp_path, images):
+def test_runner_refuses_a_file_without_end_to_end_metadata(tmp_path, images):
+    """A raw-map export has no detections to read: the runner says which
+    export to make instead (a one-node graph stands in for it)."""
+    import onnx
+    from onnx import TensorProto, helper
+
     from mmdet_dyhead.deploy import runtime
 
-    model = tiny_model('retinanet', num_blocks=1)
-    inputs, _ = load_images(model, images[:1])
+    graph = helper.make_graph(
+        [helper.make_node('Identity', ['input'], ['cls_score_0'])],
+        'raw',
+        [helper.make_tensor_value_info('input', TensorProto.FLOAT, None)],
+        [
+            helper.make_tensor_value_info(
+                'cls_score_0', TensorProto.FLOAT, None
+            )
+        ],
+    )
     raw = str(tmp_path / 'raw.onnx')
-    export_onnx(model, inputs, raw, dynamic=False)
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid('', 19)]),
+        raw,
+    )
     assert runtime.main([raw, images[0]]) == 2
     with pytest.raises(ValueError, match='--postprocess'):
         runtime.OnnxDetector(raw)
@@ -307,3 +323,39 @@ def test_fcos_and_retinanet_end_to_end_onnx(family, images, tmp_path):
     for r in report['images']:
         assert r['count_ref'] > 10, r
     assert report['ok'], report['images']
+
+
+def test_runtimes_without_deform_conv_name_the_way_out(atss_file, monkeypatch):
+    """onnxruntime < 1.25 and OpenVINO (no DeformConv conversion) stop with
+    a message naming --dcn-export grid_sample; the texts are those the
+    runtimes print (OpenVINO 2026.4, onnxruntime 1.24.4)."""
+    import types
+
+    import onnxruntime as ort
+
+    from mmdet_dyhead.deploy import runtime
+
+    _, path = atss_file
+
+    def old_ort(*args, **kwargs):
+        raise Exception(
+            '[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an '
+            "implementation for DeformConv(19) node with name '/DeformConv'"
+        )
+
+    with monkeypatch.context() as m:
+        m.setattr(ort, 'InferenceSession', old_ort)
+        with pytest.raises(RuntimeError, match='--dcn-export grid_sample'):
+            runtime.OnnxDetector(path)
+
+    class Core:
+        def read_model(self, file):
+            raise RuntimeError(
+                "Model wasn't fully converted. -- No conversion rule found "
+                'for operations: DeformConv-19'
+            )
+
+    fake = types.SimpleNamespace(Core=Core, __version__='2026.4.1')
+    monkeypatch.setitem(sys.modules, 'openvino', fake)
+    with pytest.raises(RuntimeError, match='--dcn-export grid_sample'):
+        runtime.OnnxDetector(path, backend='openvino')
