@@ -234,6 +234,14 @@ def postprocess_settings(detector) -> Dict:
         raise PostprocessError(
             f'{type(head).__name__} has custom class channels. {way_out}'
         )
+    # DyHeadATSSHead can rank the pre-NMS top-k by class x centerness; the
+    # graph ranks by the class score (mmdet's rule) only.
+    if getattr(head, 'nms_pre_rank', 'cls') != 'cls':
+        raise PostprocessError(
+            f'{type(head).__name__} ranks the nms_pre candidates by '
+            f'{head.nms_pre_rank!r}; the graph ranks by the class score. '
+            f'{way_out}'
+        )
     nms = dict(cfg.get('nms') or {})
     if nms.get('type', 'nms') != 'nms' or cfg.get('max_per_img') is None:
         raise PostprocessError(
