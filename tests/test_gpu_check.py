@@ -46,7 +46,9 @@ def test_cpu_smoke_run_passes_every_check(tmp_path):
     assert 'random offsets' in report
     assert 'AMP training of ATSS-R50 + DyHeadNeck-6' in report
     verdicts = [
-        line for line in report.splitlines() if line.startswith(('PASS', 'FAIL'))
+        line
+        for line in report.splitlines()
+        if line.startswith(('PASS', 'FAIL'))
     ]
     assert len(verdicts) == 2 and all(v.startswith('PASS') for v in verdicts)
     # Check 3: both benchmark tables, ours beside mmdet's DyHead.
