@@ -7,7 +7,10 @@ standard ``DeformConv`` node per DCN (the default) and once with the
 ``GridSample`` decomposition (``--dcn-export grid_sample``). Both files and
 the PyTorch native path (``dcn_backend='torch'``, the gather kernel) then
 run on the same input at each thread count, round-robin within each repeat
-so machine load hits all three alike. The table gives medians after
+so machine load hits all alike. With OpenVINO installed (``pip install
+openvino``), the ``grid_sample`` file also runs in OpenVINO's CPU plugin
+(the form it can convert; compiled for the input's static shape, as the
+runner does). The table gives medians after
 warm-up, ratios from the same run, the node counts and the largest output
 difference to PyTorch.
 
@@ -115,8 +118,9 @@ def bench_model(
 
     Returns:
         list[dict]: One row per thread count: ``ms`` per runner
-        (``torch``, ``deform_conv``, ``grid_sample``), ``nodes`` and
-        ``diff`` (max abs output difference to PyTorch) per form.
+        (``torch``, ``deform_conv``, ``grid_sample`` and, with OpenVINO
+        installed, ``openvino``), ``nodes`` per form and ``diff`` (max abs
+        output difference to PyTorch) per ONNX runner.
     """
     from mmdet.apis import init_detector
 
@@ -150,6 +154,10 @@ def bench_model(
     for t in threads:
         torch.set_num_threads(t)
         sessions = {f: onnxruntime_session(files[f], t) for f in FORMS}
+        if openvino_installed():
+            from mmdet_dyhead.deploy.runtime import OpenVinoSession
+
+            sessions['openvino'] = OpenVinoSession(files['grid_sample'], t)
 
         def run_torch():
             with torch.no_grad():
@@ -164,7 +172,7 @@ def bench_model(
                 float(np.abs(o - r).max())
                 for o, r in zip(sessions[f].run(None, feed), ref)
             )
-            for f in FORMS
+            for f in sessions
         }
         secs = round_robin(fns, warmup, repeats, torch.device('cpu'))
         rows.append(
@@ -179,6 +187,38 @@ def bench_model(
         )
         print(f'{name} {t} thread(s): {rows[-1]["ms"]}', file=sys.stderr)
     return rows
+
+
+def openvino_installed() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def openvino_table(rows: Sequence[Dict]) -> str:
+    """OpenVINO beside onnxruntime and PyTorch (rows that ran it)."""
+    lines = [
+        '| model | input | threads | PyTorch native | ORT DeformConv | '
+        'ORT grid_sample | OpenVINO grid_sample | OpenVINO / PyTorch | '
+        'OpenVINO / ORT DeformConv | max abs diff to PyTorch (OpenVINO) |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        ms = r['ms']
+        if 'openvino' not in ms:
+            continue
+        lines.append(
+            f'| {r["model"]} | {r["size"][0]}x{r["size"][1]} | '
+            f'{r["threads"]} | {ms["torch"]:.0f} ms | '
+            f'{ms["deform_conv"]:.0f} ms | {ms["grid_sample"]:.0f} ms | '
+            f'{ms["openvino"]:.0f} ms | '
+            f'{ms["openvino"] / ms["torch"]:.2f}x | '
+            f'{ms["openvino"] / ms["deform_conv"]:.2f}x | '
+            f'{r["diff"]["openvino"]:.1e} |'
+        )
+    return '\n'.join(lines)
 
 
 def markdown(rows: Sequence[Dict]) -> str:
@@ -284,12 +324,17 @@ def main(argv=None) -> int:
     )
     import onnxruntime
 
+    versions = f'onnxruntime {onnxruntime.__version__}'
+    if openvino_installed():
+        import openvino
+
+        versions += f', OpenVINO {openvino.__version__.split("-")[0]}'
     text = '\n'.join(
         [
             f'`{command.strip()}`',
             '',
-            f'{machine_info(torch.device("cpu"))}, onnxruntime '
-            f'{onnxruntime.__version__}; load average before '
+            f'{machine_info(torch.device("cpu"))}, {versions}; '
+            f'load average before '
             f'{load_before}, after '
             f'{load_average()}; batch 1, medians of {args.repeats} runs '
             f'after {args.warmup} warm-up, opset 19, dynamic axes.',
@@ -297,6 +342,8 @@ def main(argv=None) -> int:
             markdown(rows),
         ]
     )
+    if any('openvino' in r['ms'] for r in rows):
+        text += '\n\n' + openvino_table(rows)
     print(text)
     out = args.out or osp.join(args.work_dir, 'table.md')
     with open(out, 'w') as f:
