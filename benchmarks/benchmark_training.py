@@ -22,9 +22,10 @@ Timings are medians over ``--repeats`` with the models alternating inside
 each repeat (round robin), so load changes hit them alike; read ratios
 within one run. ``--memory`` adds the peak tensor memory of one iteration
 (see ``benchmarks/benchmark_dyhead.py`` for how it is measured on CPU).
-``--breakdown`` times the stages of one iteration separately; the backward
-runs stage by stage (``torch.autograd.grad`` from each stage's output
-gradient to its input), which adds the cost of a few graph traversals.
+``--breakdown`` times the stages of one iteration separately: the forward
+is cut at each stage boundary (the stage inputs become leaves; values are
+unchanged), so the backward runs stage by stage from each stage's output
+gradient and every stage's time is its own.
 
 Examples::
 
