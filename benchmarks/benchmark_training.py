@@ -58,7 +58,7 @@ from benchmarks.benchmark_dyhead import (  # noqa: E402
     load_average,
     machine_info,
     parse_size,
-    timer,
+    round_robin,
 )
 
 MODELS = {
@@ -69,18 +69,6 @@ MODELS = {
 BASELINE = 'ATSS (tower head)'
 OURS = 'ATSS + DyHeadNeck-6'
 MMDET = 'ATSS + mmdet DyHead-6'
-STAGES = (
-    'fwd backbone',
-    'fwd FPN',
-    'fwd DyHead',
-    'fwd head',
-    'loss',
-    'bwd head+loss',
-    'bwd DyHead',
-    'bwd FPN',
-    'bwd backbone',
-    'optimizer',
-)
 
 
 def build(name: str, device: torch.device):
@@ -234,7 +222,7 @@ def breakdown(model, optim_wrapper, data, device) -> Dict[str, float]:
     }
 
 
-def run_table(args, device, size, num, threads, lines) -> None:
+def run_table(args, device, size, num, threads, load, lines) -> None:
     torch.set_num_threads(threads)
     names = [n for n in MODELS if n in args.models]
     entries = {}
@@ -243,15 +231,12 @@ def run_table(args, device, size, num, threads, lines) -> None:
         model, wrapper = build(name, device)
         entries[name] = (model, wrapper)
     data = batch(size, num)
-    clock = timer(device)
-    for _ in range(args.warmup):
-        for model, wrapper in entries.values():
-            iteration(model, wrapper, data)()
-    times = {n: [] for n in names}
-    for _ in range(args.repeats):
-        for n, (model, wrapper) in entries.items():
-            times[n].append(clock(iteration(model, wrapper, data)))
-    med = {n: statistics.median(v) for n, v in times.items()}
+    med = round_robin(
+        {n: iteration(m, w, data) for n, (m, w) in entries.items()},
+        args.warmup,
+        args.repeats,
+        device,
+    )
     mem = {}
     if args.memory:
         meter = PeakMemory(device)
@@ -259,7 +244,7 @@ def run_table(args, device, size, num, threads, lines) -> None:
             mem[n] = meter.measure(iteration(model, wrapper, data))
     lines.append(
         f'#### {size[0]}x{size[1]}, batch {num}, {threads} thread(s) '
-        f'(load average before: {args.load_at_start})'
+        f'(load average before: {load})'
     )
     lines.append('')
     head = '| detector | iteration (s) | vs tower head | vs mmdet DyHead |'
@@ -296,7 +281,7 @@ def run_table(args, device, size, num, threads, lines) -> None:
         lines.append('')
         lines.append('| stage | ' + ' | '.join(names) + ' |')
         lines.append('|---|' + '---|' * len(names))
-        for s in STAGES:
+        for s in parts[names[0]]:
             lines.append(
                 f'| {s} | '
                 + ' | '.join(f'{parts[n][s]:.3f}' for n in names)
@@ -382,8 +367,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     for n_threads in threads:
         for size in args.sizes:
             for num in args.batches:
-                args.load_at_start = load_average()
-                run_table(args, device, size, num, n_threads, lines)
+                run_table(
+                    args, device, size, num, n_threads, load_average(), lines
+                )
     text = '\n'.join(lines) + '\n'
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
