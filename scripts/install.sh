@@ -169,7 +169,7 @@ PYEOF
 
   # --- the rest of the stack -------------------------------------------------------
   log "installing ${STACK[*]} and test/plot/export extras"
-  pip_run install -q "${STACK[@]}" pytest pytest-timeout matplotlib seaborn onnx onnxruntime "ruff==0.17.6" ||
+  pip_run install -q "${STACK[@]}" pytest pytest-timeout matplotlib seaborn onnx onnxruntime openvino "ruff==0.17.6" ||
     die "could not install ${STACK[*]} (see above)."
   log "installing openmim 0.3.9 without its dependency opendatalab, on purpose: it pulls in openxlab, which downgrades setuptools; only 'mim download --dataset' uses it (pip's note that it is missing is not shown)"
   pip_run install -q --no-deps "openmim==0.3.9" || die "could not install openmim (see above)."

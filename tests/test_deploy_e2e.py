@@ -5,6 +5,7 @@ and mmcv's NMS) on the same preprocessed batch, and mmdet's test pipeline
 (``load_images``) for the runner's preprocessing.
 """
 
+import importlib.util
 import json
 import os
 import os.path as osp
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO_ROOT
+from tests.torch_free import torch_free_env
 
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
@@ -196,26 +198,13 @@ def test_end_to_end_onnx_equals_mmdet_predict(atss_file, images):
         assert report['ok'], report['images']
 
 
-def shim_dir(tmp_path):
-    """A folder whose torch, mmcv, mmdet and mmengine fail to import."""
-    d = tmp_path / 'no_torch'
-    d.mkdir()
-    for name in ('torch', 'mmcv', 'mmdet', 'mmengine', 'mmdet_dyhead'):
-        (d / f'{name}.py').write_text(
-            f'raise ImportError("{name} is not installed here")\n'
-        )
-    return str(d)
-
-
 def test_runner_without_torch_equals_mmdet_predict(
     atss_file, images, tmp_path
 ):
+    """By the path of its former module (mmdet_dyhead/deploy/runtime.py,
+    which loads mmdet_dyhead_runtime from the checkout's root)."""
     model, path = atss_file
-    env = dict(os.environ, PYTHONPATH=shim_dir(tmp_path))
-    probe = subprocess.run(
-        [sys.executable, '-c', 'import torch'], env=env, capture_output=True
-    )
-    assert probe.returncode != 0, 'the shim must hide torch'
+    env = torch_free_env(tmp_path)
     out = str(tmp_path / 'dets.json')
     show = str(tmp_path / 'vis')
     proc = subprocess.run(
@@ -326,9 +315,10 @@ def test_fcos_and_retinanet_end_to_end_onnx(family, images, tmp_path):
 
 
 def test_runtimes_without_deform_conv_name_the_way_out(atss_file, monkeypatch):
-    """onnxruntime < 1.25 and OpenVINO (no DeformConv conversion) stop with
-    a message naming --dcn-export grid_sample; the texts are those the
-    runtimes print (OpenVINO 2026.4, onnxruntime 1.24.4)."""
+    """onnxruntime < 1.25 and an OpenVINO without the conversion extension
+    (no openvino.frontend) stop with a message naming --dcn-export
+    grid_sample; the texts are those the runtimes print (OpenVINO 2026.4
+    without the runner's extension, onnxruntime 1.24.4)."""
     import types
 
     import onnxruntime as ort
@@ -355,7 +345,87 @@ def test_runtimes_without_deform_conv_name_the_way_out(atss_file, monkeypatch):
                 'for operations: DeformConv-19'
             )
 
-    fake = types.SimpleNamespace(Core=Core, __version__='2026.4.1')
+    fake = types.SimpleNamespace(Core=Core, __version__='2022.3.0')
     monkeypatch.setitem(sys.modules, 'openvino', fake)
-    with pytest.raises(RuntimeError, match='--dcn-export grid_sample'):
+    with pytest.raises(RuntimeError, match='--dcn-export grid_sample') as e:
         runtime.OnnxDetector(path, backend='openvino')
+    assert 'Upgrade OpenVINO' in str(e.value)
+    assert 'ConversionExtension' in str(e.value)
+
+
+def test_openvino_runs_the_deform_conv_file_like_onnxruntime(
+    atss_file, images
+):
+    """The DeformConv form through OpenVINO's DeformableConvolution (the
+    runner's conversion extension): the detections onnxruntime gives, image
+    by image (one static-shape model compiled per input size)."""
+    pytest.importorskip('openvino')
+    import mmdet_dyhead_runtime as rt
+
+    _, path = atss_file
+    ours = rt.OnnxDetector(path, num_threads=1, backend='openvino')
+    ref = rt.OnnxDetector(path, num_threads=1)
+    worst = dict(box=0.0, score=0.0)
+    for image in images:
+        (a,), (b,) = ref([image]), ours([image])
+        r = match_detections(
+            *(
+                InstanceData(**{k: torch.from_numpy(v) for k, v in d.items()})
+                for d in (a, b)
+            ),
+            1e-3,
+            1e-5,
+        )
+        assert r['count_ref'] > 10 and r['ok'], r
+        worst['box'] = max(worst['box'], r['max_box_diff'])
+        worst['score'] = max(worst['score'], r['max_score_diff'])
+    # One static-shape model per padded input size.
+    sizes = {
+        rt.preprocess([rt.read_image(i)], ours.preprocess_settings)[0].shape
+        for i in images
+    }
+    assert len(ours.session.compiled) == len(sizes) > 1
+    print('OpenVINO vs onnxruntime, DeformConv form:', worst)
+
+
+def test_runner_as_a_module_without_torch(atss_file, images, tmp_path):
+    """``python -m mmdet_dyhead_runtime`` (what ``dyhead-run-onnx`` runs;
+    tests/test_package.py runs the installed command) where torch, mmdet
+    and mmdet_dyhead fail to import: the detections of the runner in this
+    process, with onnxruntime and with OpenVINO."""
+    import mmdet_dyhead_runtime as rt
+
+    _, path = atss_file
+    env = torch_free_env(tmp_path, REPO_ROOT)
+    backends = ['onnxruntime']
+    if importlib.util.find_spec('openvino'):
+        backends.append('openvino')
+    ref = rt.OnnxDetector(path)
+    for backend in backends:
+        out = str(tmp_path / f'{backend}.json')
+        proc = subprocess.run(
+            [sys.executable, '-m', 'mmdet_dyhead_runtime', path, *images]
+            + ['--backend', backend, '--threads', '1', '--out-json', out],
+            env=env,
+            cwd=str(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(out) as f:
+            records = json.load(f)
+        assert [r['image'] for r in records] == images
+        for image, rec in zip(images, records):
+            (want,) = ref([image])
+            got = InstanceData(
+                bboxes=torch.tensor(rec['bboxes']).view(-1, 4),
+                scores=torch.tensor(rec['scores']),
+                labels=torch.tensor(rec['labels']),
+            )
+            want = InstanceData(
+                **{k: torch.from_numpy(v) for k, v in want.items()}
+            )
+            # The JSON rounds boxes to 1e-3 px and scores to 1e-5.
+            r = match_detections(want, got, 2e-3, 2e-5)
+            assert r['count_ref'] > 10 and r['ok'], (backend, r)

@@ -75,6 +75,9 @@ TOOLS = {
     ),
 }
 CLI_HELPERS = {'__init__', '_paths', 'mmdet_tools'}
+# The torch-free runner: a top-level module of the wheel, not in cli/
+# (importing mmdet_dyhead imports torch).
+RUNNER_SCRIPT = ('dyhead-run-onnx', 'mmdet_dyhead_runtime:main')
 
 
 def _pyproject():
@@ -107,7 +110,8 @@ def test_every_tool_runs_as_a_module_and_has_a_console_script():
         module, func = target.split(':')
         assert module == f'mmdet_dyhead.cli.{tool}', target
         assert callable(getattr(importlib.import_module(module), func))
-    assert set(scripts) == {s for s, _ in TOOLS.values()}
+    assert scripts[RUNNER_SCRIPT[0]] == RUNNER_SCRIPT[1]
+    assert set(scripts) == {s for s, _ in TOOLS.values()} | {RUNNER_SCRIPT[0]}
 
 
 def test_mim_extra_holds_mims_imports_and_not_openmim():
@@ -193,6 +197,7 @@ def wheel_venv(tmp_path_factory):
     src.mkdir()
     for item in ('pyproject.toml', 'setup.py', 'README.md', 'LICENSE'):
         shutil.copy(os.path.join(REPO, item), src)
+    shutil.copy(os.path.join(REPO, 'mmdet_dyhead_runtime.py'), src)
     shutil.copy(os.path.join(REPO, 'model-index.yml'), src)
     for item in ('mmdet_dyhead', 'configs', 'tools'):
         shutil.copytree(
@@ -266,6 +271,8 @@ def test_wheel_metadata_is_true(wheel_venv):
     for tool, (script, _) in TOOLS.items():
         assert f'mmdet_dyhead/.mim/tools/{tool}.py' in names
         assert f'{script} = mmdet_dyhead.cli.{tool}:' in entry_points
+    assert 'mmdet_dyhead_runtime.py' in names
+    assert ' = '.join(RUNNER_SCRIPT) in entry_points
 
 
 @pytest.mark.slow
@@ -333,3 +340,88 @@ def test_every_tool_runs_from_the_installed_wheel_by_each_route(wheel_venv):
         assert proc.returncode == 0, (name, err[-2000:])
         assert TOOLS[tool][1] in out, (name, out[:500])
         assert 'Warning' not in err, (name, err[-2000:])
+
+
+def _tiny_end_to_end_file(folder):
+    """A tiny ATSS + DyHead (random weights, 1 block) exported with
+    ``--postprocess`` (DeformConv form), and an image for it."""
+    import cv2
+    import numpy as np
+    from mmdet.apis import init_detector
+
+    from mmdet_dyhead.deploy import (
+        export_onnx,
+        img_shapes,
+        load_images,
+        use_native_dcn,
+    )
+    from projects.synthetic_coco.tiny_configs import (
+        TEST_META_KEYS,
+        shrink_model,
+    )
+
+    cfg = Config.fromfile(
+        os.path.join(REPO, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py')
+    )
+    shrink_model(cfg.model)
+    cfg.model.neck[1].num_blocks = 1
+    cfg.test_dataloader.dataset.pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=(64, 64), keep_ratio=True),
+        dict(type='PackDetInputs', meta_keys=TEST_META_KEYS),
+    ]
+    use_native_dcn(cfg.model)
+    model = init_detector(cfg, device='cpu').eval()
+    image = os.path.join(folder, 'image.png')
+    rng = np.random.default_rng(0)
+    cv2.imwrite(image, (rng.random((48, 80, 3)) * 255).astype(np.uint8))
+    inputs, samples = load_images(model, [image])
+    path = os.path.join(folder, 'model_e2e.onnx')
+    export_onnx(
+        model, inputs, path, postprocess=True, img_shape=img_shapes(samples)
+    )
+    return path, image
+
+
+@pytest.mark.slow
+def test_runner_command_runs_from_the_wheel_without_torch(
+    wheel_venv, tmp_path
+):
+    """``dyhead-run-onnx`` and ``python -m mmdet_dyhead_runtime`` of the
+    installed wheel, where torch, mmdet and mmdet_dyhead fail to import,
+    give the same detections on an exported tiny detector."""
+    pytest.importorskip('onnxruntime')
+    from tests.torch_free import torch_free_env
+
+    venv, _, outside = wheel_venv
+    python = str(venv / 'bin' / 'python')
+    model, image = _tiny_end_to_end_file(str(tmp_path))
+    env = torch_free_env(tmp_path, python=python)
+    env.pop('PYTHONWARNINGS', None)
+    routes = {
+        'script': [str(venv / 'bin' / RUNNER_SCRIPT[0])],
+        'module': [python, '-m', 'mmdet_dyhead_runtime'],
+    }
+    found = {}
+    for route, cmd in routes.items():
+        proc = subprocess.run(
+            cmd + [model, image],
+            cwd=outside,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, (route, proc.stderr[-3000:])
+        (line,) = proc.stdout.strip().splitlines()
+        found[route] = json.loads(line)
+        assert len(found[route]['labels']) > 10, found[route]
+    assert found['script'] == found['module']
+    where = subprocess.run(
+        [python, '-c', 'import mmdet_dyhead_runtime as m; print(m.__file__)'],
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert where.startswith(str(venv)), where
