@@ -5,9 +5,11 @@ both DCN forms, then detects every image of its test split three ways:
 
 - PyTorch: mmdet's test pipeline (``load_images``) and ``model.predict``,
   what ``tools/test.py`` does at batch size 1;
-- onnxruntime and, if installed, OpenVINO: the torch-free runner
-  (``mmdet_dyhead/deploy/runtime.py``: its own numpy/OpenCV preprocessing,
-  the graph, the boxes scaled back to the original image).
+- onnxruntime and, if installed, OpenVINO, each on both files (OpenVINO
+  runs ``DeformConv`` as its own ``DeformableConvolution``): the
+  torch-free runner (``mmdet_dyhead_runtime``, ``dyhead-run-onnx``: its own
+  numpy/OpenCV preprocessing, the graph, the boxes scaled back to the
+  original image).
 
 It prints (and writes to ``<out-dir>/parity.md``) the COCO AP of each
 (pycocotools, the split's annotation file), how many images give the same
@@ -119,13 +121,13 @@ def main(argv=None) -> int:
     from mmengine.structures import InstanceData
     from pycocotools.coco import COCO
 
+    import mmdet_dyhead_runtime as rt
     from mmdet_dyhead.checkpoint import load_checkpoint
     from mmdet_dyhead.deploy import (
         load_images,
         match_detections,
         use_native_dcn,
     )
-    from mmdet_dyhead.deploy import runtime as rt
 
     torch.set_num_threads(args.threads)
     files = {form: export(args, form) for form in FORMS}
