@@ -162,42 +162,73 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
     def step(self, **kwargs) -> None:
         """``AmpOptimWrapper.step`` that never applies a non-finite gradient.
 
+        The finiteness check reads the gradients before anything changes
+        them: the total norm that gradient clipping uses (and logs as
+        ``grad_norm``), computed once. Clipping after the check would hide
+        an infinite norm: ``clip_grad_norm_`` scales every gradient by
+        ``max_norm / inf = 0``, so finite gradients whose squares overflow
+        float32 come out as zeros, which look finite and would still move
+        the weights through momentum and weight decay.
+
+        A skipped step calls neither the optimizer nor the scaler's
+        ``step``: weights, optimizer state (momentum, Adam's step count)
+        stay as they were. With dynamic loss scaling the scale is lowered
+        by the scaler's backoff factor, as ``GradScaler`` does for a step
+        it skips itself.
+
         Args:
             kwargs: Keyword arguments for :meth:`torch.optim.Optimizer.step`.
         """
+        scaling = self.loss_scaler.is_enabled()
         if self.clip_grad_kwargs:
             self.loss_scaler.unscale_(self.optimizer)
-            self._clip_grad()
-        norm = self._grad_norm()
-        if math.isfinite(norm):
-            self.consecutive_nonfinite_steps = 0
-            self.loss_scaler.step(self.optimizer, **kwargs)
+        params = self._params_with_grad()
+        clip_by_norm = bool(self.clip_grad_kwargs) and (
+            self.grad_name == 'grad_norm'
+        )
+        if clip_by_norm:
+            norm_type = self.clip_grad_kwargs.get('norm_type', 2.0)
+            foreach = self.clip_grad_kwargs.get('foreach')
         else:
+            norm_type, foreach = 2.0, None
+        total_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in params], norm_type, foreach=foreach
+        )
+        norm = float(total_norm) if params else 0.0
+        if clip_by_norm and params:
+            # What mmengine's OptimWrapper logs when it clips.
+            self.message_hub.update_scalar('train/grad_norm', norm)
+        if not math.isfinite(norm):
             self._skip_nonfinite_step(norm)
-            if self.loss_scaler.is_enabled():
-                # The scaler finds the same inf/NaN, skips the update
-                # itself and lowers its scale in update() below.
-                self.loss_scaler.step(self.optimizer, **kwargs)
+            if scaling:
+                backoff = self.loss_scaler.get_backoff_factor()
+                self.loss_scaler.update(
+                    self._scale_update_param
+                    or self.loss_scaler.get_scale() * backoff
+                )
+            return
+        self.consecutive_nonfinite_steps = 0
+        if self.clip_grad_kwargs and params:
+            if clip_by_norm:
+                torch.nn.utils.clip_grads_with_norm_(
+                    params,
+                    self.clip_grad_kwargs['max_norm'],
+                    total_norm,
+                    foreach=foreach,
+                )
+            else:
+                self._clip_grad()
+        self.loss_scaler.step(self.optimizer, **kwargs)
         self.loss_scaler.update(self._scale_update_param)
 
-    def _grad_norm(self) -> float:
-        """2-norm of all gradients (scaled, if loss scaling is on): finite
-        exactly when every gradient is."""
-        grads: List[torch.Tensor] = [
-            p.grad
+    def _params_with_grad(self) -> List[torch.Tensor]:
+        """The parameters mmengine's ``_clip_grad`` clips."""
+        return [
+            p
             for group in self.optimizer.param_groups
             for p in group['params']
-            if p.grad is not None
+            if p.requires_grad and p.grad is not None
         ]
-        if not grads:
-            return 0.0
-        return float(
-            torch.linalg.vector_norm(
-                torch.stack(
-                    [torch.linalg.vector_norm(g.float()) for g in grads]
-                )
-            )
-        )
 
     def _skip_nonfinite_step(self, norm: float) -> None:
         self.nonfinite_steps += 1
