@@ -127,8 +127,9 @@ def make_session(onnx_file: str, num_threads: Optional[int] = None):
         raise RuntimeError(
             f'onnxruntime {ort.__version__} cannot run the DeformConv nodes '
             f'of {onnx_file} (its CPU kernel needs onnxruntime >= 1.25). '
-            f'Upgrade onnxruntime (pip install "onnxruntime>=1.25"), or '
-            f'export again with --dcn-export grid_sample.'
+            f'Upgrade onnxruntime (pip install "onnxruntime>=1.25"), run '
+            f'the file with --backend openvino, or export again with '
+            f'--dcn-export grid_sample.'
         ) from e
 
 
