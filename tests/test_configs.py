@@ -15,6 +15,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS as ROOT_MODELS
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
+from torch.nn import ModuleList
 
 from mmdet_dyhead.engine import DyHeadConfigError, check_dyhead_detector
 from mmdet_dyhead.models.necks import DyHeadNeck
@@ -71,7 +72,16 @@ def _dyhead_token(rel_path: str):
 
 def test_every_family_and_table_has_configs():
     assert len(SHIPPED) >= 30
-    for folder in ('atss', 'fcos', 'retinanet', 'reppoints', 'faster_rcnn'):
+    for folder in (
+        'atss',
+        'fcos',
+        'retinanet',
+        'reppoints',
+        'faster_rcnn',
+        'mask_rcnn',
+        'cascade_rcnn',
+        'rtmdet',
+    ):
         assert any(p.startswith(folder + '/') for p in SHIPPED), folder
 
 
@@ -81,9 +91,14 @@ def test_config_name_follows_mmdet_convention(rel_path):
     parts = name[:-3].split('_')
     assert all(re.fullmatch(r'[a-z0-9.-]+', p) for p in parts), name
     assert parts[0].startswith(folder.replace('_', '-')), name
+    assert parts[-1] == 'coco', name
+    if folder == 'rtmdet':
+        # mmdet's RTMDet names: size, then GPUs x batch and epochs.
+        assert parts[1] in ('tiny', 's', 'm', 'l', 'x'), name
+        assert re.fullmatch(r'\d+xb\d+-\d+e', parts[-2]), name
+        return
     assert parts[2].startswith('fpn'), name
     assert re.fullmatch(r'(ms-)?\d+x', parts[-2]), name
-    assert parts[-1] == 'coco', name
 
 
 @pytest.mark.parametrize('rel_path', SHIPPED)
@@ -124,10 +139,14 @@ def test_config_loads_and_builds(rel_path):
         assert (head.stacked_convs > 0) == towers_allowed
     roi_head = getattr(model, 'roi_head', None)
     if roi_head is not None:
-        # Fig. 2c: task-aware attention moves from the pyramid to the RoI.
-        assert isinstance(roi_head.bbox_head, TaskAttnBBoxHead) == (
-            'task' not in wanted
-        )
+        # Fig. 2c: task-aware attention moves from the pyramid to the RoI
+        # (every stage of a cascade).
+        stages = roi_head.bbox_head
+        stages = stages if isinstance(stages, ModuleList) else [stages]
+        for stage in stages:
+            assert isinstance(stage, TaskAttnBBoxHead) == (
+                'task' not in wanted
+            )
 
 
 def _flatten(obj, prefix=''):
@@ -200,6 +219,36 @@ COMPARISONS = [
         'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
         'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
         ('model.neck', 'custom_hooks'),
+    ),
+    # Beyond the paper: Mask R-CNN and Cascade R-CNN in both forms (the
+    # Fig. 2c form changes the box head of every stage, never the mask
+    # head), RTMDet with DyHead in place of its head towers.
+    (
+        'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+        'mask_rcnn/mask-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+        'task-attn-roi-head_1x_coco.py',
+        ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks'),
+    ),
+    (
+        'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+        'mask_rcnn/mask-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
+        ('model.neck', 'custom_hooks'),
+    ),
+    (
+        'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+        'cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+        'task-attn-roi-head_1x_coco.py',
+        ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks'),
+    ),
+    (
+        'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+        'cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
+        ('model.neck', 'custom_hooks'),
+    ),
+    (
+        'rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
+        'rtmdet/rtmdet_tiny_dyhead-2b_8xb32-300e_coco.py',
+        DYHEAD_HEAD,
     ),
     # Table 4: backbone and schedule only.
     (

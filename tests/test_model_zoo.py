@@ -441,6 +441,9 @@ FAMILIES = [
     ('fcos', 'fcos'),
     ('reppoints', 'reppoints'),
     ('faster-rcnn', 'faster_rcnn'),
+    ('mask-rcnn', 'mask_rcnn'),
+    ('cascade-rcnn', 'cascade_rcnn'),
+    ('rtmdet', 'rtmdet'),
 ]
 
 

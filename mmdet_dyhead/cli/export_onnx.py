@@ -17,6 +17,8 @@ onnxruntime). With
 ``--image`` the export is verified: onnxruntime and PyTorch run on the same
 image and must give the same detections (scores within --score-tol, boxes
 within --box-tol pixels, same count). Exit status 1 if they do not.
+Two-stage detectors (Faster, Mask and Cascade R-CNN) are refused with exit
+status 2: their RoI heads are not in the graph.
 """
 
 import argparse
@@ -140,6 +142,10 @@ def main(argv=None) -> int:
     except NativeBackendError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    refusal = _unsupported_detector(model)
+    if refusal:
+        print(f'error: {refusal}', file=sys.stderr)
+        return 2
     try:
         load_checkpoint(
             model, args.checkpoint, allow_partial=args.allow_partial_checkpoint
@@ -222,6 +228,33 @@ def main(argv=None) -> int:
             f'{r["max_score_diff"]:.3g}: {"OK" if r["ok"] else "MISMATCH"}'
         )
     return 0 if report['ok'] else 1
+
+
+def _unsupported_detector(model) -> str:
+    """Why ``model`` cannot be exported, or '' if it can.
+
+    The graph is the dense part of a one-stage detector (backbone, necks,
+    dense head); a two-stage detector's RoI heads pool features of boxes
+    chosen at run time (proposal NMS, RoIAlign, cascade refinement), which
+    neither the raw-map nor the ``--postprocess`` graph covers.
+    """
+    from mmdet.models.detectors import SingleStageDetector
+
+    if isinstance(model, SingleStageDetector):
+        return ''
+    kind = (
+        'a two-stage detector'
+        if hasattr(model, 'roi_head')
+        else 'not a one-stage detector'
+    )
+    return (
+        f'{type(model).__name__} is {kind}: the ONNX export (raw maps and '
+        f'--postprocess alike) covers one-stage detectors (backbone, necks '
+        f'and a dense head such as ATSS, FCOS, RetinaNet or RTMDet), not RoI '
+        f"heads. Run it in PyTorch instead: tools/image_demo.py or mmdet's "
+        f'DetInferencer (docs/inference.md), tools/test.py for COCO AP; or '
+        f'export a one-stage DyHead config.'
+    )
 
 
 def _verify_end_to_end(args, model, images, samples) -> int:

@@ -33,14 +33,21 @@ def shrink_model(model: dict, channels: int = 32) -> None:
     """Tiny backbone and pyramid for a detector's model config, in place.
 
     Args:
-        model (dict): ``cfg.model`` of a one- or two-stage detector with a
-            ResNet backbone and an FPN (optionally followed by more necks).
+        model (dict): ``cfg.model`` of a one- or two-stage detector (cascade
+            and mask heads included) with a ResNet backbone and an FPN, or
+            a CSPNeXt backbone and a CSPNeXtPAFPN (RTMDet), optionally
+            followed by more necks.
         channels (int): Pyramid channels.
     """
     num_classes = len(SYNTHETIC_CLASSES)
-    model.backbone.update(depth=18, base_channels=8, init_cfg=None)
     necks = model.neck if isinstance(model.neck, list) else [model.neck]
-    necks[0].update(in_channels=[8, 16, 32, 64], out_channels=channels)
+    if model.backbone.type == 'CSPNeXt':
+        # 1/8 of the P5 widths: stages 3-5 give 32, 64 and 128 channels.
+        model.backbone.update(widen_factor=0.125, init_cfg=None)
+        necks[0].update(in_channels=[32, 64, 128], out_channels=channels)
+    else:
+        model.backbone.update(depth=18, base_channels=8, init_cfg=None)
+        necks[0].update(in_channels=[8, 16, 32, 64], out_channels=channels)
     for neck in necks[1:]:
         neck.update(in_channels=channels, out_channels=channels)
     if 'bbox_head' in model:
@@ -56,9 +63,19 @@ def shrink_model(model: dict, channels: int = 32) -> None:
         model.rpn_head.update(in_channels=channels, feat_channels=channels)
         roi = model.roi_head
         roi.bbox_roi_extractor.out_channels = channels
-        roi.bbox_head.update(num_classes=num_classes, in_channels=channels)
-        if 'fc_out_channels' in roi.bbox_head:
-            roi.bbox_head.fc_out_channels = 64
+        # Cascade R-CNN lists one box head per stage.
+        stages = roi.bbox_head
+        for head in stages if isinstance(stages, list) else [stages]:
+            head.update(num_classes=num_classes, in_channels=channels)
+            if 'fc_out_channels' in head:
+                head.fc_out_channels = 64
+        if 'mask_head' in roi:
+            roi.mask_roi_extractor.out_channels = channels
+            roi.mask_head.update(
+                num_classes=num_classes,
+                in_channels=channels,
+                conv_out_channels=channels,
+            )
         model.test_cfg.rcnn.score_thr = 0.0
 
 
@@ -90,16 +107,18 @@ def tiny_detector_cfg(
     """
     cfg = Config.fromfile(config_file)
     shrink_model(cfg.model)
+    # Instance segmentation (a mask head): train on the masks, test both.
+    masks = 'mask_head' in cfg.model.get('roi_head', {})
     train_pipeline = [
         dict(type='LoadImageFromFile'),
-        dict(type='LoadAnnotations', with_bbox=True),
+        dict(type='LoadAnnotations', with_bbox=True, with_mask=masks),
         dict(type='Resize', scale=(image, image), keep_ratio=True),
         dict(type='PackDetInputs'),
     ]
     test_pipeline = [
         dict(type='LoadImageFromFile'),
         dict(type='Resize', scale=(image, image), keep_ratio=True),
-        dict(type='LoadAnnotations', with_bbox=True),
+        dict(type='LoadAnnotations', with_bbox=True, with_mask=masks),
         dict(type='PackDetInputs', meta_keys=TEST_META_KEYS),
     ]
 
@@ -130,7 +149,7 @@ def tiny_detector_cfg(
     cfg.val_evaluator = cfg.test_evaluator = dict(
         type='CocoMetric',
         ann_file=data['val_ann'],
-        metric='bbox',
+        metric=['bbox', 'segm'] if masks else 'bbox',
         outfile_prefix=osp.join(work_dir, 'dets'),
     )
     cfg.train_cfg = dict(
