@@ -1,5 +1,7 @@
 """Whole-detector CPU latency: ATSS, RetinaNet and FCOS (R-50), each with and
-without DyHead, in PyTorch and onnxruntime.
+without DyHead, in PyTorch and onnxruntime; on request (``--families``) also
+Mask R-CNN, Cascade R-CNN (R-50, DyHead as a neck and in the Fig. 2c form)
+and RTMDet-tiny (+ 2 DyHead blocks), in PyTorch.
 
 Every detector is built from this package's Table 3 configs with random
 weights (backbone ``init_cfg=None``; latency does not depend on the values)
@@ -7,12 +9,15 @@ and ``score_thr=0``, so every level's ``nms_pre`` best candidates reach NMS:
 the most post-processing a trained model can ask for. One image of the
 synthetic data at ``--size`` (default 800x1333) runs through:
 
-- ``net``: backbone + neck + head on the preprocessed tensor;
+- ``net``: backbone + neck + head on the preprocessed tensor (two-stage
+  detectors: RPN, proposal NMS and the RoI heads included, i.e. mmdet's
+  ``_forward``);
 - ``predict``: the whole path from the image file: the config's test
   pipeline (load, resize, pack), the data preprocessor (normalise, pad),
   the network, box decoding and NMS (``bbox_head.predict_by_feat``);
 - the same two with the network in onnxruntime (``--onnx``; exported by
-  :func:`mmdet_dyhead.deploy.export_onnx` with its default DCN form);
+  :func:`mmdet_dyhead.deploy.export_onnx` with its default DCN form;
+  one-stage detectors only, the export does not cover RoI heads);
 - ``bf16``: the network under CPU bfloat16 autocast, with its output
   difference to float32 (``--bf16``).
 
@@ -27,6 +32,7 @@ taken within one run. Example::
 import argparse
 import os
 import os.path as osp
+import shlex
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -51,6 +57,8 @@ def config_path(rel_path: str) -> str:
     return osp.join(ROOT, 'configs', rel_path)
 
 
+# (family, baseline config, +DyHead config, more +DyHead variants as
+# (label, config) pairs).
 FAMILIES = (
     (
         'ATSS',
@@ -69,7 +77,38 @@ FAMILIES = (
         'fcos/fcos_r50-caffe_fpn_dyhead-6b-center-normbbox-centeronreg-giou_'
         '1x_coco.py',
     ),
+    (
+        'Mask R-CNN',
+        'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+        'mask_rcnn/mask-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
+        (
+            (
+                'Fig. 2c',
+                'mask_rcnn/mask-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+                'task-attn-roi-head_1x_coco.py',
+            ),
+        ),
+    ),
+    (
+        'Cascade R-CNN',
+        'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+        'cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
+        (
+            (
+                'Fig. 2c',
+                'cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
+                'task-attn-roi-head_1x_coco.py',
+            ),
+        ),
+    ),
+    (
+        'RTMDet-tiny',
+        'rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
+        'rtmdet/rtmdet_tiny_dyhead-2b_8xb32-300e_coco.py',
+    ),
 )
+# The Table 3 families run unless --families names others.
+DEFAULT_FAMILIES = ('ATSS', 'RetinaNet', 'FCOS')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -96,9 +135,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--families',
         nargs='+',
-        default=[f[0] for f in FAMILIES],
+        default=list(DEFAULT_FAMILIES),
         choices=[f[0] for f in FAMILIES],
-        help='Detector families. Default: all.',
+        help='Detector families. Default: %(default)s.',
     )
     parser.add_argument(
         '--warmup', type=int, default=1, help='Untimed runs per model.'
@@ -141,7 +180,9 @@ def build(rel_path: str):
 
     cfg = Config.fromfile(config_path(rel_path))
     cfg.model.backbone.init_cfg = None
-    cfg.model.test_cfg.score_thr = 0.0
+    test_cfg = cfg.model.test_cfg
+    # Two-stage detectors: the final (RoI head) threshold.
+    (test_cfg.rcnn if 'rcnn' in test_cfg else test_cfg).score_thr = 0.0
     # The native DCN is what runs on CPU ('auto') and what exports.
     use_native_dcn(cfg.model)
     return init_detector(cfg, device='cpu')
@@ -174,17 +215,28 @@ def prepare(args, families) -> Dict[str, dict]:
     val_dir = osp.join(data['data_root'], data['val_img_dir'])
     image = osp.join(val_dir, sorted(os.listdir(val_dir))[0])
     entries = {}
-    for family, base, dyhead in families:
-        for name, rel in ((family, base), (f'{family} + DyHead', dyhead)):
+    for family, base, dyhead, *more in families:
+        variants = [(family, base), (f'{family} + DyHead', dyhead)]
+        for label, rel in more[0] if more else ():
+            variants.append((f'{family} + DyHead ({label})', rel))
+        for name, rel in variants:
             model = build(rel)
-            entries[name] = dict(model=model, image=image)
+            entries[name] = dict(model=model, image=image, base=family)
     return entries
+
+
+def one_stage(model) -> bool:
+    from mmdet.models.detectors import SingleStageDetector
+
+    return isinstance(model, SingleStageDetector)
 
 
 def add_onnx(args, entries: Dict[str, dict]) -> None:
     from mmdet_dyhead.deploy import export_onnx, load_images
 
     for name, e in entries.items():
+        if not one_stage(e['model']):
+            continue  # the export covers dense heads only
         images, _ = load_images(e['model'], [e['image']])
         path = osp.join(
             args.work_dir, name.lower().replace(' + ', '_') + '.onnx'
@@ -224,11 +276,12 @@ def timed_calls(args, entries) -> Dict[str, Dict[str, Callable[[], None]]]:
         calls['bf16 net'] = {}
     for name, e in entries.items():
         model, image = e['model'], e['image']
-        images, _ = load_images(model, [image])
+        images, samples = load_images(model, [image])
 
-        def net(model=model, images=images):
+        def net(model=model, images=images, samples=samples):
+            # Two-stage detectors read the image metas in the RPN step.
             with torch.no_grad():
-                model._forward(images)
+                model._forward(images, samples)
 
         def predict(model=model, image=image):
             with torch.no_grad():
@@ -262,9 +315,9 @@ def timed_calls(args, entries) -> Dict[str, Dict[str, Callable[[], None]]]:
             calls['ort predict'][name] = ort_predict
         if args.bf16:
 
-            def bf16_net(model=model, images=images):
+            def bf16_net(model=model, images=images, samples=samples):
                 with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
-                    model._forward(images)
+                    model._forward(images, samples)
 
             calls['bf16 net'][name] = bf16_net
     return calls
@@ -276,16 +329,21 @@ def accuracy(entries) -> Dict[str, Dict[str, float]]:
 
     out = {}
     for name, e in entries.items():
-        images, _ = load_images(e['model'], [e['image']])
+        images, samples = load_images(e['model'], [e['image']])
+        row = {}
+        out[name] = row
+        if not one_stage(e['model']):
+            # The RoI heads' outputs depend on the proposals kept, which
+            # bf16 changes: no element-wise comparison.
+            row['bf16'] = float('nan')
+            continue
         with torch.no_grad():
             ref = flat(e['model']._forward(images))
-            row = {}
             if 'session' in e:
                 outs = e['session'].run(None, {'input': images.numpy()})
                 row['ort'] = rel_l2([torch.from_numpy(o) for o in outs], ref)
             with torch.autocast('cpu', torch.bfloat16):
                 row['bf16'] = rel_l2(flat(e['model']._forward(images)), ref)
-        out[name] = row
     return out
 
 
@@ -308,13 +366,19 @@ def table(args, threads: int, entries, times, errors) -> List[str]:
         * (len(kinds) + 3 + ('ort net' in kinds) + 2 * ('bf16 net' in kinds))
         + '|',
     ]
-    for name in entries:
-        base = name.replace(' + DyHead', '')
-        cells = [f'{times[k][name]:.3f}' for k in kinds]
+    for name, e in entries.items():
+        base = e['base']
+        cells = [
+            f'{times[k][name]:.3f}' if name in times[k] else '-' for k in kinds
+        ]
         cells.append(f'{times["net"][name] / times["net"][base]:.2f}x')
         cells.append(f'{times["predict"][name] / times["predict"][base]:.2f}x')
         if 'ort net' in kinds:
-            cells.append(f'{times["ort net"][name] / times["net"][name]:.2f}x')
+            cells.append(
+                f'{times["ort net"][name] / times["net"][name]:.2f}x'
+                if name in times['ort net']
+                else '-'
+            )
         if 'bf16 net' in kinds:
             cells.append(
                 f'{times["bf16 net"][name] / times["net"][name]:.2f}x'
@@ -336,10 +400,11 @@ def main(argv: Optional[List[str]] = None) -> str:
         '## Whole-detector latency (CPU)',
         '',
         f'- Command: `python benchmarks/benchmark_detectors.py '
-        f'{" ".join(argv if argv is not None else sys.argv[1:])}`',
+        f'{shlex.join(argv if argv is not None else sys.argv[1:])}`',
         f'- Machine: {machine_info(torch.device("cpu"))}',
         f"- Image {args.size[0]}x{args.size[1]} before the configs' resize "
-        f'(1333x800 keep-ratio), batch 1, random weights, score_thr=0; '
+        f'(1333x800 keep-ratio; RTMDet: 640x640 keep-ratio, padded to '
+        f'640x640), batch 1, random weights, score_thr=0; '
         f'median of {args.repeats} runs after {args.warmup} warm-up, '
         f'models alternating.',
         '',
@@ -363,7 +428,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     if args.onnx:
         lines.append(
             'onnxruntime vs PyTorch float32 outputs, max rel. L2 error: '
-            + ', '.join(f'{n} {e["ort"]:.1e}' for n, e in errors.items())
+            + ', '.join(
+                f'{n} {e["ort"]:.1e}' for n, e in errors.items() if 'ort' in e
+            )
             + '.'
         )
     text = '\n'.join(lines) + '\n'
