@@ -224,9 +224,12 @@ def export_deform_conv2d(
     """
     # The node exists only in ONNX graphs: scripting or compiling inside
     # an onnx_dcn_export block still gets the grid_sample form.
+    # The export check comes first: torch.compile traces this function and
+    # cannot trace ContextVar.get (a graph break), but knows it is not
+    # inside an ONNX export.
     if not (
-        _onnx_dcn_form.get() == 'deform_conv'
-        and torch.onnx.is_in_onnx_export()
+        torch.onnx.is_in_onnx_export()
+        and _onnx_dcn_form.get() == 'deform_conv'
     ):
         return grid_sample_deform_conv2d(
             input, offset, mask, weight, bias, stride, padding, dilation

@@ -306,7 +306,14 @@ def deform_conv2d(
     if not inputs:
         check_choice('dcn_backend', backend, DCN_BACKENDS)
         return []
-    backend = resolve_dcn_backend(backend, inputs[0].device)
+    # While exporting or compiling, 'auto' means the standard-op form, on
+    # CUDA too: mmcv's kernel is opaque to exporters and torch.compile (a
+    # graph break). An explicit 'mmcv' keeps the kernel.
+    backend = (
+        'torch'
+        if backend == 'auto' and exporting()
+        else resolve_dcn_backend(backend, inputs[0].device)
+    )
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     terms = list(zip(inputs, offsets, masks))
     for x, off, msk in terms:

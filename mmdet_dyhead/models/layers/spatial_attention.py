@@ -2,6 +2,7 @@
 
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
@@ -11,6 +12,19 @@ from mmdet_dyhead.ops import ModulatedDeformConv, SharedMaps
 from mmdet_dyhead.utils.misc import check_choice
 
 OFFSET_MODES = ('legacy', 'aligned')
+
+
+def _upsample(x: Tensor, size) -> Tensor:
+    """Bilinear resize with ``align_corners=True`` (mmdet's high branch).
+
+    Under ``torch.compile`` a 1x1 map is broadcast instead: the same values
+    (every output reads the one pixel), and torch 2.13's inductor fails to
+    generate CPU code for the backward of a bilinear resize of a 1x1 map
+    (an assertion in its vectorised scatter-add).
+    """
+    if tuple(x.shape[-2:]) == (1, 1) and torch.compiler.is_compiling():
+        return x.expand(*x.shape[:2], *size)
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=True)
 
 
 class DeformConvNorm(nn.Module):
@@ -258,12 +272,8 @@ class SpatialAwareAttention(nn.Module):
             if lvl > 0:
                 level.append((lvl - 1, low[lvl - 1]))
             if lvl < num - 1:
-                up = F.interpolate(
-                    high[lvl],
-                    size=feats[lvl].shape[-2:],
-                    mode='bilinear',
-                    align_corners=True,
+                level.append(
+                    (lvl + 1, _upsample(high[lvl], feats[lvl].shape[-2:]))
                 )
-                level.append((lvl + 1, up))
             terms.append(level)
         return terms

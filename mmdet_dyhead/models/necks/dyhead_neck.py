@@ -3,6 +3,7 @@
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from torch import Tensor
@@ -81,6 +82,14 @@ class DyHeadNeck(BaseModule):
             ``'mmcv'`` or ``'torch'``.
         with_cp (bool): Gradient checkpointing per block (less memory, one
             extra forward in backward).
+        compile (bool | dict): Run the blocks through ``torch.compile``
+            (``True``, or a dict of its options such as
+            ``dict(mode='max-autotune')``). All blocks share one compiled
+            function, so a 6-block neck compiles one block's graph (twice
+            when the neck's inputs need no gradient: the first block then
+            differs in that). Default False. Only ``forward`` is compiled,
+            not :meth:`forward_with_attention`. See docs/benchmarks.md for
+            compile times and speed.
         init_cfg (dict, optional): mmengine init config.
         **block_overrides: ``attention_order``, ``hsigmoid``, ``offset_mode``,
             ``dcn_bias``, ``init_style``, ``zero_init_offset``, ``norm_cfg``,
@@ -103,10 +112,16 @@ class DyHeadNeck(BaseModule):
         use_task_attn: bool = True,
         dcn_backend: str = 'auto',
         with_cp: bool = False,
+        compile: Union[bool, dict] = False,
         init_cfg: Optional[dict] = None,
         **block_overrides,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(
+                'DyHeadNeck compile must be True, False or a dict of '
+                f'torch.compile options, got {compile!r}.'
+            )
         check_choice('preset', preset, DYHEAD_PRESETS)
         if not isinstance(in_channels, int):
             in_channels = list(in_channels)
@@ -151,6 +166,18 @@ class DyHeadNeck(BaseModule):
         self.num_levels = num_levels
         self.preset = preset
         self.with_cp = with_cp
+        self.compile_cfg = compile
+        # One compiled function of the block class, not one per block:
+        # torch.compile caches per code object, and with the block as an
+        # argument its parameters are graph inputs, so every block of the
+        # same structure and input shapes reuses one graph. (Compiled
+        # blocks run no module hooks; eager ones are called as modules.)
+        self._block_forward = None
+        if compile:
+            options = {} if compile is True else dict(compile)
+            self._block_forward = torch.compile(
+                DynamicHeadBlock.forward, **options
+            )
         block_cfg = dict(DYHEAD_PRESETS[preset], **block_overrides)
         self.block_cfg = block_cfg
         self.dyhead_blocks = nn.Sequential(
@@ -206,16 +233,21 @@ class DyHeadNeck(BaseModule):
         """
         self._check_inputs(inputs)
         feats = list(inputs)
+        compiled = self._block_forward
+
+        def run(block, feats):
+            return block(feats) if compiled is None else compiled(block, feats)
+
         for block in self.dyhead_blocks:
             if self.with_cp and any(f.requires_grad for f in feats):
                 feats = checkpoint(
-                    lambda *fs, b=block: tuple(b(list(fs))),
+                    lambda *fs, b=block: tuple(run(b, list(fs))),
                     *feats,
                     use_reentrant=False,
                 )
                 feats = list(feats)
             else:
-                feats = block(feats)
+                feats = run(block, feats)
         return tuple(feats)
 
     def forward_with_attention(

@@ -1,0 +1,211 @@
+"""torch.compile of DyHeadNeck: no graph breaks, and the compiled neck
+computes what the eager one and mmdet's ``DyHead`` compute.
+
+Inductor compiles C++ for every kernel, minutes on a 2-core machine for a
+full neck, so only one test uses it, on a tiny neck; the graph-break checks
+trace with Dynamo's ``eager`` backend (the same graph capture, no codegen),
+and the Runner test compiles ``train_step`` with ``aot_eager`` (capture plus
+AOTAutograd's forward/backward split, no codegen).
+"""
+
+import pytest
+import torch
+
+from mmdet_dyhead.models import DyHeadNeck
+from mmdet_dyhead.ops import mmcv_ops_available
+from tests.helpers import pyramid, rel_err
+
+needs_mmcv_ops = pytest.mark.skipif(
+    not mmcv_ops_available(), reason='needs mmcv built with its ops'
+)
+
+
+def _randomise(neck):
+    """Non-trivial weights: offsets of a few pixels, norms and attention
+    logits away from their initial values."""
+    with torch.no_grad():
+        for name, p in neck.named_parameters():
+            if 'offset' in name:
+                p.normal_(0, 0.05)
+            elif 'norm' in name:
+                p.copy_(
+                    torch.randn_like(p) * 0.2
+                    + (1.0 if name.endswith('weight') else 0.0)
+                )
+            elif 'attn' in name:
+                p.normal_(0, 0.3)
+    return neck
+
+
+def _grad_err(a, b, grads):
+    """|a - b| over max |b|, but never over less than 1e-3 of the largest
+    gradient of the model: gradients that are zero in exact arithmetic
+    (a conv bias before GroupNorm) hold only rounding noise."""
+    floor = 1e-3 * max(float(g.abs().max()) for g in grads.values())
+    return float((a - b).abs().max()) / max(float(b.abs().max()), floor)
+
+
+def _fwd_bwd(fn, params, feats):
+    feats = [f.detach().clone().requires_grad_() for f in feats]
+    for p in params.values():
+        p.grad = None
+    outs = fn(feats)
+    sum((o * o).sum() for o in outs).backward()
+    return (
+        [o.detach() for o in outs],
+        [f.grad for f in feats],
+        {n: p.grad.clone() for n, p in params.items()},
+    )
+
+
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        dict(preset='mmdet'),
+        dict(preset='official'),
+        dict(preset='paper'),
+        dict(preset='aligned'),
+        dict(use_scale_attn=False),
+        dict(use_spatial_attn=False),
+        dict(use_task_attn=False),
+        dict(dcn_backend='auto'),
+    ],
+    ids=lambda k: '-'.join(f'{a}={b}' for a, b in k.items()),
+)
+def test_neck_compiles_as_one_graph(kwargs):
+    """``fullgraph=True`` raises on any graph break; the captured graph
+    computes the eager neck's outputs and gradients."""
+    torch._dynamo.reset()
+    kwargs.setdefault('dcn_backend', 'torch')
+    neck = _randomise(DyHeadNeck(16, 16, num_blocks=2, **kwargs))
+    params = dict(neck.named_parameters())
+    feats = pyramid(2, 16, (12, 10), levels=4)
+    compiled = torch.compile(neck, fullgraph=True, backend='eager')
+    got = _fwd_bwd(compiled, params, feats)
+    want = _fwd_bwd(neck, params, feats)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert rel_err(a, b) < 1e-5
+    for name in params:
+        assert _grad_err(got[2][name], want[2][name], want[2]) < 1e-3, name
+
+
+@needs_mmcv_ops
+def test_mmcv_backend_runs_compiled_around_its_kernel():
+    """An explicit ``dcn_backend='mmcv'`` keeps mmcv's kernel, which
+    torch.compile runs eagerly between graphs (no fullgraph)."""
+    torch._dynamo.reset()
+    neck = _randomise(DyHeadNeck(16, 16, num_blocks=1, dcn_backend='mmcv'))
+    feats = pyramid(2, 16, (12, 10), levels=3)
+    with torch.no_grad():
+        want = neck(feats)
+        got = torch.compile(neck, backend='eager')(feats)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+
+
+@needs_mmcv_ops
+def test_inductor_compiled_neck_equals_eager_and_mmdet_dyhead():
+    """``DyHeadNeck(compile=True)`` (inductor, C++ on CPU): outputs and
+    gradients equal the eager neck's and those of mmdet's ``DyHead`` with
+    the same weights to float32 rounding. The pyramid ends in a 1x1 level
+    (the high branch's resize of a 1x1 map) and the two blocks share one
+    compiled graph."""
+    from mmdet.models.necks import DyHead
+
+    from mmdet_dyhead.models.key_mapping import from_mmdet_keys
+
+    torch._dynamo.reset()
+    channels = 16
+    theirs = _randomise(
+        DyHead(channels, channels, num_blocks=2, zero_init_offset=False)
+    )
+    eager = DyHeadNeck(channels, channels, num_blocks=2, dcn_backend='torch')
+    eager.load_state_dict(theirs.state_dict())
+    compiled = DyHeadNeck(
+        channels, channels, num_blocks=2, dcn_backend='torch', compile=True
+    )
+    compiled.load_state_dict(theirs.state_dict())
+    feats = pyramid(2, channels, (9, 12), levels=5)
+    assert tuple(feats[-1].shape[-2:]) == (1, 1)
+
+    got = _fwd_bwd(compiled, dict(compiled.named_parameters()), feats)
+    want = _fwd_bwd(eager, dict(eager.named_parameters()), feats)
+    ref_params = dict(theirs.named_parameters())
+    ref = _fwd_bwd(theirs, ref_params, feats)
+    ref_grads = from_mmdet_keys(ref[2])
+    for a, b, c in zip(got[0] + got[1], want[0] + want[1], ref[0] + ref[1]):
+        assert rel_err(a, b) < 1e-5
+        assert rel_err(a, c) < 1e-5
+    for name, grad in got[2].items():
+        assert _grad_err(grad, want[2][name], want[2]) < 1e-3, name
+        assert _grad_err(grad, ref_grads[name], ref_grads) < 1e-3, name
+
+
+def test_compile_argument_is_checked():
+    with pytest.raises(TypeError, match='compile must be True, False'):
+        DyHeadNeck(16, 16, num_blocks=1, compile='yes')
+
+
+@pytest.mark.slow
+def test_train_tool_with_compile_in_the_config(tmp_path):
+    """mmengine's ``compile`` config key (``torch.compile`` of
+    ``train_step``) through the package's tools/train.py, then
+    tools/test.py on its checkpoint, for the tiny ATSS + DyHead: the run
+    says it compiled, its losses equal the eager run's, and it tests with
+    COCO AP."""
+    import os.path as osp
+    import re
+
+    from mmdet_dyhead.cli import test as test_tool
+    from mmdet_dyhead.cli import train as train_tool
+    from projects.synthetic_coco import (
+        generate_synthetic_coco,
+        tiny_detector_cfg,
+    )
+    from tests.helpers import REPO_ROOT
+
+    data = generate_synthetic_coco(
+        str(tmp_path / 'data'),
+        num_train=4,
+        num_val=2,
+        image_size=64,
+        objects_per_image=(2, 3),
+    )
+    logs, configs = {}, {}
+    for name in ('eager', 'compiled'):
+        cfg = tiny_detector_cfg(
+            osp.join(
+                REPO_ROOT, 'configs/atss/atss_r50_fpn_dyhead-6b_1x_coco.py'
+            ),
+            data,
+            str(tmp_path / name),
+            iters=3,
+            checkpoint_interval=3,
+        )
+        cfg.experiment_name = f'compile-test-{name}'
+        cfg.log_level = 'INFO'
+        if name == 'compiled':
+            cfg.compile = dict(backend='aot_eager')
+        configs[name] = str(tmp_path / f'{name}.py')
+        cfg.dump(configs[name])
+        train_tool.main([configs[name]])
+        (log,) = (tmp_path / name).glob('*/*.log')
+        logs[name] = log.read_text()
+    assert 'Model has been "compiled"' in logs['compiled']
+    assert 'Model has been "compiled"' not in logs['eager']
+
+    def losses(text):
+        return [
+            float(v)
+            for v in re.findall(r'Iter\(train\).*?\bloss: ([-\d.eE+]+)', text)
+        ]
+
+    eager, compiled = losses(logs['eager']), losses(logs['compiled'])
+    assert len(eager) == len(compiled) == 3
+    for a, b in zip(compiled, eager):
+        assert abs(a - b) <= 1e-3 * abs(b), (compiled, eager)
+    test_tool.main(
+        [configs['compiled'], str(tmp_path / 'compiled' / 'iter_3.pth')]
+    )
+    (log,) = sorted((tmp_path / 'compiled').glob('*/*.log'))[-1:]
+    assert 'coco/bbox_mAP' in log.read_text()
