@@ -372,14 +372,26 @@ def test_fig2c_roi_head_reduces_to_mmdets_linear_head(config):
     if masks:
         assert 'loss_mask' in loss_ours
     for key in loss_ref:
-        torch.testing.assert_close(loss_ours[key], loss_ref[key])
+        torch.testing.assert_close(
+            loss_ours[key], loss_ref[key], rtol=0, atol=0
+        )
 
     with torch.no_grad():
         (pred,) = ours.predict(feats, proposals(), samples)
         (pred_ref,) = ref.predict(feats, proposals(), samples)
     assert len(pred.bboxes) > 0
     for key in ('bboxes', 'scores', 'labels') + (('masks',) if masks else ()):
-        torch.testing.assert_close(pred[key], pred_ref[key])
+        torch.testing.assert_close(pred[key], pred_ref[key], rtol=0, atol=0)
+
+    # Not vacuous: one channel's a1 = 2 in the last stage changes the loss.
+    with torch.no_grad():
+        _stages(ours)[-1].task_attns[0].fc2.bias[0] = 3.0
+    torch.manual_seed(1)
+    changed = ours.loss(feats, proposals(), samples)
+    assert any(
+        not torch.equal(torch.as_tensor(changed[k]), torch.as_tensor(v))
+        for k, v in loss_ref.items()
+    )
 
 
 @pytest.mark.parametrize('config', ROI_CONFIGS, ids=['cascade', 'mask'])
