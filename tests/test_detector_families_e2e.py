@@ -467,3 +467,27 @@ def test_shipped_dyhead_configs_build_with_their_dyheadneck(config):
     if config.startswith('mask_rcnn'):
         # The mask head stays mmdet's (see the config's header).
         assert type(model.roi_head.mask_head).__name__ == 'FCNMaskHead'
+
+
+def test_rtmdet_dyhead_keeps_rtmdets_hooks_and_recipe():
+    """The DyHead config lists custom_hooks anew (a list replaces the
+    base's): RTMDet's EMA and pipeline switch must be exactly the base's,
+    the wiring check added after them."""
+
+    def unscoped(obj):
+        # mmengine tags dicts read from mmdet's files with _scope_='mmdet';
+        # the config's scope is mmdet either way.
+        if isinstance(obj, dict):
+            return {k: unscoped(v) for k, v in obj.items() if k != '_scope_'}
+        if isinstance(obj, (list, tuple)):
+            return [unscoped(v) for v in obj]
+        return obj
+
+    base = Config.fromfile(osp.join(CFG, FAMILIES['rtmdet'][0]))
+    ours = Config.fromfile(osp.join(CFG, FAMILIES['rtmdet'][1]))
+    assert ours.default_scope == 'mmdet'
+    assert unscoped(ours.custom_hooks[:-1]) == unscoped(base.custom_hooks)
+    assert ours.custom_hooks[-1] == dict(type='DyHeadCheckHook')
+    for key in ('optim_wrapper', 'param_scheduler', 'train_cfg'):
+        assert ours[key] == base[key], key
+    assert unscoped(ours.model.neck[0]) == unscoped(base.model.neck)
