@@ -71,8 +71,9 @@ OURS = 'ATSS + DyHeadNeck-6'
 MMDET = 'ATSS + mmdet DyHead-6'
 
 
-def build(name: str, device: torch.device):
-    """Model and optimizer wrapper of ``MODELS[name]``, default init."""
+def build(name: str, device: torch.device, compile_neck: bool = False):
+    """Model and optimizer wrapper of ``MODELS[name]``, default init
+    (``compile_neck``: the DyHeadNeck built with ``compile=True``)."""
     from mmdet.registry import MODELS as REGISTRY
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
@@ -96,6 +97,8 @@ def build(name: str, device: torch.device):
     cfg = Config.fromfile(path)
     cfg.model.backbone.init_cfg = None
     cfg.model.data_preprocessor.pad_size_divisor = 32
+    if compile_neck:
+        cfg.model.neck[1].compile = True
     model = REGISTRY.build(cfg.model)
     model.init_weights()
     model.to(device).train()

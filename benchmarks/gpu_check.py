@@ -11,7 +11,9 @@
 3. Speed and peak memory against mmdet's ``DyHead``: one training
    iteration of the two ATSS-R50 detectors
    (``benchmarks/benchmark_training.py``) and the neck alone
-   (``benchmarks/benchmark_dyhead.py``), at 800x1344 batch 2.
+   (``benchmarks/benchmark_dyhead.py``), at 800x1344 batch 2; on CUDA also
+   the neck compiled with ``torch.compile`` against eager and the compiled
+   dense floor (``benchmarks/benchmark_compile.py``).
 
 Prints a report and writes it to ``--out``. Exits 1 when a check fails.
 ``--device cpu --quick`` runs the same code on CPU at a tiny size (mmcv's
@@ -35,7 +37,11 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import benchmark_dyhead, benchmark_training  # noqa: E402
+from benchmarks import (  # noqa: E402
+    benchmark_compile,
+    benchmark_dyhead,
+    benchmark_training,
+)
 from benchmarks.benchmark_dyhead import (  # noqa: E402
     load_average,
     machine_info,
@@ -261,7 +267,18 @@ def speed(args, device, work_dir) -> List[str]:
     if args.quick:
         neck_argv += ['--quick', '--no-scaling']
     benchmark_dyhead.main(neck_argv)
-    for path in (train_out, neck_out):
+    outs = [train_out, neck_out]
+    if device.type == 'cuda':
+        # The neck compiled with inductor (Triton on CUDA) vs eager and the
+        # compiled dense floor; skipped in the CPU smoke run, where
+        # compiling C++ kernels alone takes minutes.
+        compile_out = osp.join(work_dir, 'compile.md')
+        benchmark_compile.main(
+            ['--device', str(device), '--sizes', size, '--sections', 'neck',
+             '--repeats', str(args.repeats), '--out', compile_out]
+        )  # fmt: skip
+        outs.append(compile_out)
+    for path in outs:
         with open(path) as f:
             lines += ['#' + line if line.startswith('#') else line
                       for line in f.read().splitlines()]  # fmt: skip

@@ -125,7 +125,9 @@ def test_inductor_compiled_neck_equals_eager_and_mmdet_dyhead():
         channels, channels, num_blocks=2, dcn_backend='torch', compile=True
     )
     compiled.load_state_dict(theirs.state_dict())
-    feats = pyramid(2, channels, (9, 12), levels=5)
+    # Three levels (5x6, 3x3, 2x2 .. 1x1 would be four): fewer kernels to
+    # compile, and the coarsest is 1x1.
+    feats = pyramid(2, channels, (3, 4), levels=3)
     assert tuple(feats[-1].shape[-2:]) == (1, 1)
 
     got = _fwd_bwd(compiled, dict(compiled.named_parameters()), feats)
@@ -133,9 +135,15 @@ def test_inductor_compiled_neck_equals_eager_and_mmdet_dyhead():
     ref_params = dict(theirs.named_parameters())
     ref = _fwd_bwd(theirs, ref_params, feats)
     ref_grads = from_mmdet_keys(ref[2])
-    for a, b, c in zip(got[0] + got[1], want[0] + want[1], ref[0] + ref[1]):
+    for a, b, c in zip(got[0], want[0], ref[0]):
         assert rel_err(a, b) < 1e-5
         assert rel_err(a, c) < 1e-5
+    # The 1x1 level's input gradient is zero in exact arithmetic (GroupNorm
+    # of one value per group), so the floor of _grad_err applies.
+    inputs = {i: g for i, g in enumerate(want[1])}
+    for i, (a, b, c) in enumerate(zip(got[1], want[1], ref[1])):
+        assert _grad_err(a, b, inputs) < 1e-4, i
+        assert _grad_err(a, c, inputs) < 1e-4, i
     for name, grad in got[2].items():
         assert _grad_err(grad, want[2][name], want[2]) < 1e-3, name
         assert _grad_err(grad, ref_grads[name], ref_grads) < 1e-3, name
@@ -179,8 +187,8 @@ def test_train_tool_with_compile_in_the_config(tmp_path):
             ),
             data,
             str(tmp_path / name),
-            iters=3,
-            checkpoint_interval=3,
+            iters=2,
+            checkpoint_interval=2,
         )
         cfg.experiment_name = f'compile-test-{name}'
         cfg.log_level = 'INFO'
@@ -201,11 +209,11 @@ def test_train_tool_with_compile_in_the_config(tmp_path):
         ]
 
     eager, compiled = losses(logs['eager']), losses(logs['compiled'])
-    assert len(eager) == len(compiled) == 3
+    assert len(eager) == len(compiled) == 2
     for a, b in zip(compiled, eager):
         assert abs(a - b) <= 1e-3 * abs(b), (compiled, eager)
     test_tool.main(
-        [configs['compiled'], str(tmp_path / 'compiled' / 'iter_3.pth')]
+        [configs['compiled'], str(tmp_path / 'compiled' / 'iter_2.pth')]
     )
     (log,) = sorted((tmp_path / 'compiled').glob('*/*.log'))[-1:]
     assert 'coco/bbox_mAP' in log.read_text()
