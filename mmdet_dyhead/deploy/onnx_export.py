@@ -257,29 +257,17 @@ def onnxruntime_session(onnx_file: str, num_threads: Optional[int] = None):
             before 1.25); the message says how to export without it.
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as e:
         raise ImportError(
             'onnxruntime is needed to run the exported model: '
             'pip install onnxruntime (or the "deploy" extra).'
         ) from e
-    options = ort.SessionOptions()
-    if num_threads is not None:
-        options.intra_op_num_threads = num_threads
-    try:
-        return ort.InferenceSession(
-            onnx_file, options, providers=['CPUExecutionProvider']
-        )
-    except Exception as e:
-        # Older runtimes load the file but find no kernel for the node.
-        if 'DeformConv' not in str(e):
-            raise
-        raise RuntimeError(
-            f'onnxruntime {ort.__version__} cannot run the DeformConv nodes '
-            f'of {onnx_file} (its CPU kernel needs onnxruntime >= 1.25). '
-            f'Upgrade onnxruntime, or export again with --dcn-export '
-            f'grid_sample.'
-        ) from e
+    # The torch-free runner's session: one place for the threads and the
+    # message an onnxruntime without a DeformConv kernel gets.
+    from mmdet_dyhead_runtime import make_session
+
+    return make_session(onnx_file, num_threads)
 
 
 def run_onnxruntime(
