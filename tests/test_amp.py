@@ -634,10 +634,19 @@ def test_train_tool_amp_guard_catches_onednn_bf16_defect(tmp_path):
         tmp_path, 'amp64', ['--amp'], iters, image=64, save=True
     )
     nonfinite = [r for r in rows if not math.isfinite(r['grad_norm'])]
-    skipped = re.findall(
-        r'CPUAmpOptimWrapper: gradient norm is (\S+) .*step skipped', text
-    )
-    assert len(skipped) == len(nonfinite), (rows, skipped)
+    # Each warning carries the running count; the last one is the total
+    # (in a full test run one earlier warning of the same text has been
+    # seen missing from the log file, so the count, not the lines, is
+    # what is compared).
+    totals = [
+        int(n)
+        for n in re.findall(
+            r'CPUAmpOptimWrapper: gradient norm is \S+ .*step skipped.*'
+            r', (\d+) in total\)',
+            text,
+        )
+    ]
+    assert max(totals, default=0) == len(nonfinite), (rows, totals)
     for r in rows:
         for key in ('loss', 'loss_cls', 'loss_bbox', 'loss_centerness'):
             assert math.isfinite(r[key]), r
