@@ -142,8 +142,8 @@ def test_inductor_compiled_neck_equals_eager_and_mmdet_dyhead():
     # of one value per group), so the floor of _grad_err applies.
     inputs = {i: g for i, g in enumerate(want[1])}
     for i, (a, b, c) in enumerate(zip(got[1], want[1], ref[1])):
-        assert _grad_err(a, b, inputs) < 1e-4, i
-        assert _grad_err(a, c, inputs) < 1e-4, i
+        assert _grad_err(a, b, inputs) < 1e-3, i
+        assert _grad_err(a, c, inputs) < 1e-3, i
     for name, grad in got[2].items():
         assert _grad_err(grad, want[2][name], want[2]) < 1e-3, name
         assert _grad_err(grad, ref_grads[name], ref_grads) < 1e-3, name
