@@ -8,12 +8,12 @@ The graph maps a preprocessed image batch (N, 3, H, W) to the dense head's
 raw outputs; decoding and NMS stay in Python (see docs/deploy.md). With
 ``--postprocess`` it ends in final detections instead (priors, decoding,
 score threshold, top-k and NMS in the graph, the test_cfg and the
-preprocessing recorded in its metadata), which
-``mmdet_dyhead/deploy/runtime.py`` runs without torch. Each
+preprocessing recorded in its metadata), which the ``dyhead-run-onnx``
+command (``python -m mmdet_dyhead_runtime``) runs without torch. Each
 DyHead DCN is one standard ``DeformConv`` node (default, opset >= 19,
-onnxruntime >= 1.25) or, with ``--dcn-export grid_sample``, a GridSample
-decomposition that runtimes without DeformConv run (OpenVINO, older
-onnxruntime). With
+onnxruntime >= 1.25, OpenVINO through its ``DeformableConvolution``) or,
+with ``--dcn-export grid_sample``, a GridSample decomposition that
+runtimes without DeformConv run (older onnxruntime). With
 ``--image`` the export is verified: onnxruntime and PyTorch run on the same
 image and must give the same detections (scores within --score-tol, boxes
 within --box-tol pixels, same count). Exit status 1 if they do not.
@@ -79,7 +79,8 @@ def parse_args(argv=None):
         help='end-to-end graph: inputs input (N, 3, H, W) and img_shape '
         '(N, 2), outputs dets (N, max_per_img, 5) and labels '
         "(N, max_per_img) with the config's test_cfg baked in; run it "
-        'with mmdet_dyhead/deploy/runtime.py (no torch needed)',
+        'with dyhead-run-onnx or python -m mmdet_dyhead_runtime (no torch '
+        'needed)',
     )
     parser.add_argument(
         '--box-tol',
