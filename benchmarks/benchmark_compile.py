@@ -9,6 +9,9 @@ repeat, see ``benchmark_dyhead.round_robin``):
   function), next to the dense floor (dense 3x3 convs with the neck's conv
   FLOPs, ``benchmark_dyhead.dense_floor``) eager and compiled as a whole
   with ``torch.compile``. Forward under ``no_grad`` and forward+backward.
+- **dcn**: one DCN layer on P3: the native path eager, the ``grid_sample``
+  form that torch.compile writes it in (eager and compiled), and the dense
+  conv with its FLOPs.
 - **train**: one ``train_step`` (preprocessing, forward, losses, backward,
   SGD step) of mmdet's ATSS-R50 (tower head) and of this package's ATSS-R50
   + DyHead-6, eager and with the DyHead neck compiled
@@ -154,6 +157,62 @@ def neck_section(args, device, size) -> List[str]:
     return out
 
 
+def dcn_section(args, device, size) -> List[str]:
+    """One DCN layer on P3 (stride 8) of ``size``: the native path eager,
+    the ``grid_sample`` form torch.compile writes it in, eager and
+    compiled, and the dense 3x3 conv of the same FLOPs (forward)."""
+    from mmdet_dyhead.deploy.dcn_onnx import grid_sample_deform_conv2d
+    from mmdet_dyhead.ops import modulated_deform_conv2d
+
+    torch.manual_seed(0)
+    c = args.channels
+    h, w = -(-size[0] // 8), -(-size[1] // 8)
+    x = torch.randn(1, c, h, w, device=device)
+    offset = torch.randn(1, 18, h, w, device=device) * 2
+    mask = torch.rand(1, 9, h, w, device=device)
+    weight = torch.randn(c, c, 3, 3, device=device) * 0.01
+
+    def form(x, offset, mask, weight):
+        return grid_sample_deform_conv2d(
+            x, offset, mask, weight, None, (1, 1), (1, 1), (1, 1)
+        )
+
+    compiled = torch.compile(form)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+
+        return run
+
+    fns = {
+        'native DCN (eager)': no_grad(
+            lambda: modulated_deform_conv2d(
+                x, offset, mask, weight, backend='torch'
+            )
+        ),
+        'grid_sample form, eager': no_grad(
+            lambda: form(x, offset, mask, weight)
+        ),
+        'grid_sample form, compiled': no_grad(
+            lambda: compiled(x, offset, mask, weight)
+        ),
+        'dense 3x3 conv (same FLOPs)': no_grad(
+            lambda: torch.nn.functional.conv2d(x, weight, padding=1)
+        ),
+    }
+    rows = measure(fns, args.repeats, device)
+    text = table(
+        f'one DCN layer, {c}->{c} channels on {h}x{w} (P3 of '
+        f'{size[0]}x{size[1]}), forward, {args.threads_now} thread(s)',
+        rows,
+        'native DCN (eager)',
+    )
+    print(text, flush=True)
+    return [text]
+
+
 def train_section(args, device, size) -> List[str]:
     from benchmarks.benchmark_training import BASELINE, OURS, batch, build
 
@@ -201,7 +260,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--sizes', nargs='+', type=parse_size, default=[(640, 640)])
     p.add_argument('--threads', nargs='+', type=int, default=[1])
     p.add_argument(
-        '--sections', nargs='+', choices=('neck', 'train'), default=['neck']
+        '--sections',
+        nargs='+',
+        choices=('neck', 'dcn', 'train'),
+        default=['neck'],
     )
     p.add_argument('--channels', type=int, default=256)
     p.add_argument('--blocks', type=int, default=6)
@@ -235,6 +297,8 @@ def main(argv: Optional[List[str]] = None) -> str:
         for size in args.sizes:
             if 'neck' in args.sections:
                 lines += neck_section(args, device, size)
+            if 'dcn' in args.sections:
+                lines += dcn_section(args, device, size)
             if 'train' in args.sections:
                 lines += train_section(args, device, size)
     lines.append(f'\nload average at end {load_average()}')
