@@ -138,12 +138,13 @@ def test_inductor_compiled_neck_equals_eager_and_mmdet_dyhead():
     for a, b, c in zip(got[0], want[0], ref[0]):
         assert rel_err(a, b) < 1e-5
         assert rel_err(a, c) < 1e-5
-    # The 1x1 level's input gradient is zero in exact arithmetic (GroupNorm
-    # of one value per group), so the floor of _grad_err applies.
-    inputs = {i: g for i, g in enumerate(want[1])}
+    # Input gradients against the largest of them: the 1x1 level's is zero
+    # in exact arithmetic (GroupNorm of one value per group) and holds only
+    # rounding noise.
+    scale = max(float(g.abs().max()) for g in want[1])
     for i, (a, b, c) in enumerate(zip(got[1], want[1], ref[1])):
-        assert _grad_err(a, b, inputs) < 1e-3, i
-        assert _grad_err(a, c, inputs) < 1e-3, i
+        assert float((a - b).abs().max()) < 1e-5 * scale, i
+        assert float((a - c).abs().max()) < 1e-5 * scale, i
     for name, grad in got[2].items():
         assert _grad_err(grad, want[2][name], want[2]) < 1e-3, name
         assert _grad_err(grad, ref_grads[name], ref_grads) < 1e-3, name
