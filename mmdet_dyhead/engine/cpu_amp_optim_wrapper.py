@@ -235,13 +235,9 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
         self.consecutive_nonfinite_steps += 1
         run = self.consecutive_nonfinite_steps
         scaling = self.loss_scaler.is_enabled()
+        action = 'step skipped, weights unchanged'
         if scaling:
-            action = (
-                'step skipped by the loss scaler (scale '
-                f'{self.loss_scaler.get_scale():g})'
-            )
-        else:
-            action = 'step skipped, weights unchanged'
+            action += f', loss scale {self.loss_scaler.get_scale():g} lowered'
         print_log(
             f'CPUAmpOptimWrapper: gradient norm is {norm} under '
             f'{self.cast_dtype} autocast; {action} ({run} in a row, '
