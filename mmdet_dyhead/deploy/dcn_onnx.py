@@ -1,38 +1,37 @@
-"""How the native DCN is written while exporting: ``DeformConv`` or
-``grid_sample``.
+"""How the package's DCN operator is written into ONNX graphs:
+``DeformConv`` or ``grid_sample``.
 
-:func:`mmdet_dyhead.ops.deform_conv2d` calls :func:`export_deform_conv2d`
-for each map whenever :func:`mmdet_dyhead.ops.exporting` is True (an ONNX
-export, TorchScript scripting, ``torch.compile``). Two forms:
+The model calls ``mmdet_dyhead::modulated_deform_conv2d`` (one node per
+deformable conv, :mod:`mmdet_dyhead.ops.dcn_op`), which the TorchScript
+ONNX exporter has no symbolic for. :func:`onnx_dcn_export` wraps an export:
+for its duration a torch function mode replaces every call of the operator
+by one of two forms, traced like any other code:
 
-- ``'grid_sample'`` (:func:`grid_sample_deform_conv2d`): one ``grid_sample``
-  of all taps, the mask multiply and one matrix product; standard ops that
-  every exporter and compiler understands. What any tracer sees by default.
-- ``'deform_conv'``: one ONNX ``DeformConv`` node (opset >= 19), chosen for
-  the duration of a ``with onnx_dcn_export('deform_conv'):`` block.
+- ``'deform_conv'`` (:func:`export_deform_conv2d`): one ONNX ``DeformConv``
+  node (opset >= 19).
+- ``'grid_sample'`` (:func:`grid_sample_deform_conv2d`): one
+  ``grid_sample`` of all taps, the mask multiply and one matrix product;
+  standard ops that every runtime understands.
+
+Outside the block nothing is replaced, and nothing in ``mmdet_dyhead.ops``
+knows about exporting.
 """
 
 import contextlib
-import contextvars
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
+from mmdet_dyhead.ops import modulated_deform_conv2d_op
 from mmdet_dyhead.utils.misc import check_choice
 
 # How the native DCN is written into an ONNX graph (see onnx_dcn_export).
 ONNX_DCN_FORMS = ('deform_conv', 'grid_sample')
 # ONNX added the DeformConv operator in opset 19.
 DEFORM_CONV_MIN_OPSET = 19
-
-# A context variable, not a module flag flipped by callers: the choice
-# holds only inside ``with onnx_dcn_export(...)``, in that thread, and is
-# restored on exit even when the export raises.
-_onnx_dcn_form = contextvars.ContextVar(
-    'mmdet_dyhead_onnx_dcn_form', default='grid_sample'
-)
 
 _Pair = Tuple[int, int]
 
@@ -179,32 +178,6 @@ class _OnnxDeformConv(torch.autograd.Function):
         )
 
 
-@contextlib.contextmanager
-def onnx_dcn_export(form: str = 'deform_conv'):
-    """Choose how native DCN layers are written while exporting to ONNX.
-
-    Wrap a ``torch.onnx.export`` call (TorchScript exporter) in it:
-
-    - ``'deform_conv'``: one ONNX ``DeformConv`` node per layer (opset
-      >= 19; onnxruntime >= 1.25 runs it on CPU). About a third of the nodes
-      of the other form and faster in onnxruntime.
-    - ``'grid_sample'``: ``GridSample`` + ``Mul`` + ``MatMul`` and index
-      arithmetic (opset >= 16), for runtimes without ``DeformConv``. Also
-      what any export outside this context produces.
-
-    Nothing changes outside the ``with`` block; the setting is per thread.
-
-    Args:
-        form (str): One of :data:`ONNX_DCN_FORMS`.
-    """
-    check_choice('dcn_export', form, ONNX_DCN_FORMS)
-    token = _onnx_dcn_form.set(form)
-    try:
-        yield
-    finally:
-        _onnx_dcn_form.reset(token)
-
-
 def export_deform_conv2d(
     input: Tensor,
     offset: Tensor,
@@ -215,25 +188,13 @@ def export_deform_conv2d(
     padding: _Pair,
     dilation: _Pair,
 ) -> Tensor:
-    """One map's DCN while exporting: ``DeformConv`` or ``grid_sample``.
+    """One map's DCN as one ONNX ``DeformConv`` node (inside an export).
 
     Args: as :func:`grid_sample_deform_conv2d`.
 
     Returns:
         Tensor: (N, C_out, H_out, W_out).
     """
-    # The node exists only in ONNX graphs: scripting or compiling inside
-    # an onnx_dcn_export block still gets the grid_sample form.
-    # The export check comes first: torch.compile traces this function and
-    # cannot trace ContextVar.get (a graph break), but knows it is not
-    # inside an ONNX export.
-    if not (
-        torch.onnx.is_in_onnx_export()
-        and _onnx_dcn_form.get() == 'deform_conv'
-    ):
-        return grid_sample_deform_conv2d(
-            input, offset, mask, weight, bias, stride, padding, dilation
-        )
     # The grid_sample form casts its operands with .to(), which returns
     # the same tensor when the dtype already matches; the tracer then
     # binds that tensor to the Cast's output and DeformConv would read
@@ -266,3 +227,59 @@ def export_deform_conv2d(
         tuple(padding),
         tuple(dilation),
     )
+
+
+_FORMS = {
+    'deform_conv': export_deform_conv2d,
+    'grid_sample': grid_sample_deform_conv2d,
+}
+
+
+class _DCNExportMode(TorchFunctionMode):
+    """Calls of the DCN operator become ``form``; all else runs as is."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.write = _FORMS[form]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is modulated_deform_conv2d_op._opoverload:
+            input, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw = args
+            return self.write(
+                input,
+                offset,
+                mask,
+                weight,
+                bias,
+                (sh, sw),
+                (ph, pw),
+                (dh, dw),
+            )
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def onnx_dcn_export(form: str = 'deform_conv'):
+    """Write the package's DCN layers in ``form`` while exporting to ONNX.
+
+    Wrap a ``torch.onnx.export`` call (TorchScript exporter) in it:
+
+    - ``'deform_conv'``: one ONNX ``DeformConv`` node per layer (opset
+      >= 19; onnxruntime >= 1.25 runs it on CPU). About a third of the nodes
+      of the other form and faster in onnxruntime.
+    - ``'grid_sample'``: ``GridSample`` + ``Mul`` + ``MatMul`` and index
+      arithmetic (opset >= 16), for runtimes without ``DeformConv``.
+
+    Outside the block the exporter meets the operator
+    ``mmdet_dyhead::modulated_deform_conv2d`` itself and stops with its
+    "unsupported operator" error. Nothing changes outside the ``with``
+    block; the mode is per thread and removed on exit, also when the
+    export raises.
+
+    Args:
+        form (str): One of :data:`ONNX_DCN_FORMS`.
+    """
+    check_choice('dcn_export', form, ONNX_DCN_FORMS)
+    with _DCNExportMode(form):
+        yield

@@ -5,20 +5,18 @@ maps, each with its own offsets and masks, and returns one output per map;
 :func:`modulated_deform_conv2d` is the same for a single map, with mmcv's
 signature. Backends:
 
-- ``'mmcv'``: mmcv's compiled ``modulated_deform_conv2d`` (CUDA and CPU
-  kernels), one call per map.
-- ``'torch'``: native PyTorch. Offsets and masks become four (row, weight)
-  bilinear corners per kernel tap (:mod:`.bilinear_taps`) and a chunked
-  gather + matrix product with its own backward (:mod:`.gather_conv`)
-  computes the conv of all maps in one call. Calls that read the same maps
-  (:class:`SharedMaps`) share one channels-last copy of them.
+- ``'torch'`` (and ``'auto'``): the package's operator
+  ``mmdet_dyhead::modulated_deform_conv2d`` (:mod:`.dcn_op`), one node per
+  map: the compiled CPU extension or the pure-PyTorch gather
+  implementation on CPU, mmcv's kernel on CUDA. Compilers and exporters
+  see that node; :mod:`mmdet_dyhead.deploy.dcn_onnx` writes it into ONNX
+  graphs.
+- ``'mmcv'``: mmcv's own ``modulated_deform_conv2d`` autograd function
+  (CUDA and CPU kernels), one call per map.
 
-While an exporter or compiler runs (:func:`exporting`), the native backend
-writes each map's conv in standard ops instead, the forms of
-:mod:`mmdet_dyhead.deploy.dcn_onnx` (``grid_sample`` + ``matmul``, or ONNX's
-``DeformConv`` node inside ``onnx_dcn_export``). All read offsets in mmcv's
-layout, which is also ONNX ``DeformConv``'s: channel ``2k`` is the row (y)
-shift and ``2k + 1`` the column (x) shift of kernel tap ``k = i * kw + j``.
+Offsets use mmcv's layout, which is also ONNX ``DeformConv``'s: channel
+``2k`` is the row (y) shift and ``2k + 1`` the column (x) shift of kernel
+tap ``k = i * kw + j``.
 """
 
 import math
@@ -30,8 +28,7 @@ from torch import Tensor
 
 from mmdet_dyhead.utils.misc import check_choice
 
-from .bilinear_taps import PixelTable, pixel_table
-from .gather_conv import SampledMap, apply_bias, gather_conv
+from .dcn_op import modulated_deform_conv2d_op
 
 DCN_BACKENDS = ('auto', 'mmcv', 'torch')
 
@@ -54,14 +51,12 @@ def mmcv_ops_available() -> bool:
 def resolve_dcn_backend(backend: str, device: torch.device) -> str:
     """Map ``'auto'`` to a concrete backend for tensors on ``device``.
 
-    ``auto`` picks mmcv's kernel on CUDA (where it is the fastest option) and
-    the native path elsewhere: mmcv's CPU kernel is single-threaded and its
-    backward costs about ten times its forward.
+    ``auto`` is the package's operator (``'torch'``) on every device: it
+    runs mmcv's kernel itself on CUDA and, unlike mmcv's autograd function,
+    stays one node under ``torch.compile`` and ``torch.export``.
     """
     check_choice('dcn_backend', backend, DCN_BACKENDS)
     if backend == 'auto':
-        if device.type == 'cuda' and mmcv_ops_available():
-            return 'mmcv'
         return 'torch'
     if backend == 'mmcv' and not mmcv_ops_available():
         raise RuntimeError(
@@ -70,21 +65,6 @@ def resolve_dcn_backend(backend: str, device: torch.device) -> str:
             "--no-build-isolation mmcv==2.1.0` or use dcn_backend='torch'."
         )
     return backend
-
-
-def exporting() -> bool:
-    """Whether an exporter or compiler, which needs standard ops, is running.
-
-    The one place the package decides this: the native DCN and the task
-    attention's Eq. 5 function switch to plain ops when it is True. Plain
-    ``torch.jit.trace`` (mmengine's FLOP counter) keeps the fast path: it
-    records the autograd function as one op, which
-    :mod:`mmdet_dyhead.utils.flops` counts.
-    """
-    if torch.onnx.is_in_onnx_export() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, 'compiler', None)
-    return bool(compiler is not None and compiler.is_compiling())
 
 
 def deform_conv_output_size(
@@ -151,67 +131,41 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-class SharedMaps:
-    """Maps that several :func:`deform_conv2d` calls sample.
-
-    DyHead's three branches read the same pyramid, each with its own
-    weight. Given one ``SharedMaps``, the native backend copies the maps
-    into its channels-last pixel table once, on first use, instead of once
-    per call; the other backends read the maps as they are. Build one per
-    forward: it holds that forward's tensors.
-
-    Args:
-        maps (Sequence[Tensor]): Maps (N, C, H_i, W_i), same N and C.
-    """
-
-    def __init__(self, maps: Sequence[Tensor]) -> None:
-        self.maps = tuple(maps)
-        self._table: Optional[PixelTable] = None
-
-    def pixel_table(self) -> PixelTable:
-        """The maps as one channels-last row table (built once)."""
-        if self._table is None:
-            self._table = pixel_table(self.maps)
-        return self._table
-
-
-def _native_deform_conv2d(
-    table, sources, offsets, masks, weight, bias, geometry
-) -> List[Tensor]:
-    """All terms through one :func:`gather_conv` call (shared weight)."""
-    terms = [
-        SampledMap(table.bases[s], table.sizes[s], tuple(off.shape[-2:]))
-        for s, off in zip(sources, offsets)
-    ]
-    rows = table.rows
-    device_type = rows.device.type
-    # Casts happen out here so autograd converts the gradients back; the
-    # function runs in one dtype with autocast off (it calls mm(out=...)).
-    if _autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        if rows.dtype not in (torch.float32, torch.float64):
-            dtype = rows.dtype
-        with torch.autocast(device_type=device_type, enabled=False):
-            outs = gather_conv(
-                rows.to(dtype),
-                table.maps,
-                terms,
-                offsets,
-                masks,
-                weight.to(dtype),
-                *geometry,
-            )
-    else:
-        outs = gather_conv(
-            rows,
-            table.maps,
-            terms,
-            offsets,
-            masks,
-            weight.to(rows.dtype),
+def _op_deform_conv2d(
+    input, offset, mask, weight, bias, stride, padding, dilation
+) -> Tensor:
+    """One map through ``mmdet_dyhead::modulated_deform_conv2d``."""
+    device_type = input.device.type
+    geometry = (*stride, *padding, *dilation)
+    if not _autocast_enabled(device_type):
+        dtype = input.dtype
+        return modulated_deform_conv2d_op(
+            input,
+            offset,
+            mask,
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
             *geometry,
         )
-    return apply_bias(outs, bias)
+    # The casts happen out here so autograd converts the gradients back;
+    # the operator runs in one dtype with autocast off. On CUDA that is
+    # float32 (mmcv's kernel has no bfloat16); offsets keep their dtype
+    # (sampling positions are computed in float32 at least).
+    dtype = torch.get_autocast_dtype(device_type)
+    if device_type == 'cuda' or input.dtype not in (
+        torch.float32,
+        torch.float64,
+    ):
+        dtype = torch.float32 if device_type == 'cuda' else input.dtype
+    with torch.autocast(device_type=device_type, enabled=False):
+        return modulated_deform_conv2d_op(
+            input.to(dtype),
+            offset,
+            mask,
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
+            *geometry,
+        )
 
 
 def _mmcv_deform_conv2d(
@@ -252,7 +206,7 @@ def _mmcv_deform_conv2d(
 
 
 def deform_conv2d(
-    maps: Union[Sequence[Tensor], SharedMaps],
+    maps: Sequence[Tensor],
     offsets: Sequence[Tensor],
     masks: Sequence[Tensor],
     weight: Tensor,
@@ -267,16 +221,12 @@ def deform_conv2d(
     ``x = maps[sources[t]]``, ``y_t(p) = sum_k w_k * x(p + p_k + dp_k) * m_k
     (+ b)`` with ``dp = offsets[t]`` and ``m = masks[t]``.
 
-    Maps may differ in size (a DyHead branch on every pyramid level). The
-    native backend computes all terms in one gather + matrix product call,
-    mmcv's kernel one call per term, and while :func:`exporting` each term
-    is written in standard ops. A term's result does not depend on the
-    other terms of the call.
+    Maps may differ in size (a DyHead branch on every pyramid level). Each
+    term is one call of the operator (or of mmcv's function), so a term's
+    result does not depend on the other terms of the call.
 
     Args:
-        maps (Sequence[Tensor] | SharedMaps): Maps (N, C_in, H_i, W_i),
-            same N and C_in; a :class:`SharedMaps` when other calls read
-            the same maps.
+        maps (Sequence[Tensor]): Maps (N, C_in, H_i, W_i), same N and C_in.
         offsets (Sequence[Tensor]): Per term, the sampling shifts at its
             output grid, (N, 2 * kh * kw, H_out_t, W_out_t), (dy, dx) per
             tap.
@@ -293,10 +243,9 @@ def deform_conv2d(
     Returns:
         list[Tensor]: One (N, C_out, H_out_t, W_out_t) map per term.
     """
-    shared = maps if isinstance(maps, SharedMaps) else SharedMaps(maps)
     if sources is None:
         sources = range(len(offsets))
-    inputs = [shared.maps[s] for s in sources]
+    inputs = [maps[s] for s in sources]
     if not (len(inputs) == len(offsets) == len(masks)):
         raise ValueError(
             f'deform_conv2d needs one offset and one mask per term, got '
@@ -306,40 +255,16 @@ def deform_conv2d(
     if not inputs:
         check_choice('dcn_backend', backend, DCN_BACKENDS)
         return []
-    # While exporting or compiling, 'auto' means the standard-op form, on
-    # CUDA too: mmcv's kernel is opaque to exporters and torch.compile (a
-    # graph break). An explicit 'mmcv' keeps the kernel.
-    backend = (
-        'torch'
-        if backend == 'auto' and exporting()
-        else resolve_dcn_backend(backend, inputs[0].device)
-    )
+    backend = resolve_dcn_backend(backend, inputs[0].device)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    terms = list(zip(inputs, offsets, masks))
-    for x, off, msk in terms:
+    conv = _mmcv_deform_conv2d if backend == 'mmcv' else _op_deform_conv2d
+    outs = []
+    for x, off, msk in zip(inputs, offsets, masks):
         _check_shapes(x, off, msk, weight, stride, padding, dilation)
-    if backend == 'mmcv':
-        return [
-            _mmcv_deform_conv2d(
-                x, off, msk, weight, bias, stride, padding, dilation
-            )
-            for x, off, msk in terms
-        ]
-    if exporting():
-        # Imported here: the export forms belong to deploy, which imports
-        # ops, and only an export or compile ever needs them.
-        from mmdet_dyhead.deploy.dcn_onnx import export_deform_conv2d
-
-        return [
-            export_deform_conv2d(
-                x, off, msk, weight, bias, stride, padding, dilation
-            )
-            for x, off, msk in terms
-        ]
-    geometry = (tuple(weight.shape[-2:]), stride, padding, dilation)
-    return _native_deform_conv2d(
-        shared.pixel_table(), sources, offsets, masks, weight, bias, geometry
-    )
+        outs.append(
+            conv(x, off, msk, weight, bias, stride, padding, dilation)
+        )
+    return outs
 
 
 def modulated_deform_conv2d(
@@ -442,7 +367,7 @@ class ModulatedDeformConv(nn.Module):
 
     def forward_maps(
         self,
-        maps: Union[Sequence[Tensor], SharedMaps],
+        maps: Sequence[Tensor],
         offsets: Sequence[Tensor],
         masks: Sequence[Tensor],
         sources: Optional[Sequence[int]] = None,

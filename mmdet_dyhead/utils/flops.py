@@ -16,8 +16,8 @@ conv's im2col is not. Handles are registered for:
 
 - ``ModulatedDeformConv2dFunction`` (mmcv DCNv2, what mmdet's DyHead runs)
   and ``DeformConv2dFunction`` (mmcv DCNv1);
-- ``GatherConvFunction``: this package's native DCN (``dcn_backend='torch'``
-  or ``'auto'`` on CPU), which may cover several pyramid levels per call.
+- ``mmdet_dyhead::modulated_deform_conv2d``: this package's DCN operator
+  (``dcn_backend='torch'`` or ``'auto'``), one map per call.
 
 Nothing is registered on import. Either set the handles on an analyzer of
 your own (``FlopAnalyzer(model, inputs).set_op_handle(**FLOP_HANDLES)``),
@@ -33,7 +33,7 @@ from mmengine.analysis.jit_handles import get_shape
 
 MMCV_DCNV2_OP = 'prim::PythonOp.ModulatedDeformConv2dFunction'
 MMCV_DCNV1_OP = 'prim::PythonOp.DeformConv2dFunction'
-NATIVE_DCN_OP = 'prim::PythonOp.GatherConvFunction'
+NATIVE_DCN_OP = 'mmdet_dyhead::modulated_deform_conv2d'
 
 
 def _prod(values) -> int:
@@ -44,10 +44,11 @@ def _prod(values) -> int:
 
 
 def mmcv_deform_conv_flop_jit(weight_index: int):
-    """Handle for mmcv's DCN functions; ``weight_index``: position of weight.
+    """Handle for a DCN op whose weight is input ``weight_index``.
 
     mmcv's functions take (input, offset, [mask,] weight, bias, stride,
-    padding, dilation, groups, deform_groups); the weight is
+    padding, dilation, groups, deform_groups), the package's operator
+    (input, offset, mask, weight, bias, geometry); the weight is
     (C_out, C_in / groups, kh, kw) and the single output (N, C_out, H, W).
     """
 
@@ -60,26 +61,7 @@ def mmcv_deform_conv_flop_jit(weight_index: int):
 
 
 def _output_elements(outputs: List[Any]) -> int:
-    """Elements of an op's outputs; a traced tuple output counts each map."""
-    total = 0
-    for out in outputs:
-        kind = out.type()
-        # The native op returns its maps as one tuple value.
-        if hasattr(kind, 'elements'):
-            total += sum(_prod(e.sizes()) for e in kind.elements())
-        else:
-            total += _prod(get_shape(out))
-    return total
-
-
-def native_deform_conv_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """Handle for :class:`~mmdet_dyhead.ops.gather_conv.GatherConvFunction`.
-
-    Inputs start with (rows, weight, ...); the outputs are the
-    (N, C_out, H_out, W_out) maps of every term of the call, so
-    sum(N * C_out * H_out * W_out) * C_in * kh * kw is their MAC count.
-    """
-    return _output_elements(outputs) * _prod(get_shape(inputs[1])[1:])
+    return sum(_prod(get_shape(out)) for out in outputs)
 
 
 def deform_conv_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -93,7 +75,7 @@ def deform_conv_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
 FLOP_HANDLES = {
     MMCV_DCNV2_OP: mmcv_deform_conv_flop_jit(3),
     MMCV_DCNV1_OP: mmcv_deform_conv_flop_jit(2),
-    NATIVE_DCN_OP: native_deform_conv_flop_jit,
+    NATIVE_DCN_OP: mmcv_deform_conv_flop_jit(3),
 }
 ACTIVATION_HANDLES = {op: deform_conv_activation_jit for op in FLOP_HANDLES}
 

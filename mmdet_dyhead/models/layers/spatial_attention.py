@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor
 
-from mmdet_dyhead.ops import ModulatedDeformConv, SharedMaps
+from mmdet_dyhead.ops import ModulatedDeformConv
 from mmdet_dyhead.utils.misc import check_choice
 
 OFFSET_MODES = ('legacy', 'aligned')
@@ -81,15 +81,15 @@ class DeformConvNorm(nn.Module):
 
     def forward(
         self,
-        maps: Union[Sequence[Tensor], SharedMaps],
+        maps: Sequence[Tensor],
         sources: Sequence[int],
         offsets: Sequence[Optional[Tensor]],
         masks: Sequence[Optional[Tensor]],
     ) -> List[Tensor]:
-        """The branch on several maps (one DCN call for all of them).
+        """The branch on several maps (one DCN per map, one shared weight).
 
         Args:
-            maps (Sequence[Tensor] | SharedMaps): Maps (N, C_in, H_i, W_i).
+            maps (Sequence[Tensor]): Maps (N, C_in, H_i, W_i).
             sources (Sequence[int]): The map each output reads.
             offsets, masks (Sequence[Tensor | None]): Per output, at its
                 grid, (N, 18, H_out, W_out) and (N, 9, H_out, W_out); None
@@ -101,8 +101,6 @@ class DeformConvNorm(nn.Module):
         if self.deformable:
             outs = self.conv.forward_maps(maps, offsets, masks, sources)
         else:
-            if isinstance(maps, SharedMaps):
-                maps = maps.maps
             outs = [self.conv(maps[s]) for s in sources]
         if self.norm is None:
             return outs
@@ -228,9 +226,7 @@ class SpatialAwareAttention(nn.Module):
         """The resampled neighbours of every level, each on that level's grid.
 
         Each branch runs once over all the levels it reads (mid: every
-        level; low: all but the coarsest; high: all but the finest), so
-        with the native DCN a branch is one gather-and-matmul call, and the
-        three calls share one copy of the pyramid (:class:`SharedMaps`).
+        level; low: all but the coarsest; high: all but the finest).
 
         Args:
             feats (Sequence[Tensor]): L maps (N, C_in, H_l, W_l), level l+1
@@ -247,9 +243,7 @@ class SpatialAwareAttention(nn.Module):
         num = len(feats)
         if not self.deformable:
             offsets = masks = [None] * num
-        # One pyramid for the three branches: the native DCN copies it into
-        # its pixel table once.
-        pyramid = SharedMaps(feats)
+        pyramid = list(feats)
         mid = self.mid_branch(pyramid, range(num), offsets, masks)
         # Level l's offsets drive the low branch reading level l - 1.
         low = self.low_branch(pyramid, range(num - 1), offsets[1:], masks[1:])
