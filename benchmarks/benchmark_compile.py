@@ -4,14 +4,15 @@ training iteration of ATSS-R50 with and without DyHead.
 Tables (ratios within one run; implementations alternate inside every
 repeat, see ``benchmark_dyhead.round_robin``):
 
-- **neck**: ``DyHeadNeck`` (6 blocks, 256 channels, native DCN) eager and
+- **neck**: ``DyHeadNeck`` (6 blocks, 256 channels, the DCN operator
+  ``mmdet_dyhead::modulated_deform_conv2d``, opaque to the compiler) eager and
   with ``compile=True`` (all blocks through one inductor-compiled block
   function), next to the dense floor (dense 3x3 convs with the neck's conv
   FLOPs, ``benchmark_dyhead.dense_floor``) eager and compiled as a whole
   with ``torch.compile``. Forward under ``no_grad`` and forward+backward.
-- **dcn**: one DCN layer on P3: the native path eager, the ``grid_sample``
-  form that torch.compile writes it in (eager and compiled), and the dense
-  conv with its FLOPs.
+- **dcn**: one DCN layer on P3: the DCN operator eager, the ``grid_sample``
+  form (what ONNX files without ``DeformConv`` hold) eager and compiled,
+  and the dense conv with its FLOPs.
 - **train**: one ``train_step`` (preprocessing, forward, losses, backward,
   SGD step) of mmdet's ATSS-R50 (tower head) and of this package's ATSS-R50
   + DyHead-6, eager and with the DyHead neck compiled
@@ -158,9 +159,9 @@ def neck_section(args, device, size) -> List[str]:
 
 
 def dcn_section(args, device, size) -> List[str]:
-    """One DCN layer on P3 (stride 8) of ``size``: the native path eager,
-    the ``grid_sample`` form torch.compile writes it in, eager and
-    compiled, and the dense 3x3 conv of the same FLOPs (forward)."""
+    """One DCN layer on P3 (stride 8) of ``size``: the DCN operator eager,
+    the ``grid_sample`` form of ONNX exports, eager and compiled, and the
+    dense 3x3 conv of the same FLOPs (forward)."""
     from mmdet_dyhead.deploy.dcn_onnx import grid_sample_deform_conv2d
     from mmdet_dyhead.ops import modulated_deform_conv2d
 
@@ -187,7 +188,7 @@ def dcn_section(args, device, size) -> List[str]:
         return run
 
     fns = {
-        'native DCN (eager)': no_grad(
+        'DCN operator (eager)': no_grad(
             lambda: modulated_deform_conv2d(
                 x, offset, mask, weight, backend='torch'
             )
@@ -207,7 +208,7 @@ def dcn_section(args, device, size) -> List[str]:
         f'one DCN layer, {c}->{c} channels on {h}x{w} (P3 of '
         f'{size[0]}x{size[1]}), forward, {args.threads_now} thread(s)',
         rows,
-        'native DCN (eager)',
+        'DCN operator (eager)',
     )
     print(text, flush=True)
     return [text]

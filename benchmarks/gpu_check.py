@@ -1,10 +1,21 @@
 """The CUDA path as a user meets it, checked in one run (a few minutes).
 
-1. ``DyHeadNeck`` with mmcv's CUDA kernel (``dcn_backend='mmcv'``, what
-   ``'auto'`` picks on CUDA) against the native PyTorch path, same weights:
-   outputs, the input gradient and every parameter gradient; and against
-   mmdet's ``DyHead`` (outputs and input gradient). From random offsets
-   and from mmdet's default initialisation (zero offsets).
+1. ``DyHeadNeck`` with mmcv's autograd function (``dcn_backend='mmcv'``)
+   against the package's operator (``'torch'``, what ``'auto'`` picks:
+   mmcv's kernel called by ``mmdet_dyhead::modulated_deform_conv2d``),
+   same weights: outputs, the input gradient and every parameter
+   gradient; and against mmdet's ``DyHead`` (outputs and input gradient).
+   From random offsets and from mmdet's default initialisation (zero
+   offsets). One DCN layer: the operator against its pure-PyTorch
+   implementation run on the same device (forward and the four
+   gradients), an implementation independent of mmcv's.
+1b. ``DyHeadNeck(compile=...)`` (inductor on CUDA, ``aot_eager`` in the
+   CPU smoke run) keeps the operator: its graph has one operator node per
+   DCN and no ``grid_sampler``, the profiler sees mmcv's CUDA kernels run,
+   and outputs and gradients equal eager from zero offsets to float32
+   rounding (from random offsets within the spread an input perturbation
+   of 1e-7 already causes: a tap crossing a pixel switches its one-sided
+   derivative).
 2. An fp16 AMP training step (mmengine's ``AmpOptimWrapper``, dynamic loss
    scaling) of ATSS-R50 + DyHeadNeck-6 runs and stays finite; its first
    loss is compared with the float32 loss of the same weights.
@@ -25,11 +36,13 @@ script working on machines without a GPU::
 """
 
 import argparse
+import contextlib
 import os
 import os.path as osp
+import re
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -48,6 +61,9 @@ from benchmarks.benchmark_dyhead import (  # noqa: E402
     pyramid,
 )
 
+# mmcv's CUDA DCNv2 kernels: forward (im2col) and backward (col2im,
+# col2im_coord).
+MMCV_KERNEL = re.compile(r'modulated_deformable_\w+_gpu_kernel')
 # Float32 sums of different orders: what two exact implementations of the
 # same function may differ by, relative to the largest value.
 TOL = {'cuda': 1e-4, 'cpu': 1e-4}
@@ -72,32 +88,44 @@ def run_neck(model, feats, weights):
     return [o.detach() for o in outs], [i.grad for i in inputs], grads
 
 
-def check_backends(device, size, batch, channels, blocks) -> List[str]:
-    """Check 1; returns report lines, raises AssertionError on failure."""
-    lines = [
-        f'### 1. mmcv kernel vs native path in DyHeadNeck ({size[0]}x'
-        f'{size[1]}, batch {batch}, {blocks} blocks, C={channels})',
-        '',
-        '| init | max rel. error | mmcv vs native | mmdet DyHead vs ours |',
-        '|---|---|---|---|',
-    ]
-    failures = []
-    # TF32 (cuDNN's default on Ampere and later) rounds convolution inputs
-    # to 10 mantissa bits, which would swamp a 1e-4 comparison; the check
-    # is of the kernels, so it runs in true float32.
-    tf32 = (
+@contextlib.contextmanager
+def true_float32():
+    """TF32 off while comparing kernels.
+
+    TF32 (cuDNN's default on Ampere and later) rounds convolution inputs
+    to 10 mantissa bits, which would swamp a 1e-4 comparison; the checks
+    are of the kernels, so they run in true float32.
+    """
+    saved = (
         torch.backends.cudnn.allow_tf32,
         torch.backends.cuda.matmul.allow_tf32,
     )
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        _compare_inits(device, size, batch, channels, blocks, lines, failures)
+        yield
     finally:
         (
             torch.backends.cudnn.allow_tf32,
             torch.backends.cuda.matmul.allow_tf32,
-        ) = tf32
+        ) = saved
+
+
+def check_backends(device, size, batch, channels, blocks) -> List[str]:
+    """Check 1; returns report lines, raises AssertionError on failure."""
+    lines = [
+        f'### 1. mmcv function vs the DCN operator in DyHeadNeck ({size[0]}x'
+        f'{size[1]}, batch {batch}, {blocks} blocks, C={channels})',
+        '',
+        '| init | max rel. error | mmcv function vs operator | mmdet DyHead vs ours |',
+        '|---|---|---|---|',
+    ]
+    failures = []
+    with true_float32():
+        _compare_inits(device, size, batch, channels, blocks, lines, failures)
+        layer_lines, layer_failures = check_layer(device)
+    lines += [''] + layer_lines
+    failures += layer_failures
     lines.append('')
     lines.append(
         'FAIL: ' + '; '.join(failures)
@@ -172,6 +200,174 @@ def _compare_inits(device, size, batch, channels, blocks, lines, failures):
             for value in (ours, theirs):
                 if value == value and value > TOL[device.type]:
                     failures.append(f'{init}, {what}: {value:.1e}')
+
+
+def check_layer(device) -> Tuple[List[str], List[str]]:
+    """Check 1, one layer: the operator against its pure-PyTorch
+    implementation on ``device`` (mmcv's kernel vs the gather code)."""
+    from mmdet_dyhead.ops import modulated_deform_conv2d_op
+    from mmdet_dyhead.ops.gather_conv import (
+        gather_conv_backward,
+        gather_conv_forward,
+    )
+
+    torch.manual_seed(0)
+    lines, failures = ['| one layer, offsets | forward | gradients |'], []
+    lines.append('|---|---|---|')
+    for init in ('random', 'zero'):
+        x = torch.randn(2, 64, 40, 56, device=device)
+        offset = torch.randn(2, 18, 20, 28, device=device) * 2
+        if init == 'zero':
+            offset.zero_()
+        mask = torch.rand(2, 9, 20, 28, device=device)
+        weight = torch.randn(32, 64, 3, 3, device=device) * 0.05
+        geometry = ((2, 2), (1, 1), (1, 1))
+        leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+        out = modulated_deform_conv2d_op(
+            *leaves, weight, None, 2, 2, 1, 1, 1, 1
+        )
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref = gather_conv_forward(x, offset, mask, weight, *geometry)
+        ref_grads = gather_conv_backward(
+            grad, x, offset, mask, weight, *geometry
+        )
+        err_out = rel(out, ref)
+        err_grad = max(
+            rel(leaf.grad, g) for leaf, g in zip(leaves, ref_grads[:3])
+        )
+        lines.append(f'| {init} | {err_out:.1e} | {err_grad:.1e} |')
+        for value in (err_out, err_grad):
+            if value > TOL[device.type]:
+                failures.append(f'one layer, {init} offsets: {value:.1e}')
+    return lines, failures
+
+
+def check_compiled(device, size, batch, channels, blocks) -> List[str]:
+    """Check 1b; returns report lines, raises AssertionError on failure."""
+    with true_float32():
+        return _check_compiled(device, size, batch, channels, blocks)
+
+
+def _check_compiled(device, size, batch, channels, blocks) -> List[str]:
+    from mmdet.models.necks import DyHead
+
+    from mmdet_dyhead.models import DyHeadNeck
+    from mmdet_dyhead.ops import OP_NAME
+
+    backend = 'inductor' if device.type == 'cuda' else 'aot_eager'
+    lines = [
+        f'### 1b. DyHeadNeck(compile=dict(backend={backend!r})) keeps the '
+        f'DCN operator ({size[0]}x{size[1]}, batch {batch}, {blocks} '
+        f'blocks, C={channels})',
+        '',
+        '| init | what | compiled vs eager | allowed |',
+        '|---|---|---|---|',
+    ]
+    failures = []
+    seen = set()
+
+    def record(gm, inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    # The graph check captures with a recording backend (the same graph
+    # Dynamo hands inductor); the numbers come from the real backend.
+    torch._dynamo.reset()
+    probe = DyHeadNeck(channels, channels, num_blocks=blocks).to(device)
+    torch.compile(probe, backend=record, fullgraph=True)(
+        pyramid(batch, channels, size, device)
+    )
+    op_nodes = sum('mmdet_dyhead.modulated_deform_conv2d' in t for t in seen)
+    if not op_nodes or any('grid_sampler' in t for t in seen):
+        failures.append(f'compiled graph has no {OP_NAME} node or a grid')
+    lines_kernel = []
+    for init in ('mmdet default (zero offsets)', 'random offsets'):
+        torch.manual_seed(0)
+        ref = DyHead(channels, channels, num_blocks=blocks)
+        if init.startswith('random'):
+            with torch.no_grad():
+                for name, p in ref.named_parameters():
+                    if 'spatial_conv_offset' in name:
+                        p.normal_(0, 0.05)
+        eager = DyHeadNeck(channels, channels, num_blocks=blocks)
+        compiled = DyHeadNeck(
+            channels,
+            channels,
+            num_blocks=blocks,
+            compile=dict(backend=backend),
+        )
+        for neck in (eager, compiled):
+            neck.load_state_dict(ref.state_dict())
+            neck.to(device)
+        feats = pyramid(batch, channels, size, device)
+        weights = [torch.randn_like(f) for f in feats]
+        want = run_neck(eager, feats, weights)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == 'cuda':
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        run_neck(compiled, feats, weights)  # compiles
+        with torch.profiler.profile(activities=activities) as prof:
+            got = run_neck(compiled, feats, weights)
+        names = {e.name for e in prof.events()}
+        # Allowed spread: float32 rounding from zero offsets; from random
+        # offsets what perturbing the input by 1e-7 does to eager itself.
+        allowed = TOL[device.type]
+        if init.startswith('random'):
+            nudged = [f * (1 + 1e-7) for f in feats]
+            spread = run_neck(eager, nudged, weights)
+            allowed = max(allowed, 2 * _max_err(spread, want))
+        errs = {
+            'outputs': max(rel(a, b) for a, b in zip(got[0], want[0])),
+            'input grads': max(rel(a, b) for a, b in zip(got[1], want[1])),
+            'param grads': max(
+                rel(got[2][n], g) for n, g in want[2].items()
+            ),
+        }
+        for what, value in errs.items():
+            lines.append(
+                f'| {init} | {what} | {value:.1e} | {allowed:.1e} |'
+            )
+            if value > allowed:
+                failures.append(f'compiled, {init}, {what}: {value:.1e}')
+        if not any(OP_NAME in n for n in names):
+            failures.append(f'{init}: the profiler saw no {OP_NAME} call')
+        if any('grid_sampler' in n for n in names):
+            failures.append(f'{init}: the compiled neck ran grid_sampler')
+        if device.type == 'cuda':
+            # Kernel events carry demangled names ("void modulated_...").
+            mmcv_kernels = sorted(
+                {
+                    m.group(0)
+                    for m in map(MMCV_KERNEL.search, names)
+                    if m is not None
+                }
+            )
+            lines_kernel.append(
+                f'{init}: mmcv CUDA kernels run: '
+                + (', '.join(mmcv_kernels) or 'NONE')
+            )
+            if not any('im2col' in n for n in mmcv_kernels):
+                failures.append(f'{init}: mmcv im2col kernel did not run')
+            if not any('col2im_coord' in n for n in mmcv_kernels):
+                failures.append(f'{init}: mmcv backward kernel did not run')
+    lines += ['', f'{op_nodes} operator nodes in the compiled block graph.']
+    lines += lines_kernel + ['']
+    lines.append(
+        'FAIL: ' + '; '.join(failures) if failures else 'PASS'
+    )
+    lines.append('')
+    torch._dynamo.reset()
+    if failures:
+        raise AssertionError('\n'.join(lines))
+    return lines
+
+
+def _max_err(a, b) -> float:
+    """Largest relative error over outputs, input and parameter grads."""
+    errs = [rel(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1])]
+    errs += [rel(a[2][n], g) for n, g in b[2].items()]
+    return max(errs)
 
 
 def check_amp(device, size, steps) -> List[str]:
@@ -339,6 +535,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     status = 0
     checks: Dict[str, callable] = {
         'backends': lambda: check_backends(device, **neck),
+        'compiled': lambda: check_compiled(device, **neck),
         'amp': lambda: check_amp(device, amp_size, args.amp_steps),
     }
     if not args.skip_speed:

@@ -1,14 +1,19 @@
-"""The native DCNv2 against mmcv's compiled kernel, and gradcheck."""
+"""The package's DCNv2 operator against mmcv's compiled kernel, gradcheck
+and torch.library's opcheck."""
+
+import importlib.util
 
 import pytest
 import torch
 
 from mmdet_dyhead.ops import (
+    CPU_IMPL_ENV,
     ModulatedDeformConv,
-    SharedMaps,
+    dcn_cpu_implementation,
     deform_conv2d,
     mmcv_ops_available,
     modulated_deform_conv2d,
+    modulated_deform_conv2d_op,
     resolve_dcn_backend,
 )
 from tests.helpers import rel_err
@@ -226,8 +231,9 @@ def test_bad_shapes_and_names_raise_clear_errors():
         ModulatedDeformConv(4, 4, backend='triton')
 
 
-def test_auto_backend_is_native_on_cpu():
-    assert resolve_dcn_backend('auto', torch.device('cpu')) == 'torch'
+def test_auto_backend_is_the_operator_on_every_device():
+    for device in ('cpu', 'cuda'):
+        assert resolve_dcn_backend('auto', torch.device(device)) == 'torch'
 
 
 def test_module_parameters_match_mmcv_names():
@@ -284,12 +290,9 @@ def test_one_call_on_several_maps_equals_separate_calls():
         ref = modulated_deform_conv2d(m, o, k, w, stride=2, backend='torch')
         # The same per-pixel work in either call: the same bits.
         assert torch.equal(g, ref)
-    # Calls sharing maps, each reading some of them, give the same terms.
-    shared = SharedMaps(maps)
-    low = deform_conv2d(
-        shared, offs[:2], masks[:2], w, stride=2, sources=[0, 1]
-    )
-    last = deform_conv2d(shared, offs[2:], masks[2:], w, stride=2, sources=[2])
+    # Calls reading some of the maps give the same terms.
+    low = deform_conv2d(maps, offs[:2], masks[:2], w, stride=2, sources=[0, 1])
+    last = deform_conv2d(maps, offs[2:], masks[2:], w, stride=2, sources=[2])
     assert all(torch.equal(a, b) for a, b in zip(low + last, got))
 
 
@@ -321,3 +324,174 @@ def test_native_path_under_autocast_runs_in_bfloat16():
         out = modulated_deform_conv2d(x, off, m, w, b, backend='torch')
     assert out.dtype == torch.bfloat16
     assert rel_err(out.float(), ref) < 3e-2
+
+
+def _op_args(stride=1, dilation=1, h=6, w=7, zero=False, dtype=torch.float64):
+    """Operator arguments (float64): a 3x3 kernel, padding = dilation."""
+    torch.manual_seed(0)
+    ho = (h - 1) // stride + 1
+    wo = (w - 1) // stride + 1
+    x = torch.randn(2, 3, h, w, dtype=dtype)
+    offset = (torch.rand(2, 18, ho, wo, dtype=dtype) - 0.5) * 5 + 0.013
+    if zero:
+        offset.zero_()
+    mask = torch.rand(2, 9, ho, wo, dtype=dtype)
+    weight = torch.randn(4, 3, 3, 3, dtype=dtype)
+    bias = torch.randn(4, dtype=dtype)
+    geometry = (stride, stride, dilation, dilation, dilation, dilation)
+    return (x, offset, mask, weight, bias, *geometry)
+
+
+@pytest.mark.parametrize(
+    'case',
+    [dict(), dict(stride=2), dict(dilation=2), dict(zero=True)],
+    ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()) or 'plain',
+)
+def test_operator_passes_opcheck(case):
+    """Schema, fake tensors, autograd registration and AOT dispatch."""
+    args = _op_args(**case)
+    torch.library.opcheck(modulated_deform_conv2d_op, args)
+    no_bias = (*args[:4], None, *args[5:])
+    torch.library.opcheck(modulated_deform_conv2d_op, no_bias)
+
+
+def test_operator_refuses_groups_it_does_not_implement():
+    x, offset, mask, weight, bias, *geometry = _op_args()
+    with pytest.raises(ValueError, match='one weight group'):
+        modulated_deform_conv2d_op(
+            x, offset, mask, weight[:, :1], bias, *geometry
+        )
+    with pytest.raises(ValueError, match='one offset group'):
+        modulated_deform_conv2d_op(
+            x, offset.repeat(1, 2, 1, 1), mask, weight, bias, *geometry
+        )
+
+
+def test_compile_and_export_see_one_operator_node():
+    x, offset, mask, weight, bias, *_ = _op_args(dtype=torch.float32)
+    layer = ModulatedDeformConv(3, 4, bias=True)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    assert torch.equal(compiled(x, offset, mask), layer(x, offset, mask))
+    dcn = [t for t in seen if 'deform' in t or 'grid_sampler' in t]
+    assert dcn == ['mmdet_dyhead.modulated_deform_conv2d.default']
+    program = torch.export.export(layer, (x, offset, mask))
+    targets = [
+        str(n.target)
+        for n in program.graph.nodes
+        if n.op == 'call_function' and 'to' not in str(n.target)
+    ]
+    assert targets == ['mmdet_dyhead.modulated_deform_conv2d.default']
+
+
+_HAS_EXT = importlib.util.find_spec('mmdet_dyhead._ext') is not None
+
+
+def test_cpu_implementation_can_be_forced_to_pure_pytorch(monkeypatch):
+    args = _op_args(dtype=torch.float32)
+    leaves = [a.clone().requires_grad_() for a in args[:5]]
+    out = modulated_deform_conv2d_op(*leaves, *args[5:])
+    monkeypatch.setenv(CPU_IMPL_ENV, 'torch')
+    assert dcn_cpu_implementation() == 'torch'
+    ref_leaves = [a.clone().requires_grad_() for a in args[:5]]
+    ref = modulated_deform_conv2d_op(*ref_leaves, *args[5:])
+    assert rel_err(out, ref) < 1e-5
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    for name, a, b in zip(('input', 'offset', 'mask'), leaves, ref_leaves):
+        assert rel_err(a.grad, b.grad) < 1e-5, name
+    monkeypatch.setenv(CPU_IMPL_ENV, 'fortran')
+    with pytest.raises(ValueError, match='not a DCN CPU implementation'):
+        dcn_cpu_implementation()
+
+
+@pytest.mark.skipif(_HAS_EXT, reason='the compiled extension is installed')
+def test_without_the_extension_the_pure_pytorch_implementation_runs(
+    monkeypatch,
+):
+    assert dcn_cpu_implementation() == 'torch'
+    monkeypatch.setenv(CPU_IMPL_ENV, 'cpp')
+    with pytest.raises(RuntimeError, match='mmdet_dyhead._ext'):
+        dcn_cpu_implementation()
+
+
+@needs_mmcv
+@pytest.mark.parametrize('zero', [False, True])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_mmcv_kernel_implementation_matches_mmcv_function(stride, zero):
+    """The CUDA implementation's calls of mmcv's kernel, run on mmcv's CPU
+    build: the same forward and gradients as mmcv's own function."""
+    from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+
+    from mmdet_dyhead.ops.dcn_op import (
+        mmcv_kernel_backward,
+        mmcv_kernel_forward,
+    )
+
+    x, offset, mask, weight, bias, *geometry = _op_args(
+        stride=stride, zero=zero
+    )
+    out = mmcv_kernel_forward(x, offset, mask, weight, bias, *geometry)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
+    ref = mmcv_dcn(*leaves, bias, stride, 1, 1, 1, 1)
+    assert rel_err(out, ref) < 1e-12
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    got = mmcv_kernel_backward(grad, x, offset, mask, weight, *geometry)
+    for name, g, leaf in zip(('input', 'offset', 'mask', 'weight'), got, leaves):
+        assert rel_err(g, leaf.grad) < 1e-12, name
+
+
+@needs_mmcv
+@pytest.mark.parametrize('dilation', [1, 2])
+def test_zero_offsets_gradients_match_mmcv(dilation):
+    """mmdet's initialisation: every tap exactly on a pixel (and the border
+    taps on -1), where only one-sided derivatives exist."""
+    from mmcv.ops import modulated_deform_conv2d as mmcv_dcn
+
+    args = _op_args(dilation=dilation, zero=True)
+    ours = [a.clone().requires_grad_() for a in args[:5]]
+    theirs = [a.clone().requires_grad_() for a in args[:5]]
+    out = modulated_deform_conv2d(
+        *ours, padding=dilation, dilation=dilation
+    )
+    ref = mmcv_dcn(*theirs, 1, dilation, dilation, 1, 1)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert rel_err(out, ref) < 1e-12
+    for name, a, b in zip(
+        ('input', 'offset', 'mask', 'weight', 'bias'), ours, theirs
+    ):
+        assert b.grad.abs().max() > 0, name
+        assert rel_err(a.grad, b.grad) < 1e-12, name
+
+
+@pytest.mark.skipif(not _HAS_EXT, reason='compiled extension not installed')
+@pytest.mark.parametrize(
+    'case',
+    [dict(), dict(zero=True), dict(stride=2), dict(dilation=2), dict(h=1, w=1)],
+    ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()) or 'plain',
+)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_compiled_extension_matches_pure_pytorch(case, dtype, monkeypatch):
+    args = _op_args(dtype=dtype, **case)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    results = []
+    for impl in ('cpp', 'torch'):
+        monkeypatch.setenv(CPU_IMPL_ENV, impl)
+        assert dcn_cpu_implementation() == impl
+        leaves = [a.clone().requires_grad_() for a in args[:5]]
+        out = modulated_deform_conv2d_op(*leaves, *args[5:])
+        out.backward(torch.ones_like(out))
+        results.append([out] + [leaf.grad for leaf in leaves])
+    for name, a, b in zip(
+        ('out', 'input', 'offset', 'mask', 'weight', 'bias'), *results
+    ):
+        assert rel_err(a, b) < tol, name

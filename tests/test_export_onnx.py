@@ -317,21 +317,34 @@ def test_deform_conv_node_matches_mmcv_kernel(tmp_path, stride, bias):
 
 @pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
 def test_form_choice_is_scoped_to_the_export_call(tmp_path):
-    """Outside export_onnx/onnx_dcn_export a plain torch.onnx.export writes
-    the decomposition, also after a block that raised."""
+    """Inside onnx_dcn_export the operator becomes the chosen form; outside
+    it (also after a block that raised) torch's exporter meets the
+    operator itself and refuses it by name."""
     layer = _OneDCN(1, False).eval()
     args = (
         torch.randn(1, 8, 6, 7),
         torch.rand(1, 18, 6, 7),
         torch.rand(1, 9, 6, 7),
     )
+    path = str(tmp_path / 'grid.onnx')
+    with onnx_dcn_export('grid_sample'):
+        torch.onnx.export(layer, args, path, opset_version=19, dynamo=False)
+    ops = graph_op_counts(path)
+    assert 'GridSample' in ops and 'DeformConv' not in ops
     with pytest.raises(RuntimeError):
         with onnx_dcn_export('deform_conv'):
             raise RuntimeError('export failed')
-    path = str(tmp_path / 'plain.onnx')
-    torch.onnx.export(layer, args, path, opset_version=19, dynamo=False)
-    ops = graph_op_counts(path)
-    assert 'GridSample' in ops and 'DeformConv' not in ops
+    with pytest.raises(
+        torch.onnx.errors.UnsupportedOperatorError,
+        match='mmdet_dyhead::modulated_deform_conv2d',
+    ):
+        torch.onnx.export(
+            layer,
+            args,
+            str(tmp_path / 'plain.onnx'),
+            opset_version=19,
+            dynamo=False,
+        )
 
 
 def test_match_detections_flags_shifted_boxes_and_missing_detections(assets):

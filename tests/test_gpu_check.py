@@ -41,16 +41,19 @@ def test_cpu_smoke_run_passes_every_check(tmp_path):
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     report = out.read_text()
-    # Check 1 from both starting points, check 2, each with a verdict.
+    # Checks 1, 1b (both from both starting points) and 2, each with a
+    # verdict.
     assert 'mmdet default (zero offsets)' in report
     assert 'random offsets' in report
     assert 'AMP training of ATSS-R50 + DyHeadNeck-6' in report
+    # Check 1b: the compiled neck keeps the operator.
+    assert 'keeps the DCN operator' in report
     verdicts = [
         line
         for line in report.splitlines()
         if line.startswith(('PASS', 'FAIL'))
     ]
-    assert len(verdicts) == 2 and all(v.startswith('PASS') for v in verdicts)
+    assert len(verdicts) == 3 and all(v.startswith('PASS') for v in verdicts)
     # Check 3: both benchmark tables, ours beside mmdet's DyHead.
     assert 'ATSS + DyHeadNeck-6' in report
     assert 'ATSS + mmdet DyHead-6' in report

@@ -44,9 +44,9 @@ def use_native_dcn(model_cfg: dict, path: str = 'model') -> List[str]:
     """Set every DyHead ``dcn_backend`` in ``model_cfg`` to ``'torch'``, in
     place.
 
-    ``'auto'`` (or no setting) becomes ``'torch'``: on CPU that is what
-    ``'auto'`` runs anyway, and on CUDA it swaps mmcv's kernel for the native
-    one, which computes the same function with the same weights. An explicit
+    ``'auto'`` (or no setting) becomes ``'torch'``, which is what ``'auto'``
+    runs anyway (the package's DCN operator, which the export writes in
+    standard ONNX). An explicit
     ``'mmcv'`` is refused: the config asks for the compiled op, which ONNX
     cannot express, and silently overriding an explicit choice would hide
     that from the user.

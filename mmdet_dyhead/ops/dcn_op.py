@@ -94,12 +94,38 @@ def _geometry(args) -> Tuple[Tuple[int, int], ...]:
     return (sh, sw), (ph, pw), (dh, dw)
 
 
+def _check_operands(input, offset, mask, weight) -> None:
+    """Refuse what the implementations do not compute (mmcv's groups)."""
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            f'{OP_NAME} takes an (N, C, H, W) input and a (C_out, C_in, kh, '
+            f'kw) weight, got {tuple(input.shape)} and '
+            f'{tuple(weight.shape)}.'
+        )
+    taps = weight.shape[2] * weight.shape[3]
+    if weight.shape[1] != input.shape[1]:
+        raise ValueError(
+            f'{OP_NAME} implements one weight group: the weight '
+            f'{tuple(weight.shape)} must have C_in = {input.shape[1]}, the '
+            'input channels (groups > 1 is not supported).'
+        )
+    if offset.shape[1] != 2 * taps or mask.shape[1] != taps:
+        raise ValueError(
+            f'{OP_NAME} implements one offset group: offset and mask need '
+            f'{2 * taps} and {taps} channels for a '
+            f'{weight.shape[2]}x{weight.shape[3]} kernel, got '
+            f'{offset.shape[1]} and {mask.shape[1]} (deform_groups > 1 is '
+            'not supported).'
+        )
+
+
 def _output_shape(input, offset, weight):
     return (input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
 
 
 # ---------------------------------------------------------------- torch ---
 def _torch_forward(input, offset, mask, weight, bias, *geometry):
+    _check_operands(input, offset, mask, weight)
     out = gather_conv_forward(
         input, offset, mask, weight.to(input.dtype), *_geometry(geometry)
     )
@@ -121,6 +147,7 @@ def _cpp_applies(*tensors) -> bool:
 
 
 def _cpu_forward(input, offset, mask, weight, bias, *geometry):
+    _check_operands(input, offset, mask, weight)
     if dcn_cpu_implementation() == 'cpp' and _cpp_applies(
         input, offset, mask, weight, bias
     ):
@@ -238,6 +265,7 @@ def mmcv_kernel_backward(grad_out, input, offset, mask, weight, *geometry):
 
 
 def _cuda_forward(input, offset, mask, weight, bias, *geometry):
+    _check_operands(input, offset, mask, weight)
     if _mmcv_ext() is None:
         return _torch_forward(input, offset, mask, weight, bias, *geometry)
     return mmcv_kernel_forward(input, offset, mask, weight, bias, *geometry)
@@ -310,6 +338,7 @@ modulated_deform_conv2d_backward_op.register_kernel('cuda')(_cuda_backward)
 
 @modulated_deform_conv2d_op.register_fake
 def _forward_fake(input, offset, mask, weight, bias, *geometry):
+    _check_operands(input, offset, mask, weight)
     return input.new_empty(_output_shape(input, offset, weight))
 
 

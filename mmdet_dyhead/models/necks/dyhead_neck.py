@@ -78,8 +78,9 @@ class DyHeadNeck(BaseModule):
             below override single entries.
         use_scale_attn, use_spatial_attn, use_task_attn (bool): switch each
             attention (paper Table 1).
-        dcn_backend (str): ``'auto'`` (mmcv on CUDA, native PyTorch on CPU),
-            ``'mmcv'`` or ``'torch'``.
+        dcn_backend (str): ``'auto'`` or ``'torch'`` (the package's DCN
+            operator: mmcv's kernel on CUDA, the compiled extension or
+            pure PyTorch on CPU), or ``'mmcv'`` (mmcv's autograd function).
         with_cp (bool): Gradient checkpointing per block (less memory, one
             extra forward in backward).
         compile (bool | dict): Run the blocks through ``torch.compile``
