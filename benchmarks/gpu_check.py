@@ -117,7 +117,8 @@ def check_backends(device, size, batch, channels, blocks) -> List[str]:
         f'### 1. mmcv function vs the DCN operator in DyHeadNeck ({size[0]}x'
         f'{size[1]}, batch {batch}, {blocks} blocks, C={channels})',
         '',
-        '| init | max rel. error | mmcv function vs operator | mmdet DyHead vs ours |',
+        '| init | max rel. error | mmcv function vs operator '
+        '| mmdet DyHead vs ours |',
         '|---|---|---|---|',
     ]
     failures = []
@@ -320,14 +321,10 @@ def _check_compiled(device, size, batch, channels, blocks) -> List[str]:
         errs = {
             'outputs': max(rel(a, b) for a, b in zip(got[0], want[0])),
             'input grads': max(rel(a, b) for a, b in zip(got[1], want[1])),
-            'param grads': max(
-                rel(got[2][n], g) for n, g in want[2].items()
-            ),
+            'param grads': max(rel(got[2][n], g) for n, g in want[2].items()),
         }
         for what, value in errs.items():
-            lines.append(
-                f'| {init} | {what} | {value:.1e} | {allowed:.1e} |'
-            )
+            lines.append(f'| {init} | {what} | {value:.1e} | {allowed:.1e} |')
             if value > allowed:
                 failures.append(f'compiled, {init}, {what}: {value:.1e}')
         if not any(OP_NAME in n for n in names):
@@ -353,9 +350,7 @@ def _check_compiled(device, size, batch, channels, blocks) -> List[str]:
                 failures.append(f'{init}: mmcv backward kernel did not run')
     lines += ['', f'{op_nodes} operator nodes in the compiled block graph.']
     lines += lines_kernel + ['']
-    lines.append(
-        'FAIL: ' + '; '.join(failures) if failures else 'PASS'
-    )
+    lines.append('FAIL: ' + '; '.join(failures) if failures else 'PASS')
     lines.append('')
     torch._dynamo.reset()
     if failures:

@@ -66,7 +66,9 @@ def test_single_dcn_counts_as_its_conv(backend, stride):
     fa = _analyze(_DCNLayer(cin, cout, stride, backend), inputs)
     # Hand count: one multiply-add per weight per output pixel.
     assert fa.total() == n * cout * ho * wo * cin * 3 * 3
-    assert not any('PythonOp' in op for op in fa.unsupported_ops())
+    assert not any(
+        'PythonOp' in op or 'deform_conv' in op for op in fa.unsupported_ops()
+    )
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -80,7 +82,7 @@ def test_neck_counts_every_branch_once(backend):
     # coarser level's grid for levels ..L-2: sum of output pixels.
     dcn_pixels = sum(px) + sum(px[1:]) + sum(px[1:])
     dcn = sum(
-        v for k, v in by_op.items() if 'DeformConv' in k or 'GatherConv' in k
+        v for k, v in by_op.items() if 'DeformConv' in k or 'deform_conv' in k
     )
     assert dcn == blocks * dcn_pixels * c * c * 9
     # Ordinary convs: the offset/mask conv (27 outputs, 3x3) on every level,
@@ -114,7 +116,7 @@ def test_mmdet_dyhead_and_ours_count_the_same_convs():
     ).by_operator()
     assert (
         theirs['PythonOp.ModulatedDeformConv2dFunction']
-        == ours['PythonOp.GatherConvFunction']
+        == ours['modulated_deform_conv2d']
     )
     assert theirs['conv'] == ours['conv']
 
@@ -130,22 +132,25 @@ def test_dcn_activations_are_its_outputs_and_no_warning(backend):
     c = 16
     feats = tuple(pyramid(1, c, (16, 20), levels=4))
     model = _Neck(DyHeadNeck(c, c, num_blocks=2, dcn_backend=backend)).eval()
-    dcn_ops = {'torch': 'PythonOp.GatherConvFunction'}.get(
-        backend, 'PythonOp.ModulatedDeformConv2dFunction'
+    dcn_op = {'torch': 'mmdet_dyhead::modulated_deform_conv2d'}.get(
+        backend, 'prim::PythonOp.ModulatedDeformConv2dFunction'
     )
+    dcn_ops = dcn_op.split('::')[1]  # how by_operator() names it
     # mmengine's own table has no DCN rule: the op is "unsupported" there,
     # which is what get_model_complexity_info used to warn about.
     plain = ActivationAnalyzer(model, feats)
     plain.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     assert dcn_ops not in plain.by_operator()
-    assert 'prim::' + dcn_ops in plain.unsupported_ops()
+    assert dcn_op in plain.unsupported_ops()
     with flop_handles_registered():
         fa = ActivationAnalyzer(model, feats)
         fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         by_op = fa.by_operator()
         unsupported = fa.unsupported_ops()
     assert acts == before  # restored on exit
-    assert not any('DeformConv' in k or 'GatherConv' in k for k in unsupported)
+    assert not any(
+        'DeformConv' in k or 'deform_conv' in k for k in unsupported
+    )
     # C output channels per DCN output pixel: mid on every level, low
     # (stride 2) onto levels 1.., high on the coarser level's grid.
     px = [f.shape[-2] * f.shape[-1] for f in feats]
@@ -212,7 +217,7 @@ def test_mmdet_mode_counts_a_dyhead_config_without_dcn_warning(tmp_path):
     # mmengine still names the ops it has no rule for (elementwise ops,
     # BN for activations...), but not the deformable conv.
     assert 'Unsupported operator aten::' in log
-    assert 'GatherConvFunction' not in log, log[-3000:]
+    assert 'modulated_deform_conv2d' not in log, log[-3000:]
 
 
 def test_get_flops_registers_the_dcn_rules_itself(

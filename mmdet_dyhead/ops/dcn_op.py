@@ -44,7 +44,7 @@ DCN_CPU_IMPLEMENTATIONS = ('cpp', 'torch')
 def _load_extension():
     try:
         from mmdet_dyhead import _ext
-    except ImportError:
+    except (ImportError, OSError):  # not built, or a broken build
         return None
     return _ext
 
@@ -236,9 +236,7 @@ def mmcv_kernel_backward(grad_out, input, offset, mask, weight, *geometry):
     offset_c = offset.to(dtype).contiguous()
     mask_c = mask.to(dtype).contiguous()
     weight_c = weight.to(dtype).contiguous()
-    grads = [
-        torch.zeros_like(t) for t in (input, offset_c, mask_c, weight_c)
-    ]
+    grads = [torch.zeros_like(t) for t in (input, offset_c, mask_c, weight_c)]
     empty = input.new_empty(0)
     ext.modulated_deform_conv_backward(
         input,
@@ -273,7 +271,9 @@ def _cuda_forward(input, offset, mask, weight, bias, *geometry):
 
 def _cuda_backward(grad_out, input, offset, mask, weight, *geometry):
     if _mmcv_ext() is None:
-        return _torch_backward(grad_out, input, offset, mask, weight, *geometry)
+        return _torch_backward(
+            grad_out, input, offset, mask, weight, *geometry
+        )
     return mmcv_kernel_backward(
         grad_out, input, offset, mask, weight, *geometry
     )

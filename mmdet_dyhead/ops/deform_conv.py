@@ -261,9 +261,7 @@ def deform_conv2d(
     outs = []
     for x, off, msk in zip(inputs, offsets, masks):
         _check_shapes(x, off, msk, weight, stride, padding, dilation)
-        outs.append(
-            conv(x, off, msk, weight, bias, stride, padding, dilation)
-        )
+        outs.append(conv(x, off, msk, weight, bias, stride, padding, dilation))
     return outs
 
 

@@ -1,6 +1,6 @@
 """Spatial-aware attention pi_S (paper Eq. 4)."""
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
