@@ -122,8 +122,13 @@ def test_compiled_neck_from_zero_offsets_equals_eager(kwargs):
     compiled = torch.compile(neck, fullgraph=True, backend='aot_eager')
     got = _fwd_bwd(compiled, params, feats)
     want = _fwd_bwd(neck, params, feats)
-    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+    for a, b in zip(got[0], want[0]):
         assert rel_err(a, b) < 1e-5
+    # Against the largest input gradient: the 1x1 level's is zero in exact
+    # arithmetic (GroupNorm of one value per group), only rounding noise.
+    scale = max(float(g.abs().max()) for g in want[1])
+    for a, b in zip(got[1], want[1]):
+        assert float((a - b).abs().max()) < 1e-5 * scale
     offset_grads = [n for n in params if 'offset' in n]
     assert offset_grads
     for name in params:

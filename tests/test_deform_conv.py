@@ -353,6 +353,14 @@ def test_operator_passes_opcheck(case):
     torch.library.opcheck(modulated_deform_conv2d_op, args)
     no_bias = (*args[:4], None, *args[5:])
     torch.library.opcheck(modulated_deform_conv2d_op, no_bias)
+    # Compiled graphs rely on the strides the fake implementation reports
+    # (contiguous): the real gradients must have them too.
+    out = modulated_deform_conv2d_op(*args)
+    grads = torch.ops.mmdet_dyhead.modulated_deform_conv2d_backward(
+        torch.randn_like(out), *args[:4], *args[5:]
+    )
+    for g, t in zip(grads, args[:4]):
+        assert g.shape == t.shape and g.is_contiguous()
 
 
 def test_operator_refuses_groups_it_does_not_implement():

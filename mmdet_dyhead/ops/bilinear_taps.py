@@ -83,7 +83,9 @@ def _tap_geometry(
         1, wo, 1
     ) + tap_x
     off = (
-        offset.to(coord_dtype).view(n, taps, 2, ho, wo).permute(0, 3, 4, 1, 2)
+        offset.to(coord_dtype)
+        .reshape(n, taps, 2, ho, wo)
+        .permute(0, 3, 4, 1, 2)
     )
     pos_y = base_y + off[..., 0]  # (N, H_out, W_out, K)
     pos_x = base_x + off[..., 1]
@@ -211,7 +213,8 @@ def tap_input_gradients(
     d_x = (g_x[..., 1] * geo.in_x[..., 1] - g_x[..., 0] * geo.in_x[..., 0]) * m
     grad_mask = (g_y * wy).sum(-1) * geo.inside
     grad_offset = torch.stack((d_y, d_x), -1).permute(0, 3, 4, 1, 2)
-    grad_offset = grad_offset.reshape(n, 2 * taps, ho, wo)
+    # A copy: the fake implementation promises contiguous gradients.
+    grad_offset = grad_offset.reshape(n, 2 * taps, ho, wo).contiguous()
     return (
         grad_offset.to(offset.dtype),
         grad_mask.permute(0, 3, 1, 2).contiguous().to(mask.dtype),

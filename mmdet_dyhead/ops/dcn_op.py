@@ -130,7 +130,7 @@ def _torch_forward(input, offset, mask, weight, bias, *geometry):
         input, offset, mask, weight.to(input.dtype), *_geometry(geometry)
     )
     if bias is not None:
-        out += bias.to(out.dtype).view(1, -1, 1, 1)
+        out += bias.to(out.dtype).reshape(1, -1, 1, 1)
     return out
 
 
@@ -167,7 +167,8 @@ def _cpu_backward(grad_out, input, offset, mask, weight, *geometry):
         grad_out, input, offset, mask, weight
     ):
         return tuple(
-            _EXT.dcn_backward(
+            g.contiguous()  # what the fake implementation promises
+            for g in _EXT.dcn_backward(
                 grad_out.contiguous(),
                 input.contiguous(),
                 offset.contiguous(),
