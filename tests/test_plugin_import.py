@@ -3,7 +3,8 @@
 A fresh interpreter imports what the package itself imports (torch, mmcv,
 mmengine, mmdet), records every module attribute, every class attribute,
 every registry and torch's weights-only allow-list, imports the package, and
-compares. Only new, package-owned names may appear.
+compares. Only new, package-owned names may appear (the DCN operators of the
+``mmdet_dyhead::`` torch.library namespace included).
 """
 
 import subprocess
@@ -26,7 +27,14 @@ MISSING = object()
 
 def ours(key, value):
     owner = getattr(value, '__module__', '') or ''
-    return 'dyhead' in str(key).lower() or owner.startswith('mmdet_dyhead')
+    # The DCN operators in the package's torch.library namespace (torch
+    # keeps a table of operator names).
+    operator = isinstance(value, str) and value.startswith('mmdet_dyhead::')
+    return (
+        'dyhead' in str(key).lower()
+        or owner.startswith('mmdet_dyhead')
+        or operator
+    )
 
 
 def owners():
