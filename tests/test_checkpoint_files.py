@@ -631,7 +631,7 @@ def _download_in_child(url, cache_dir):
         sizes = (
             [
                 p.stat().st_size
-                for p in cache_dir.glob('.*.partial')
+                for p in cache_dir.glob('.*.partial.data')
                 if p.is_file()
             ]
             if cache_dir.is_dir()
@@ -689,7 +689,9 @@ def test_a_stalled_download_fails_in_bounded_time_and_leaves_nothing(
     url = f'{base}/stall/w.pth'  # headers, then nothing
     started = time.monotonic()
     with pytest.raises(CheckpointError) as err:
-        files_module.download_checkpoint(url, cache_dir=str(cache), timeout=0.5)
+        files_module.download_checkpoint(
+            url, cache_dir=str(cache), timeout=0.5
+        )
     assert time.monotonic() - started < 10
     text = str(err.value)
     assert f'The download of {url} stalled: no data for 0.5 s' in text

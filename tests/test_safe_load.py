@@ -6,6 +6,7 @@ import collections
 import os
 import pickle
 import re
+import struct
 import warnings
 
 import numpy as np
@@ -90,9 +91,10 @@ def test_runner_checkpoint_loads_weights_only_and_resumes(tmp_path):
     assert runner.iter == 2 and runner.epoch == 1
     hist = runner.message_hub.get_scalar('train/loss')
     assert isinstance(hist.data[0], np.ndarray) and len(hist.data[0]) > 0
-    assert hist.mean() == trusted['message_hub']['log_scalars'][
-        'train/loss'
-    ].mean()
+    assert (
+        hist.mean()
+        == trusted['message_hub']['log_scalars']['train/loss'].mean()
+    )
     # the allow-list is scoped: torch alone refuses the file
     with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
         torch.load(ckpt, map_location='cpu', weights_only=True)
@@ -197,8 +199,8 @@ def _payloads():
         # numpy would allocate 909 TiB for this shape
         'huge _reconstruct': (
             _Call(_reconstruct, (array, (10**15,), b'b')),
-            r'refused global numpy.(_core|core).multiarray._reconstruct: an empty '
-            r'array of shape \(1000000000000000,\) needs '
+            r'refused global numpy.(_core|core).multiarray._reconstruct: '
+            r'an empty array of shape \(1000000000000000,\) needs '
             r'1000000000000000 bytes, more than the file holds',
         ),
         'shape beyond the data': (
@@ -244,13 +246,15 @@ def _payloads():
             r'RuntimeError: .*storage',
         ),
         'tensor: zero strides': (
-            _Call(tensor, (_storage(), 0, (2**20, 2**20), (0, 0), False, hooks)),
+            _Call(
+                tensor, (_storage(), 0, (2**20, 2**20), (0, 0), False, hooks)
+            ),
             r'a tensor of shape \(1048576, 1048576\) and strides \(0, 0\) '
             r'views 4398046511104 bytes, more than the whole file',
         ),
         'getattr': (
             _Call(getattr, (HistoryBuffer, '__init__')),
-            r"refused global builtins.getattr: the pickle asks for getattr\("
+            r'refused global builtins.getattr: the pickle asks for getattr\('
             r".*HistoryBuffer'>, '__init__'\)",
         ),
     }
@@ -277,3 +281,25 @@ def test_hostile_arguments_are_refused_naming_file_and_reason(
     with checkpoint_loaders(), pytest.raises(CheckpointError) as err:
         CheckpointLoader.load_checkpoint(str(path))
     assert re.search(reason, str(err.value))
+
+
+def test_a_legacy_file_asking_for_more_storage_than_it_holds_is_refused(
+    tmp_path,
+):
+    """torch's legacy format allocates each storage at the size its pickle
+    states before reading the data."""
+    path = tmp_path / 'legacy.pth'
+    torch.save(
+        {'w': torch.arange(4.0)}, path, _use_new_zipfile_serialization=False
+    )
+    data = path.read_bytes()
+    # ('storage', FloatStorage, '0', 'cpu', 4, None): 4 -> 2**31 - 1
+    at = data.index(b'K\x04', data.index(b'cpu'))
+    big = struct.pack('<i', 2**31 - 1)
+    path.write_bytes(data[:at] + b'J' + big + data[at + 2 :])
+    with pytest.raises(CheckpointError) as err:
+        load(str(path))
+    text = str(err.value)
+    assert text.startswith(f'Refused {path}: its pickle asks for ')
+    assert f'{(2**31 - 1) * 4} bytes of tensor storage, more than' in text
+    assert 'weights_only=False' not in text

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover (Windows)
 
 import torch
 
+from . import legacy
 from .allowlist import RefusedCall, finish_load, mmengine_safe_globals
 
 # Modules whose members, called by a pickle, run commands or code or touch
@@ -324,8 +325,9 @@ def load_error(path: str, err: Exception) -> CheckpointError:
         )
     if called:
         return _refused_call_error(
-            path, called, f'the pickle calls it with arguments it cannot use '
-            f'({reason})'
+            path,
+            called,
+            f'the pickle calls it with arguments it cannot use ({reason})',
         )
     return CheckpointError(
         f'Cannot read checkpoint {path}: {reason}. The file is truncated or '
@@ -360,6 +362,33 @@ def corrupt_message(path: str, member: str) -> str:
         f'delete it and run again); for a training checkpoint, use the '
         f'previous one of its work_dir.'
     )
+
+
+def _check_legacy_storages(path: str, size: int) -> None:
+    """Refuse a legacy-format file whose pickle asks for more storage bytes
+    than the file holds (torch allocates them before reading the data)."""
+    try:
+        need = legacy.storage_bytes(path)
+    except (ValueError, EOFError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f'Cannot read checkpoint {path}: its pickle is cut short or '
+            f'garbled ({err}). The file is truncated or corrupt. Fix: '
+            f'download or copy it again.'
+        ) from err
+    if need is None or need > size:
+        what = (
+            'a storage whose size is not a number'
+            if need is None
+            else f'{need} bytes of tensor storage, more than the whole file '
+            f'({size} bytes)'
+        )
+        raise CheckpointError(
+            f'Refused {path}: its pickle asks for {what}; torch would '
+            f'allocate that before reading the data. torch.save never writes '
+            f'this, so the file is damaged or was made to look like a '
+            f'checkpoint. Fix: get the file again from where it was made, or '
+            f'delete it.'
+        )
 
 
 def read_file(path: str, map_location=None) -> object:
@@ -401,6 +430,8 @@ def read_file(path: str, map_location=None) -> object:
             stacklevel=2,
         )
     size = os.path.getsize(path)
+    if not zipfile.is_zipfile(path):
+        _check_legacy_storages(path, size)
     try:
         with mmengine_safe_globals(max_bytes=size):
             checkpoint = torch.load(
