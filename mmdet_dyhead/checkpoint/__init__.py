@@ -21,7 +21,11 @@ and torch.hub.
   official-weights converter (:mod:`.convert`).
 """
 
-from .allowlist import mmengine_checkpoint_globals, mmengine_safe_globals
+from .allowlist import (
+    finish_load,
+    mmengine_checkpoint_globals,
+    mmengine_safe_globals,
+)
 from .files import (
     CheckpointCorruptError,
     CheckpointError,
@@ -57,6 +61,7 @@ __all__ = [
     'corrupt_member',
     'describe_non_checkpoint',
     'download_checkpoint',
+    'finish_load',
     'global_kind',
     'group_keys',
     'load',
