@@ -363,6 +363,29 @@ def test_two_stage_configs_inherit_their_siblings(family):
     assert _bases(baseline) == [f'mmdet::{baseline}']
 
 
+@pytest.mark.parametrize('family', TWO_STAGE)
+def test_two_stage_baselines_are_mmdets_configs(family):
+    """The root of each chain: mmdet's config plus the package import (the
+    ``_scope_`` that mmengine stamps on dicts read through ``mmdet::``
+    aside)."""
+    rel_path = f'{family}_r50_fpn_1x_coco.py'
+    ours = _flatten(_load(rel_path).to_dict())
+    mmdet_configs = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
+    theirs = _flatten(
+        Config.fromfile(osp.join(mmdet_configs, rel_path)).to_dict()
+    )
+    diff = {
+        k
+        for k in set(ours) | set(theirs)
+        if ours.get(k, '<unset>') != theirs.get(k, '<unset>')
+        and not k.endswith('._scope_')
+    }
+    assert diff == {
+        'custom_imports.imports.0',
+        'custom_imports.allow_failed_imports',
+    }
+
+
 @pytest.mark.parametrize('form', ['dyhead-6b', FIG2C])
 def test_two_stage_families_share_the_faster_rcnn_neck(form):
     """Mask and Cascade R-CNN get the Faster R-CNN DyHead neck by
