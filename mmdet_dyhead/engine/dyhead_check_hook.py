@@ -112,10 +112,14 @@ def _check_roi_head(
 ) -> List[str]:
     problems = []
     prefix = 'model.roi_head.'
-    extractors = {}
+    extractors, seen = {}, set()
     for kind in ('bbox_roi_extractor', 'mask_roi_extractor'):
         extractors[kind] = _stages(getattr(roi_head, kind, None), kind)
         for name, extractor in extractors[kind]:
+            # share_roi_extractor=True: the mask branch reuses the box one.
+            if id(extractor) in seen:
+                continue
+            seen.add(id(extractor))
             ext_channels = getattr(extractor, 'out_channels', None)
             if isinstance(ext_channels, int) and ext_channels != channels:
                 problems.append(
