@@ -338,6 +338,11 @@ def test_refine_bboxes_on_the_heads_outputs():
         (dict(num_reg_fcs=1), 'num_reg_fcs=1 is not supported'),
         (dict(conv_out_channels=256), 'conv_out_channels=256 is not'),
         (
+            # A Shared4Conv1FCBBoxHead config's: both named at once.
+            dict(conv_out_channels=256, conv_cfg=dict(type='Conv2d')),
+            "conv_out_channels=256, conv_cfg={'type': 'Conv2d'} is not",
+        ),
+        (
             dict(norm_cfg=dict(type='GN', num_groups=32)),
             "norm_cfg={'type': 'GN', 'num_groups': 32} is not",
         ),
@@ -354,8 +359,10 @@ def test_arguments_it_cannot_honour_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
         MODELS.build(dict(cfg, **kwargs))
     if 'disagree' not in message and 'must be' not in message:
-        (name,) = [k for k in kwargs]
-        assert f'Remove {name} from model.roi_head.bbox_head' in str(err.value)
+        names = ' and '.join(kwargs)
+        assert f'Remove {names} from model.roi_head.bbox_head' in str(
+            err.value
+        )
 
 
 # ------------------------------------- the shipped configs' checkpoints

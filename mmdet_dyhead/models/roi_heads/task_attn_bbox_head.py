@@ -250,11 +250,12 @@ def _check_drop_in_arguments(
                 f'layers). Remove {name} from {where} (or set it to 0), or '
                 f"keep mmdet's ConvFCBBoxHead / Shared4Conv1FCBBoxHead."
             )
-    for name, value in conv_args.items():
-        if value is not None:
-            raise ValueError(
-                f'{name}={value!r} is not supported: it configures conv '
-                f'layers and TaskAttnBBoxHead has none. Remove {name} from '
-                f'{where}.'
-            )
+    given = [name for name, value in conv_args.items() if value is not None]
+    if given:
+        settings = ', '.join(f'{n}={conv_args[n]!r}' for n in given)
+        raise ValueError(
+            f'{settings} is not supported: these settings configure conv '
+            f'layers and TaskAttnBBoxHead has none. Remove '
+            f'{" and ".join(given)} from {where}.'
+        )
     return num_task_attn
