@@ -351,7 +351,8 @@ def test_fig2c_roi_head_reduces_to_mmdets_linear_head(config):
         kwargs = {
             k: v
             for k, v in head_cfg.items()
-            if k not in ('type', 'num_task_attn')
+            # The settings of TaskAttnBBoxHead's own layers.
+            if k not in ('type', 'num_task_attn', 'fc_out_channels')
         }
         flat = _FlatBBoxHead(**kwargs)
         if isinstance(ref.bbox_head, torch.nn.ModuleList):
