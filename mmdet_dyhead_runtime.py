@@ -88,9 +88,7 @@ _PREPROCESS_KEYS = (
 
 def _refuse(onnx_file: str, key: str, problem: str, fix: str = '') -> str:
     """One line: the file, the metadata key, what is wrong, the fix."""
-    return (
-        f'{onnx_file}: metadata {key} {problem}; {fix or _EXPORT_AGAIN}.'
-    )
+    return f'{onnx_file}: metadata {key} {problem}; {fix or _EXPORT_AGAIN}.'
 
 
 def _is_number(value) -> bool:
@@ -124,9 +122,7 @@ def check_preprocess(settings, onnx_file: str = 'the file') -> None:
         )
     for name in _PREPROCESS_KEYS:
         if name not in settings:
-            raise ValueError(
-                _refuse(onnx_file, f'{key}.{name}', 'is missing')
-            )
+            raise ValueError(_refuse(onnx_file, f'{key}.{name}', 'is missing'))
     resize = settings['resize']
     if resize is not None:
         _check_resize(resize, onnx_file, f'{key}.resize')
@@ -183,8 +179,7 @@ def check_preprocess(settings, onnx_file: str = 'the file') -> None:
             _refuse(
                 onnx_file,
                 f'{key}.pad_size_divisor',
-                f'is {div!r}, not a whole number from 1 to '
-                f'{MAX_RESIZE_SIDE}',
+                f'is {div!r}, not a whole number from 1 to {MAX_RESIZE_SIDE}',
                 'set model.data_preprocessor.pad_size_divisor in the '
                 f'config (1: no padding, 32: the usual) and {_EXPORT_AGAIN}',
             )
@@ -206,9 +201,7 @@ def _check_resize(resize, onnx_file: str, key: str) -> None:
         )
     for name in ('scale', 'keep_ratio', 'interpolation'):
         if name not in resize:
-            raise ValueError(
-                _refuse(onnx_file, f'{key}.{name}', 'is missing')
-            )
+            raise ValueError(_refuse(onnx_file, f'{key}.{name}', 'is missing'))
     scale = resize['scale']
     if (
         not isinstance(scale, list)

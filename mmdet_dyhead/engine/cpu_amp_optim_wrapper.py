@@ -301,8 +301,7 @@ def _copy_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     """A copy of every buffer of ``model``, by name."""
     with torch.no_grad():
         return {
-            name: buf.detach().clone()
-            for name, buf in model.named_buffers()
+            name: buf.detach().clone() for name, buf in model.named_buffers()
         }
 
 
