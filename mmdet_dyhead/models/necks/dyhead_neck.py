@@ -241,12 +241,14 @@ class DyHeadNeck(BaseModule):
                     f'in_channels={self.in_channels}; set DyHeadNeck '
                     f'in_channels to the FPN out_channels.'
                 )
+        # Compared pairwise, not as a set: while tracing, sizes are tensors.
         sizes = [feat.shape[0] for feat in inputs]
-        if len(set(sizes)) != 1:
+        if any(size != sizes[0] for size in sizes[1:]):
             # Each level's offsets would be applied to another level's
             # images; the DCN would only fail later, on a shape.
             raise ValueError(
-                f'DyHeadNeck levels have batch sizes {sizes}; every level '
+                f'DyHeadNeck levels have batch sizes '
+                f'{[int(size) for size in sizes]}; every level '
                 f'must hold the same N images (the levels of one pyramid, '
                 f'e.g. one FPN output).'
             )
