@@ -208,6 +208,8 @@ void check_inputs(const at::Tensor& input, const at::Tensor& offset,
               "stride (", stride_h, ", ", stride_w, "), padding (", pad_h,
               ", ", pad_w, "), dilation (", dil_h, ", ", dil_w, ").");
   const int64_t kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(kh > 0 && kw > 0, fn, ": the kernel must be at least 1x1, got ",
+              weight.sizes());
   const int64_t ho =
       (input.size(2) + 2 * pad_h - dil_h * (kh - 1) - 1) / stride_h + 1;
   const int64_t wo =
@@ -262,6 +264,18 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight,
   const int64_t per_thread =
       (g.batch * g.out_pixels + threads - 1) / threads;  // pixels
   tile = std::max<int64_t>(1, std::min({tile, per_thread, g.out_pixels}));
+  // Threads get contiguous runs of tiles: make the tile count a multiple of
+  // the thread count where that needs at most a few more tiles, so that no
+  // thread runs one tile more than the others.
+  int64_t per_sample = (g.out_pixels + tile - 1) / tile;
+  for (int64_t more = per_sample;
+       more <= std::min(g.out_pixels, per_sample + threads); ++more) {
+    if ((g.batch * more) % threads == 0) {
+      per_sample = more;
+      break;
+    }
+  }
+  tile = (g.out_pixels + per_sample - 1) / per_sample;
   g.tile = tile;
   g.tiles_per_sample = (g.out_pixels + tile - 1) / tile;
   g.num_tiles = g.batch * g.tiles_per_sample;
@@ -513,13 +527,15 @@ at::Tensor dcn_forward(const at::Tensor& input_, const at::Tensor& offset_,
   }
   const Geometry g = make_geometry(input, weight, stride_h, stride_w, pad_h,
                                    pad_w, dil_h, dil_w);
-  at::Tensor output =
-      at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
-  if (output.numel() == 0) return output;
-  if (g.in_channels == 0 || g.taps == 0) {
+  if (g.batch * g.out_channels * g.out_pixels == 0 || g.in_channels == 0) {
+    at::Tensor output = at::zeros(
+        {g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
     if (bias.defined()) output += bias.view({1, -1, 1, 1});
     return output;
   }
+  // Every element is written by its tile's GEMM.
+  at::Tensor output =
+      at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   const at::Tensor input_cl = channels_last_rows(input);
   const at::Tensor wmat = weight_matrix(weight);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward", [&] {
@@ -556,14 +572,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backward(
               g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
               "), got ", grad_out_.sizes());
   const at::Tensor grad_out = grad_out_.detach().contiguous();
-  at::Tensor grad_input = at::zeros_like(input, at::MemoryFormat::Contiguous);
-  at::Tensor grad_offset = at::zeros_like(offset);
-  at::Tensor grad_mask = at::zeros_like(mask);
-  at::Tensor grad_weight =
-      at::zeros_like(weight, at::MemoryFormat::Contiguous);
-  if (grad_out.numel() == 0 || g.in_channels == 0 || g.taps == 0) {
-    return {grad_input, grad_offset, grad_mask, grad_weight};
+  if (grad_out.numel() == 0 || g.in_channels == 0) {
+    return {at::zeros_like(input, at::MemoryFormat::Contiguous),
+            at::zeros_like(offset), at::zeros_like(mask),
+            at::zeros_like(weight, at::MemoryFormat::Contiguous)};
   }
+  // Each is written whole below: grad_input by the reduction, the offset
+  // and mask gradients tap by tap, grad_weight by the final copy.
+  at::Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor grad_offset = at::empty_like(offset);
+  at::Tensor grad_mask = at::empty_like(mask);
+  at::Tensor grad_weight =
+      at::empty_like(weight, at::MemoryFormat::Contiguous);
   const at::Tensor input_cl = channels_last_rows(input);
   const at::Tensor wmat = weight_matrix(weight);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_backward", [&] {
