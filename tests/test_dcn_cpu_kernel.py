@@ -306,3 +306,16 @@ def test_bias_is_added_and_optional():
     assert torch.allclose(
         with_bias, without + bias.view(1, -1, 1, 1), atol=1e-6
     )
+
+
+def test_repeated_calls_give_identical_results(threads):
+    """Threads share the tiles at run time; the numbers must not depend on
+    which thread ran which tile (training runs are repeatable)."""
+    args, geometry = _case(c=32, co=16, size=(30, 41))
+    grad_out = torch.randn(2, 16, 30, 41)
+    first_out, first_grads = _kernel(args, geometry, grad_out)
+    for _ in range(3):
+        out, grads = _kernel(args, geometry, grad_out)
+        assert torch.equal(out, first_out)
+        for g, f in zip(grads, first_grads):
+            assert torch.equal(g, f)

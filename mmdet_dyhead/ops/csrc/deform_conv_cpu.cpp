@@ -11,26 +11,31 @@
 // floor-based corners (also at integer positions).
 //
 // Layout of the work (why it is fast on a CPU):
-// - The input is read channels-last, so a tap is four contiguous rows of
-//   C_in values combined with four weights (vectorised over channels).
+// - The input is read channels-last (one transposing copy per call), so a
+//   tap is four contiguous rows of C_in values combined with four weights,
+//   vectorised over channels.
 // - Output pixels are cut into tiles whose sampled columns (P x K*C_in) stay
 //   in cache; each tile's product with the weight is one ATen GEMM.
-// - One parallel region runs all tiles of a call (tiles split over
-//   threads): many short regions stall when a thread is descheduled.
+// - One parallel region runs all tiles of a call, a contiguous run of tiles
+//   per thread (see TileQueue): many short regions stall whenever a thread
+//   is descheduled. The backward adds one short region that sums the
+//   threads' input gradients and writes them NCHW.
 // - The backward computes the column gradient of a tile with one GEMM and
-//   consumes it at once: input gradient scattered into a per-thread
-//   accumulator that covers only the input rows its taps touch, offset and
+//   consumes it at once: input gradient scattered into per-thread
+//   accumulators that cover only the input rows its taps touch, offset and
 //   mask gradients in closed form from four dot products per tap, weight
-//   gradient accumulated per thread and summed at the end.
+//   gradient accumulated per thread and summed at the end. For a given
+//   thread count the results do not depend on timing.
+// - Indices are int64 throughout.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 namespace {
@@ -279,6 +284,9 @@ Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight,
   g.tile = tile;
   g.tiles_per_sample = (g.out_pixels + tile - 1) / tile;
   g.num_tiles = g.batch * g.tiles_per_sample;
+  TORCH_CHECK(g.num_tiles < (int64_t(1) << 31),
+              "DCN kernel: too many output tiles (", g.num_tiles,
+              "); split the batch.");
   return g;
 }
 
@@ -306,6 +314,60 @@ inline void for_each_tap(const Geometry& g, int64_t p0, int64_t p1, F fn) {
   }
 }
 
+// The tiles of a call, split over workers (one per thread). Worker w owns a
+// contiguous run and takes tiles from its front. With ``steal``, a worker
+// whose run is done takes tiles from the back of another's: without
+// contention this is still the static split (each thread reads and writes
+// one contiguous part of the maps), and when a thread is descheduled the
+// others finish its tiles instead of waiting for it at the end of the
+// region. The forward steals (its tiles write disjoint outputs, so the
+// result does not depend on who computes them); the backward does not: its
+// per-worker sums must add up in the same order on every run.
+class TileQueue {
+ public:
+  TileQueue(int64_t num_tiles, int64_t workers, bool steal)
+      : runs_(workers), steal_(steal) {
+    for (int64_t w = 0; w < workers; ++w) {
+      runs_[w].store(pack(num_tiles * w / workers,
+                          num_tiles * (w + 1) / workers));
+    }
+  }
+
+  // The next tile for worker w, or -1 when every tile is taken.
+  int64_t next(int64_t w) {
+    const int64_t n = static_cast<int64_t>(runs_.size());
+    int64_t t = take(runs_[w], /*front=*/true);
+    for (int64_t k = 1; steal_ && t < 0 && k < n; ++k) {
+      t = take(runs_[(w + k) % n], /*front=*/false);
+    }
+    return t;
+  }
+
+ private:
+  static uint64_t pack(int64_t front, int64_t back) {
+    return (static_cast<uint64_t>(front) << 32) | static_cast<uint64_t>(back);
+  }
+
+  static int64_t take(std::atomic<uint64_t>& run, bool front) {
+    uint64_t cur = run.load();
+    while (true) {
+      const int64_t f = static_cast<int64_t>(cur >> 32);
+      const int64_t b = static_cast<int64_t>(cur & 0xffffffffu);
+      if (f >= b) return -1;
+      const uint64_t want = front ? pack(f + 1, b) : pack(f, b - 1);
+      if (run.compare_exchange_weak(cur, want)) return front ? f : b - 1;
+    }
+  }
+
+  std::vector<std::atomic<uint64_t>> runs_;
+  const bool steal_;
+};
+
+int64_t num_workers(const Geometry& g) {
+  return std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), g.num_tiles));
+}
+
 template <typename T>
 void forward_tiles(const Geometry& g, const T* input_cl, const T* offset,
                    const T* mask, const at::Tensor& wmat, const T* bias,
@@ -314,99 +376,87 @@ void forward_tiles(const Geometry& g, const T* input_cl, const T* offset,
   const int64_t row_len = K * C;
   // Rows read by absent corners: zeros, so a tap is always four rows.
   const std::vector<T> zeros(C, T(0));
-  at::parallel_for(0, g.num_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t workers = num_workers(g);
+  TileQueue queue(g.num_tiles, workers, /*steal=*/true);
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
     at::Tensor cols = at::empty({g.tile, row_len}, output.options());
     T* cols_ptr = cols.data_ptr<T>();
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / g.tiles_per_sample;
-      const int64_t p0 = (t % g.tiles_per_sample) * g.tile;
-      const int64_t p1 = std::min(g.out_pixels, p0 + g.tile);
-      for_each_tap(g, p0, p1, [&](int64_t p, int64_t ho, int64_t wo,
-                                  int64_t i, int64_t j) {
-        const int64_t k = i * g.kernel_w + j;
-        T* dst = cols_ptr + ((p - p0) * K + k) * C;
-        const Tap<T> tap = make_tap(g, offset, mask, n, p, ho, wo, i, j);
-        if (!tap.inside) {
-          std::fill(dst, dst + C, T(0));
-          return;
-        }
-        const T* r[4];
-        for (int c = 0; c < 4; ++c) {
-          r[c] =
-              tap.pixel[c] < 0 ? zeros.data() : input_cl + tap.pixel[c] * C;
-        }
-        const T hy = T(1) - tap.ly, ly = tap.ly;
-        const T hx = T(1) - tap.lx, lx = tap.lx;
-        const T m = tap.mask;
-        blend4(dst, r[0], r[1], r[2], r[3], m * (hy * hx), m * (hy * lx),
-               m * (ly * hx), m * (ly * lx), C);
-      });
-      at::Tensor out_tile = output[n].view({Co, g.out_pixels}).narrow(
-          1, p0, p1 - p0);
-      at::mm_out(out_tile, wmat, cols.narrow(0, 0, p1 - p0).t());
-      if (bias != nullptr) {
-        T* out_ptr = output.data_ptr<T>() + n * Co * g.out_pixels;
-        for (int64_t o = 0; o < Co; ++o) {
-          T* row = out_ptr + o * g.out_pixels;
-          for (int64_t p = p0; p < p1; ++p) row[p] += bias[o];
+    for (int64_t w = first; w < last; ++w) {
+      for (int64_t t = queue.next(w); t >= 0; t = queue.next(w)) {
+        const int64_t n = t / g.tiles_per_sample;
+        const int64_t p0 = (t % g.tiles_per_sample) * g.tile;
+        const int64_t p1 = std::min(g.out_pixels, p0 + g.tile);
+        for_each_tap(g, p0, p1, [&](int64_t p, int64_t ho, int64_t wo,
+                                    int64_t i, int64_t j) {
+          const int64_t k = i * g.kernel_w + j;
+          T* dst = cols_ptr + ((p - p0) * K + k) * C;
+          const Tap<T> tap = make_tap(g, offset, mask, n, p, ho, wo, i, j);
+          if (!tap.inside) {
+            std::fill(dst, dst + C, T(0));
+            return;
+          }
+          const T* r[4];
+          for (int c = 0; c < 4; ++c) {
+            r[c] =
+                tap.pixel[c] < 0 ? zeros.data() : input_cl + tap.pixel[c] * C;
+          }
+          const T hy = T(1) - tap.ly, ly = tap.ly;
+          const T hx = T(1) - tap.lx, lx = tap.lx;
+          const T m = tap.mask;
+          blend4(dst, r[0], r[1], r[2], r[3], m * (hy * hx), m * (hy * lx),
+                 m * (ly * hx), m * (ly * lx), C);
+        });
+        at::Tensor out_tile = output[n].view({Co, g.out_pixels}).narrow(
+            1, p0, p1 - p0);
+        at::mm_out(out_tile, wmat, cols.narrow(0, 0, p1 - p0).t());
+        if (bias != nullptr) {
+          T* out_ptr = output.data_ptr<T>() + n * Co * g.out_pixels;
+          for (int64_t o = 0; o < Co; ++o) {
+            T* row = out_ptr + o * g.out_pixels;
+            for (int64_t p = p0; p < p1; ++p) row[p] += bias[o];
+          }
         }
       }
     }
   });
 }
 
-// What one chunk of tiles (one thread's share) leaves for the reduction.
+// What one worker of the backward leaves for the reduction. Its input
+// gradient is kept in bands of input rows (row = n * H + y), allocated when
+// a tap first touches them: a worker's tiles are one contiguous run, so all
+// workers together hold about one copy of the input, not one each.
 template <typename T>
-struct ChunkGrads {
-  int64_t row_lo = 0, row_hi = -1;  // input rows n * H + y it touched
-  std::vector<T> grad_input;        // (row_hi - row_lo + 1, W, C)
-  at::Tensor grad_weight;           // (C_out, K * C_in)
+struct WorkerGrads {
+  std::vector<std::vector<T>> bands;  // band b: rows [b * B, (b + 1) * B)
+  at::Tensor grad_weight;             // (C_out, K * C_in)
 };
 
+struct Bands {
+  int64_t rows;  // B, input rows per band
+  int64_t count;
+};
+
+Bands make_bands(const Geometry& g, int64_t element_size) {
+  // About 1 MiB per band.
+  const int64_t row_bytes =
+      std::max<int64_t>(1, g.width * g.in_channels * element_size);
+  const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 20) / row_bytes);
+  const int64_t total = g.batch * g.height;
+  return {rows, (total + rows - 1) / rows};
+}
+
 template <typename T>
-void backward_tiles(const Geometry& g, const T* input_cl, const T* offset,
-                    const T* mask, const at::Tensor& wmat,
+void backward_tiles(const Geometry& g, const Bands& bands, const T* input_cl,
+                    const T* offset, const T* mask, const at::Tensor& wmat,
                     const at::Tensor& grad_out, T* grad_offset, T* grad_mask,
-                    std::vector<ChunkGrads<T>>& chunks) {
+                    std::vector<WorkerGrads<T>>& grads) {
   const int64_t C = g.in_channels, K = g.taps, Co = g.out_channels;
   const int64_t row_len = K * C;
+  const int64_t band_size = bands.rows * g.width * C;
   const std::vector<T> zeros(C, T(0));
-  std::mutex chunks_mutex;
-  at::parallel_for(0, g.num_tiles, 1, [&](int64_t begin, int64_t end) {
-    ChunkGrads<T> chunk;
-    chunk.grad_weight = at::zeros({Co, row_len}, grad_out.options());
-    // The input rows this chunk's taps can touch, so that its gradient
-    // accumulator covers only those (about 1/threads of the map for
-    // ordinary offsets) instead of the whole input.
-    int64_t lo = g.batch * g.height, hi = -1;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / g.tiles_per_sample;
-      const int64_t p0 = (t % g.tiles_per_sample) * g.tile;
-      const int64_t p1 = std::min(g.out_pixels, p0 + g.tile);
-      for_each_tap(g, p0, p1, [&](int64_t p, int64_t ho, int64_t wo,
-                                  int64_t i, int64_t j) {
-        const Tap<T> tap = make_tap(g, offset, mask, n, p, ho, wo, i, j);
-        if (!tap.inside) return;
-        // Corners (y0, .) come first, (y1, .) last; rows grow with y.
-        for (int c = 0; c < 4; ++c) {
-          if (tap.pixel[c] >= 0) {
-            lo = std::min(lo, tap.pixel[c] / g.width);
-            break;
-          }
-        }
-        for (int c = 3; c >= 0; --c) {
-          if (tap.pixel[c] >= 0) {
-            hi = std::max(hi, tap.pixel[c] / g.width);
-            break;
-          }
-        }
-      });
-    }
-    if (hi >= lo) {
-      chunk.row_lo = lo;
-      chunk.row_hi = hi;
-      chunk.grad_input.assign((hi - lo + 1) * g.width * C, T(0));
-    }
+  const int64_t workers = static_cast<int64_t>(grads.size());
+  TileQueue queue(g.num_tiles, workers, /*steal=*/false);
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
     // Scatter targets of absent corners: one per corner (the scatter's
     // pointers must not alias), never read.
     std::vector<T> sink(4 * C);
@@ -415,64 +465,73 @@ void backward_tiles(const Geometry& g, const T* input_cl, const T* offset,
     T* cols_ptr = cols.data_ptr<T>();
     T* gcols_ptr = grad_cols.data_ptr<T>();
     const int64_t plane = g.out_pixels;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / g.tiles_per_sample;
-      const int64_t p0 = (t % g.tiles_per_sample) * g.tile;
-      const int64_t p1 = std::min(g.out_pixels, p0 + g.tile);
-      const int64_t np = p1 - p0;
-      at::Tensor go = grad_out[n].view({Co, plane}).narrow(1, p0, np);
-      at::Tensor gcols_tile = grad_cols.narrow(0, 0, np);
-      at::mm_out(gcols_tile, go.t(), wmat);  // (P, K * C_in)
-      for_each_tap(g, p0, p1, [&](int64_t p, int64_t ho, int64_t wo,
-                                  int64_t i, int64_t j) {
-        const int64_t k = i * g.kernel_w + j;
-        const int64_t slot = (p - p0) * K + k;
-        T* col = cols_ptr + slot * C;
-        const T* gc = gcols_ptr + slot * C;
-        T* g_off = grad_offset + (n * 2 * K + 2 * k) * plane + p;
-        T* g_mask = grad_mask + (n * K + k) * plane + p;
-        const Tap<T> tap = make_tap(g, offset, mask, n, p, ho, wo, i, j);
-        if (!tap.inside) {
-          std::fill(col, col + C, T(0));
-          g_off[0] = g_off[plane] = *g_mask = T(0);
-          return;
-        }
-        const T* r[4];
-        T* gi[4];
-        for (int c = 0; c < 4; ++c) {
-          if (tap.pixel[c] < 0) {
-            r[c] = zeros.data();
-            gi[c] = sink.data() + c * C;
-          } else {
-            r[c] = input_cl + tap.pixel[c] * C;
-            gi[c] = chunk.grad_input.data() +
-                    (tap.pixel[c] - chunk.row_lo * g.width) * C;
+    for (int64_t w = first; w < last; ++w) {
+      WorkerGrads<T>& mine = grads[w];
+      mine.bands.resize(bands.count);
+      mine.grad_weight = at::zeros({Co, row_len}, grad_out.options());
+      // Where corner pixel q of the input accumulates its gradient.
+      auto grad_row = [&](int64_t q) -> T* {
+        const int64_t row = q / g.width;
+        std::vector<T>& band = mine.bands[row / bands.rows];
+        if (band.empty()) band.assign(band_size, T(0));
+        return band.data() + (q - (row / bands.rows) * bands.rows * g.width) * C;
+      };
+      for (int64_t t = queue.next(w); t >= 0; t = queue.next(w)) {
+        const int64_t n = t / g.tiles_per_sample;
+        const int64_t p0 = (t % g.tiles_per_sample) * g.tile;
+        const int64_t p1 = std::min(g.out_pixels, p0 + g.tile);
+        const int64_t np = p1 - p0;
+        at::Tensor go = grad_out[n].view({Co, plane}).narrow(1, p0, np);
+        at::Tensor gcols_tile = grad_cols.narrow(0, 0, np);
+        at::mm_out(gcols_tile, go.t(), wmat);  // (P, K * C_in)
+        for_each_tap(g, p0, p1, [&](int64_t p, int64_t ho, int64_t wo,
+                                    int64_t i, int64_t j) {
+          const int64_t k = i * g.kernel_w + j;
+          const int64_t slot = (p - p0) * K + k;
+          T* col = cols_ptr + slot * C;
+          const T* gc = gcols_ptr + slot * C;
+          T* g_off = grad_offset + (n * 2 * K + 2 * k) * plane + p;
+          T* g_mask = grad_mask + (n * K + k) * plane + p;
+          const Tap<T> tap = make_tap(g, offset, mask, n, p, ho, wo, i, j);
+          if (!tap.inside) {
+            std::fill(col, col + C, T(0));
+            g_off[0] = g_off[plane] = *g_mask = T(0);
+            return;
           }
-        }
-        const T hy = T(1) - tap.ly, ly = tap.ly;
-        const T hx = T(1) - tap.lx, lx = tap.lx;
-        const T m = tap.mask;
-        T d[4];
-        tap_backward(gc, r[0], r[1], r[2], r[3], m * (hy * hx),
-                     m * (hy * lx), m * (ly * hx), m * (ly * lx), col,
-                     gi[0], gi[1], gi[2], gi[3], d, C);
-        // d[c] = <column gradient, corner c>; absent corners give 0.
-        *g_mask = hy * hx * d[0] + hy * lx * d[1] + ly * hx * d[2] +
-                  ly * lx * d[3];
-        g_off[0] = m * (hx * (d[2] - d[0]) + lx * (d[3] - d[1]));
-        g_off[plane] = m * (hy * (d[1] - d[0]) + ly * (d[3] - d[2]));
-      });
-      chunk.grad_weight.addmm_(go, cols.narrow(0, 0, np));
+          const T* r[4];
+          T* gi[4];
+          for (int c = 0; c < 4; ++c) {
+            if (tap.pixel[c] < 0) {
+              r[c] = zeros.data();
+              gi[c] = sink.data() + c * C;
+            } else {
+              r[c] = input_cl + tap.pixel[c] * C;
+              gi[c] = grad_row(tap.pixel[c]);
+            }
+          }
+          const T hy = T(1) - tap.ly, ly = tap.ly;
+          const T hx = T(1) - tap.lx, lx = tap.lx;
+          const T m = tap.mask;
+          T d[4];
+          tap_backward(gc, r[0], r[1], r[2], r[3], m * (hy * hx),
+                       m * (hy * lx), m * (ly * hx), m * (ly * lx), col,
+                       gi[0], gi[1], gi[2], gi[3], d, C);
+          // d[c] = <column gradient, corner c>; absent corners give 0.
+          *g_mask = hy * hx * d[0] + hy * lx * d[1] + ly * hx * d[2] +
+                    ly * lx * d[3];
+          g_off[0] = m * (hx * (d[2] - d[0]) + lx * (d[3] - d[1]));
+          g_off[plane] = m * (hy * (d[1] - d[0]) + ly * (d[3] - d[2]));
+        });
+        mine.grad_weight.addmm_(go, cols.narrow(0, 0, np));
+      }
     }
-    std::lock_guard<std::mutex> lock(chunks_mutex);
-    chunks.push_back(std::move(chunk));
   });
 }
 
-// grad_input (N, C, H, W) = the sum of the chunks' channels-last rows.
+// grad_input (N, C, H, W) = the sum of the workers' channels-last bands.
 template <typename T>
-void reduce_grad_input(const Geometry& g,
-                       const std::vector<ChunkGrads<T>>& chunks,
+void reduce_grad_input(const Geometry& g, const Bands& bands,
+                       const std::vector<WorkerGrads<T>>& grads,
                        T* grad_input) {
   const int64_t C = g.in_channels, W = g.width, H = g.height;
   const int64_t row_size = W * C;
@@ -480,9 +539,11 @@ void reduce_grad_input(const Geometry& g,
     std::vector<T> acc(row_size);
     for (int64_t r = begin; r < end; ++r) {
       std::fill(acc.begin(), acc.end(), T(0));
-      for (const auto& ch : chunks) {
-        if (r < ch.row_lo || r > ch.row_hi) continue;
-        const T* src = ch.grad_input.data() + (r - ch.row_lo) * row_size;
+      const int64_t band = r / bands.rows;
+      const int64_t at_row = (r - band * bands.rows) * row_size;
+      for (const auto& worker : grads) {
+        if (worker.bands.empty() || worker.bands[band].empty()) continue;
+        const T* src = worker.bands[band].data() + at_row;
         for (int64_t i = 0; i < row_size; ++i) acc[i] += src[i];
       }
       const int64_t n = r / H, y = r % H;
@@ -587,15 +648,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backward(
   const at::Tensor input_cl = channels_last_rows(input);
   const at::Tensor wmat = weight_matrix(weight);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_backward", [&] {
-    std::vector<ChunkGrads<scalar_t>> chunks;
-    backward_tiles<scalar_t>(g, input_cl.data_ptr<scalar_t>(),
+    const Bands bands = make_bands(g, input.element_size());
+    std::vector<WorkerGrads<scalar_t>> grads(num_workers(g));
+    backward_tiles<scalar_t>(g, bands, input_cl.data_ptr<scalar_t>(),
                              offset.data_ptr<scalar_t>(),
                              mask.data_ptr<scalar_t>(), wmat, grad_out,
                              grad_offset.data_ptr<scalar_t>(),
-                             grad_mask.data_ptr<scalar_t>(), chunks);
-    reduce_grad_input<scalar_t>(g, chunks, grad_input.data_ptr<scalar_t>());
-    at::Tensor gw = chunks[0].grad_weight;
-    for (size_t c = 1; c < chunks.size(); ++c) gw.add_(chunks[c].grad_weight);
+                             grad_mask.data_ptr<scalar_t>(), grads);
+    reduce_grad_input<scalar_t>(g, bands, grads,
+                                grad_input.data_ptr<scalar_t>());
+    at::Tensor gw = grads[0].grad_weight;
+    for (size_t w = 1; w < grads.size(); ++w) gw.add_(grads[w].grad_weight);
     grad_weight.copy_(gw.view({g.out_channels, g.kernel_h, g.kernel_w,
                                g.in_channels})
                           .permute({0, 3, 1, 2}));
