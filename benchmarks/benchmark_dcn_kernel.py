@@ -243,17 +243,11 @@ def main(argv: Optional[List[str]] = None) -> str:
             lines.append(text)
             if args.contention and threads == max(args.threads):
                 busy = contended(size, args)
-                text = (
-                    table(
-                        title.replace(
-                            ' (load',
-                            ', one core busy with another process (load',
-                        ),
-                        busy,
-                    )
-                    + '\n'
-                    + contention_table(rows, busy)
+                title = (
+                    f'the same, one core busy with another process (load '
+                    f'{load_average()})'
                 )
+                text = table(title, busy) + '\n' + contention_table(rows, busy)
                 print(text, flush=True)
                 lines.append(text)
     lines.append(f'\nload average at end {load_average()}')

@@ -203,7 +203,8 @@ def wheel_venv(tmp_path_factory):
         shutil.copytree(
             os.path.join(REPO, item),
             src / item,
-            ignore=shutil.ignore_patterns('__pycache__', '*.pyc'),
+            # Not a kernel built in place: the wheel builds its own.
+            ignore=shutil.ignore_patterns('__pycache__', '*.pyc', '*.so'),
         )
     pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check']
     subprocess.run(
