@@ -277,6 +277,45 @@ def test_wheel_metadata_is_true(wheel_venv):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which(os.environ.get('CXX', 'c++')) is None
+    and shutil.which('g++') is None,
+    reason='no C++ compiler: the wheel is built without the kernel',
+)
+def test_wheel_built_next_to_torch_carries_the_compiled_kernel(wheel_venv):
+    """Built without isolation (torch importable) and with a compiler, as
+    scripts/install.sh builds, the wheel holds the C++ DCN kernel, and the
+    installed kernel loads and computes outside the checkout."""
+    venv, wheel, outside = wheel_venv
+    with zipfile.ZipFile(wheel) as z:
+        kernels = [
+            n for n in z.namelist() if re.match(r'mmdet_dyhead/_ext\.', n)
+        ]
+    assert kernels, 'no mmdet_dyhead/_ext.* in the wheel'
+    probe = (
+        'import torch, mmdet_dyhead\n'
+        'from mmdet_dyhead import _ext\n'
+        'x = torch.randn(1, 4, 5, 6)\n'
+        'w = torch.randn(3, 4, 3, 3)\n'
+        'out = _ext.dcn_forward(x, torch.zeros(1, 18, 5, 6), '
+        'torch.ones(1, 9, 5, 6), w, None, 1, 1, 1, 1, 1, 1)\n'
+        'ref = torch.nn.functional.conv2d(x, w, padding=1)\n'
+        'print(_ext.__file__, float((out - ref).abs().max()))\n'
+    )
+    done = subprocess.run(
+        [str(venv / 'bin' / 'python'), '-c', probe],
+        cwd=outside,
+        env=_user_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    path, err = done.stdout.split()
+    assert path.startswith(str(venv)), path
+    assert float(err) < 1e-4
+
+
+@pytest.mark.slow
 def test_every_tool_runs_from_the_installed_wheel_by_each_route(wheel_venv):
     venv, _, outside = wheel_venv
     python = str(venv / 'bin' / 'python')
