@@ -42,9 +42,9 @@ namespace {
 
 // Target size of a tile's column buffer: a few MB keeps the sampled
 // columns in L2/L3 between the sampling and the GEMM that reads them.
-// 512 output pixels of a 256-channel 3x3 layer in float32 (4.5 MiB): in the
-// tile sweep on a 2-core AMD EPYC, 512 pixels ran the GEMM as fast as larger
-// tiles and faster than 128-256.
+// 512 output pixels of a 256-channel 3x3 layer in float32 (4.5 MiB), the
+// chunk size the native path measured best (docs/design.md); a sweep of the
+// GEMM alone (2-core AMD EPYC, loaded) put 512-1024 ahead of 128-256.
 constexpr int64_t kTileBytes = int64_t(512) * 9 * 256 * 4;
 constexpr int64_t kMinTile = 32;
 constexpr int64_t kMaxTile = 2048;
