@@ -249,6 +249,15 @@ def _unsupported_detector(model, postprocess: bool) -> str:
         return ''
     if isinstance(model, TwoStageDetector):
         if postprocess:
+            # Before loading the checkpoint: Mask and Cascade R-CNN are
+            # refused at once.
+            from mmdet_dyhead.deploy import PostprocessError
+            from mmdet_dyhead.deploy.two_stage import two_stage_settings
+
+            try:
+                two_stage_settings(model)
+            except PostprocessError as e:
+                return str(e)
             return ''
         return (
             f'{type(model).__name__} is a two-stage detector: its RoI head '
