@@ -52,13 +52,17 @@ CONFIGS = {
 
 
 def tiny_cfg(name):
-    """The shipped config, shrunk (2 DyHead blocks), 128 px test images."""
+    """The shipped config, shrunk (2 DyHead blocks), 128 px test images,
+    RoI levels for small RoIs."""
     cfg = Config.fromfile(osp.join(REPO_ROOT, CONFIGS[name]))
     shrink_model(cfg.model)
     if isinstance(cfg.model.neck, list):
         cfg.model.neck[1].num_blocks = 2
         cfg.model.neck[1].zero_init_offset = False
     cfg.model.test_cfg.rcnn.score_thr = 0.05
+    # RoIs of 128 px images on all four levels (56 would put nearly all
+    # on P2).
+    cfg.model.roi_head.bbox_roi_extractor.finest_scale = 8
     cfg.test_dataloader.dataset.pipeline = [
         dict(type='LoadImageFromFile'),
         dict(type='Resize', scale=(128, 128), keep_ratio=True),
@@ -224,6 +228,7 @@ def test_export_tool_writes_and_verifies_faster_rcnn(fig2c_file, capsys):
     assert post['rpn']['max_per_img'] == rpn.max_per_img
     roi = model.cfg.model.roi_head.bbox_roi_extractor
     assert post['roi']['sampling_ratio'] == roi.roi_layer.sampling_ratio
+    assert post['roi']['finest_scale'] == roi.finest_scale == 8
     assert post['roi']['spatial_scales'] == [
         1 / s for s in roi.featmap_strides
     ]
