@@ -1,4 +1,5 @@
-"""Faster R-CNN (baseline, DyHead neck, Fig. 2c) end to end in ONNX.
+"""Faster and Cascade R-CNN (baseline, DyHead neck, Fig. 2c) end to end in
+ONNX.
 
 References are mmdet's and mmcv's own: ``model.predict`` (RPN, mmcv's
 RoIAlign, box head, ``multiclass_nms``) on the same preprocessed batch for
@@ -48,6 +49,11 @@ CONFIGS = {
     'dyhead': 'configs/faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
     'fig2c': 'configs/faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-'
     'spatial_task-attn-roi-head_1x_coco.py',
+    'cascade_baseline': 'configs/cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+    'cascade_dyhead': 'configs/cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-'
+    '6b_1x_coco.py',
+    'cascade_fig2c': 'configs/cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-6b-'
+    'scale-spatial_task-attn-roi-head_1x_coco.py',
 }
 
 
@@ -68,7 +74,8 @@ def tiny_cfg(name):
         dict(type='Resize', scale=(128, 128), keep_ratio=True),
         dict(type='PackDetInputs', meta_keys=TEST_META_KEYS),
     ]
-    num = cfg.model.roi_head.bbox_head.num_classes
+    heads = cfg.model.roi_head.bbox_head
+    num = (heads[-1] if isinstance(heads, list) else heads).num_classes
     cfg.test_dataloader.dataset.metainfo = dict(
         classes=tuple(f'c{i}' for i in range(num))
     )
@@ -86,8 +93,13 @@ def tiny_model(cfg):
             if 'offset_conv' in name:
                 p.normal_(0, 0.2)
         model.rpn_head.rpn_cls.bias.zero_()
-        model.roi_head.bbox_head.fc_cls.weight.normal_(0, 0.2)
-        model.roi_head.bbox_head.fc_reg.weight.normal_(0, 0.05)
+        heads = model.roi_head.bbox_head
+        # Cascade R-CNN: one head per stage.
+        for head in (
+            heads if isinstance(heads, torch.nn.ModuleList) else [heads]
+        ):
+            head.fc_cls.weight.normal_(0, 0.2)
+            head.fc_reg.weight.normal_(0, 0.05)
     return model.eval()
 
 
@@ -227,11 +239,10 @@ def test_export_tool_writes_and_verifies_faster_rcnn(fig2c_file, capsys):
     assert post['rpn']['iou_threshold'] == rpn.nms.iou_threshold
     assert post['rpn']['max_per_img'] == rpn.max_per_img
     roi = model.cfg.model.roi_head.bbox_roi_extractor
-    assert post['roi']['sampling_ratio'] == roi.roi_layer.sampling_ratio
-    assert post['roi']['finest_scale'] == roi.finest_scale == 8
-    assert post['roi']['spatial_scales'] == [
-        1 / s for s in roi.featmap_strides
-    ]
+    (stage,) = post['roi']
+    assert stage['sampling_ratio'] == roi.roi_layer.sampling_ratio
+    assert stage['finest_scale'] == roi.finest_scale == 8
+    assert stage['spatial_scales'] == [1 / s for s in roi.featmap_strides]
     assert json.loads(props['mmdet_dyhead.classes']) == list(
         model.cfg.test_dataloader.dataset.metainfo['classes']
     )
@@ -284,9 +295,13 @@ def test_runner_without_torch_runs_faster_rcnn(fig2c_file, images, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['baseline', 'dyhead'])
-def test_export_tool_baseline_and_dyhead_neck(name, images, tmp_path):
-    """mmdet's Shared2FCBBoxHead behind FPN, and behind FPN + DyHead."""
+@pytest.mark.parametrize(
+    'name', ['baseline', 'dyhead', 'cascade_dyhead', 'cascade_fig2c']
+)
+def test_export_tool_other_faster_and_cascade_rcnn(name, images, tmp_path):
+    """mmdet's Shared2FCBBoxHead behind FPN, and behind FPN + DyHead;
+    Cascade R-CNN's three stages (RoIs refined, logits averaged) with
+    either box head."""
     _, config, checkpoint = _write_assets(name, str(tmp_path))
     out = str(tmp_path / f'{name}.onnx')
     code = export_tool.main(
@@ -294,22 +309,19 @@ def test_export_tool_baseline_and_dyhead_neck(name, images, tmp_path):
         + images[:2]
     )
     assert code == 0
-    assert graph_op_counts(out)['RoiAlign'] == 4
+    stages = 3 if name.startswith('cascade') else 1
+    assert graph_op_counts(out)['RoiAlign'] == 4 * stages
 
 
-@pytest.mark.parametrize(
-    'config, reason',
-    [
-        ('configs/mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', 'a mask head'),
-        ('configs/cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py', 'Cascade'),
-    ],
-)
-def test_mask_and_cascade_rcnn_are_refused(config, reason, tmp_path, capsys):
+def test_mask_rcnn_is_refused(tmp_path, capsys):
     """Refused before the checkpoint is read (none exists here), naming
-    what runs them instead; Faster R-CNN without --postprocess too."""
+    what runs it instead; Faster R-CNN without --postprocess too."""
     out = str(tmp_path / 'x.onnx')
     missing = str(tmp_path / 'missing.pth')
-    path = osp.join(REPO_ROOT, config)
+    path = osp.join(
+        REPO_ROOT, 'configs/mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+    )
+    reason = 'a mask head'
     assert (
         export_tool.main([path, missing, '--out', out, '--postprocess']) == 2
     )

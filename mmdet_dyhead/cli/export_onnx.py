@@ -17,9 +17,9 @@ runtimes without DeformConv run (older onnxruntime). With
 ``--image`` the export is verified: onnxruntime and PyTorch run on the same
 image and must give the same detections (scores within --score-tol, boxes
 within --box-tol pixels, same count). Exit status 1 if they do not.
-Faster R-CNN (its DyHead forms included) exports with ``--postprocess``
-only: RPN proposals, RoIAlign, the box head and NMS in one graph of
-standard ops. Mask and Cascade R-CNN, and two-stage detectors without
+Faster and Cascade R-CNN (their DyHead forms included) export with
+``--postprocess`` only: RPN proposals, RoIAlign, the box head(s) and NMS in
+one graph of standard ops. Mask R-CNN, and two-stage detectors without
 ``--postprocess``, are refused with exit status 2.
 """
 
@@ -249,8 +249,8 @@ def _unsupported_detector(model, postprocess: bool) -> str:
         return ''
     if isinstance(model, TwoStageDetector):
         if postprocess:
-            # Before loading the checkpoint: Mask and Cascade R-CNN are
-            # refused at once.
+            # Before loading the checkpoint: Mask R-CNN is refused at
+            # once.
             from mmdet_dyhead.deploy import PostprocessError
             from mmdet_dyhead.deploy.two_stage import two_stage_settings
 
@@ -262,14 +262,16 @@ def _unsupported_detector(model, postprocess: bool) -> str:
         return (
             f'{type(model).__name__} is a two-stage detector: its RoI head '
             f'pools boxes chosen at run time, so it has no raw-map graph. '
-            f'Export it end to end with --postprocess (Faster R-CNN), or '
+            f'Export it end to end with --postprocess (Faster or Cascade '
+            f'R-CNN), or '
             f"run it in PyTorch: tools/image_demo.py or mmdet's "
             f'DetInferencer (docs/inference.md).'
         )
     return (
         f'{type(model).__name__} is not a one-stage or two-stage detector: '
         f'the ONNX export covers dense-head detectors (ATSS, FCOS, '
-        f'RetinaNet, RTMDet) and, with --postprocess, Faster R-CNN. Run it '
+        f'RetinaNet, RTMDet) and, with --postprocess, Faster and Cascade '
+        f'R-CNN. Run it '
         f"in PyTorch instead: tools/image_demo.py or mmdet's DetInferencer "
         f'(docs/inference.md), tools/test.py for COCO AP.'
     )

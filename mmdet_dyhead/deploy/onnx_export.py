@@ -106,7 +106,8 @@ def export_onnx(
             None picks :func:`resolve_dcn_export`'s default for ``opset``.
         postprocess (bool): End-to-end graph
             (:class:`~.postprocess.DetectorWithPostprocess`, or
-            :class:`~.two_stage.TwoStageWithPostprocess` for Faster R-CNN):
+            :class:`~.two_stage.TwoStageWithPostprocess` for Faster and
+            Cascade R-CNN):
             inputs
             ``input`` and ``img_shape`` (N, 2), outputs ``dets``
             (N, max_per_img, 5) and ``labels`` (N, max_per_img); the

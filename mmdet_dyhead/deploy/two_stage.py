@@ -14,9 +14,13 @@ one-stage detectors, and follows mmdet's ``TwoStageDetector.predict``:
    picks (``floor(log2(sqrt(w * h) / finest_scale + 1e-6))``, clamped)
    by ONNX ``RoiAlign`` (``half_pixel``: mmcv's ``aligned=True``);
 4. the box head (any module of standard layers: ``Shared2FCBBoxHead``,
-   ``TaskAttnBBoxHead``), softmax scores, boxes decoded per class from the
-   proposal and clamped, ``test_cfg.rcnn.score_thr``, NMS per class and
-   the ``max_per_img`` best (mmdet's ``multiclass_nms``).
+   ``TaskAttnBBoxHead``); Cascade R-CNN: each stage but the last moves the
+   RoIs by its deltas of its best class (``regress_by_class``) for the
+   next, and the class logits of all stages are averaged
+   (``CascadeRoIHead.predict_bbox``);
+5. softmax scores, boxes decoded per class from the last stage's RoIs and
+   clamped, ``test_cfg.rcnn.score_thr``, NMS per class and the
+   ``max_per_img`` best (mmdet's ``multiclass_nms``).
 
 Shapes stay fixed: the RPN always yields ``test_cfg.rpn.max_per_img``
 proposals; unused ones are zero boxes whose detections are rejected.
@@ -39,7 +43,7 @@ from .postprocess import (
 )
 
 # The RoI heads and extractors the graph reproduces.
-SUPPORTED_ROI_HEADS = ('StandardRoIHead',)
+SUPPORTED_ROI_HEADS = ('StandardRoIHead', 'CascadeRoIHead')
 SUPPORTED_EXTRACTORS = ('SingleRoIExtractor',)
 
 
@@ -113,23 +117,50 @@ def _roi_layer_settings(extractor) -> Dict:
     )
 
 
+def _stages(roi_head):
+    """``(box head, RoI extractor)`` per stage: one for Faster R-CNN,
+    ``num_stages`` for Cascade R-CNN."""
+    heads, extractors = roi_head.bbox_head, roi_head.bbox_roi_extractor
+    if isinstance(heads, nn.ModuleList):
+        return list(zip(heads, extractors))
+    return [(heads, extractors)]
+
+
+def _check_box_head(head) -> str:
+    """The head's coder name; PostprocessError if the graph cannot run
+    it."""
+    coder = type(head.bbox_coder).__name__
+    if coder not in SUPPORTED_CODERS or not (head.with_cls and head.with_reg):
+        raise PostprocessError(
+            f'{type(head).__name__} with {coder}: the graph decodes '
+            f'{SUPPORTED_CODERS} and needs a classifier and a regressor.'
+        )
+    if head.custom_cls_channels or getattr(head, 'custom_activation', False):
+        raise PostprocessError(
+            f'{type(head).__name__} has custom class channels or '
+            f'activation; the graph takes softmax scores.'
+        )
+    return coder
+
+
 def two_stage_settings(detector) -> Dict:
     """What the graph of a two-stage detector bakes in.
 
     Args:
-        detector (TwoStageDetector): Faster R-CNN (``StandardRoIHead``
-            without a mask head), with an ``RPNHead``-like dense head.
+        detector (TwoStageDetector): Faster R-CNN (``StandardRoIHead``) or
+            Cascade R-CNN (``CascadeRoIHead``), without a mask head, with
+            an ``RPNHead``-like dense head.
 
     Returns:
         dict: The final stage's ``score_thr``, ``iou_threshold``,
         ``class_agnostic``, ``max_per_img`` (``test_cfg.rcnn``; ``nms_pre``
         -1, ``min_bbox_size`` -1), plus ``rpn`` (the RPN's
         :func:`~.postprocess.dense_head_settings`) and ``roi`` (RoIAlign
-        settings).
+        settings, one dict per stage).
 
     Raises:
-        PostprocessError: A part that the graph does not reproduce (cascade
-            or mask heads, another RoI layer, soft-NMS, ...).
+        PostprocessError: A part that the graph does not reproduce (mask
+            heads, another RoI layer, soft-NMS, ...).
     """
     roi_head = detector.roi_head
     kind = type(roi_head).__name__
@@ -137,26 +168,16 @@ def two_stage_settings(detector) -> Dict:
         what = 'a mask head' if roi_head.with_mask else kind
         raise PostprocessError(
             f'{type(detector).__name__} has {what}: the ONNX export of '
-            f'two-stage detectors covers Faster R-CNN ({SUPPORTED_ROI_HEADS}'
-            f' with a box head only). Run it in PyTorch instead: '
-            f"tools/image_demo.py or mmdet's DetInferencer "
+            f'two-stage detectors covers Faster and Cascade R-CNN '
+            f'({SUPPORTED_ROI_HEADS} with box heads only). Run it in '
+            f"PyTorch instead: tools/image_demo.py or mmdet's DetInferencer "
             f'(docs/inference.md), tools/test.py for COCO AP.'
         )
     rpn = dict(dense_head_settings(detector.rpn_head))
     # mmdet's RPN keeps proposals of any score.
     rpn['score_thr'] = INVALID / 2
-    head = roi_head.bbox_head
-    coder = type(head.bbox_coder).__name__
-    if coder not in SUPPORTED_CODERS or not (head.with_cls and head.with_reg):
-        raise PostprocessError(
-            f'{type(head).__name__} with {coder}: the graph decodes '
-            f'{SUPPORTED_CODERS} and needs a classifier and a regressor.'
-        )
-    if head.custom_cls_channels:
-        raise PostprocessError(
-            f'{type(head).__name__} has custom class channels; the graph '
-            f'takes softmax scores.'
-        )
+    stages = _stages(roi_head)
+    coders = [_check_box_head(head) for head, _ in stages]
     cfg = roi_head.test_cfg
     nms = dict(cfg.get('nms') or {})
     if nms.get('type', 'nms') != 'nms' or cfg.get('max_per_img') is None:
@@ -166,8 +187,8 @@ def two_stage_settings(detector) -> Dict:
             f"(type='nms') and a fixed max_per_img."
         )
     return dict(
-        head=f'{kind}.{type(head).__name__}',
-        bbox_coder=coder,
+        head=f'{kind}.{type(stages[-1][0]).__name__}',
+        bbox_coder=coders[-1],
         score_thr=float(cfg.get('score_thr', 0.0)),
         nms_pre=-1,
         iou_threshold=float(nms['iou_threshold']),
@@ -175,7 +196,7 @@ def two_stage_settings(detector) -> Dict:
         max_per_img=int(cfg['max_per_img']),
         min_bbox_size=-1.0,
         rpn=rpn,
-        roi=_roi_layer_settings(roi_head.bbox_roi_extractor),
+        roi=[_roi_layer_settings(extractor) for _, extractor in stages],
     )
 
 
@@ -183,9 +204,9 @@ class TwoStageWithPostprocess(nn.Module):
     """A two-stage detector whose forward ends in final detections.
 
     Args:
-        detector (TwoStageDetector): Faster R-CNN with any neck (FPN,
-            DyHeadNeck) and box head of standard layers; settings from its
-            ``test_cfg`` (see :func:`two_stage_settings`).
+        detector (TwoStageDetector): Faster or Cascade R-CNN with any neck
+            (FPN, DyHeadNeck) and box heads of standard layers; settings
+            from its ``test_cfg`` (see :func:`two_stage_settings`).
 
     Shapes:
         As :class:`~.postprocess.DetectorWithPostprocess`: images
@@ -198,10 +219,16 @@ class TwoStageWithPostprocess(nn.Module):
         self.detector = detector
         self.settings = two_stage_settings(detector)
         # mmcv's compiled RoIAlign layers, written as ONNX RoiAlign.
-        layers = detector.roi_head.bbox_roi_extractor.roi_layers
+        extractors = detector.roi_head.bbox_roi_extractor
+        prefix = 'roi_head.bbox_roi_extractor'
+        if isinstance(extractors, nn.ModuleList):
+            named = [(f'{prefix}.{i}', e) for i, e in enumerate(extractors)]
+        else:
+            named = [(prefix, extractors)]
         self.replaced_modules = tuple(
-            f'roi_head.bbox_roi_extractor.roi_layers.{i}'
-            for i in range(len(layers))
+            f'{name}.roi_layers.{i}'
+            for name, e in named
+            for i in range(len(e.roi_layers))
         )
 
     def forward(self, images: Tensor, img_shape: Tensor):
@@ -229,9 +256,10 @@ class TwoStageWithPostprocess(nn.Module):
         dets, used = nms_topk(boxes, scores, levels, s)
         return dets[..., :4], used >= 0
 
-    def pool(self, feats, rois: Tensor, batch_idx: Tensor) -> Tensor:
-        """Step 3: RoI features (R, C, S, S) of ``rois`` (R, 4)."""
-        r = self.settings['roi']
+    @staticmethod
+    def pool(feats, rois: Tensor, batch_idx: Tensor, r: Dict) -> Tensor:
+        """Step 3: RoI features (R, C, S, S) of ``rois`` (R, 4) with the
+        RoIAlign settings ``r`` (one entry of ``settings['roi']``)."""
         scales = r['spatial_scales']
         wh = rois[:, 2:] - rois[:, :2]
         level = torch.floor(
@@ -262,22 +290,60 @@ class TwoStageWithPostprocess(nn.Module):
     def detect(
         self, feats, proposals: Tensor, proposal_ok: Tensor, img_shape
     ) -> Tuple[Tensor, Tensor]:
-        """Steps 3-4: proposals (N, P, 4) -> ``(dets, labels)``."""
-        roi_head = self.detector.roi_head
-        head = roi_head.bbox_head
+        """Steps 3-5: proposals (N, P, 4) -> ``(dets, labels)``."""
         s = self.settings
+        stages = _stages(self.detector.roi_head)
         n, p = proposals.shape[0], proposals.shape[1]
-        rois = proposals.reshape(-1, 4)
         batch_idx = (
-            torch.arange(n, device=rois.device).view(-1, 1).expand(-1, p)
-        ).reshape(-1)
-        x = feats[: roi_head.bbox_roi_extractor.num_inputs]
-        cls_score, bbox_pred = head(self.pool(x, rois, batch_idx))
-        prob = cls_score.softmax(-1)[:, :-1]
+            torch.arange(n, device=proposals.device)
+            .view(-1, 1)
+            .expand(-1, p)
+            .reshape(-1)
+        )
+        rois = proposals
+        logits = None
+        for stage, ((head, extractor), r) in enumerate(zip(stages, s['roi'])):
+            x = feats[: extractor.num_inputs]
+            cls_score, bbox_pred = head(
+                self.pool(x, rois.reshape(-1, 4), batch_idx, r)
+            )
+            logits = cls_score if stage == 0 else logits + cls_score
+            if stage < len(stages) - 1:
+                rois = self._refine(
+                    head, rois, cls_score, bbox_pred, img_shape
+                )
+        # CascadeRoIHead averages the stages' logits (one stage: as is).
+        if len(stages) > 1:
+            logits = logits / float(len(stages))
+        return self._final(
+            head, rois, logits, bbox_pred, proposal_ok, img_shape
+        )
+
+    @staticmethod
+    def _refine(head, rois, cls_score, bbox_pred, img_shape) -> Tensor:
+        """Cascade: (N, P, 4) RoIs moved by the deltas of each RoI's best
+        class (mmdet's ``regress_by_class``)."""
+        n, p = rois.shape[0], rois.shape[1]
+        dim = head.bbox_coder.encode_size
+        if not head.reg_class_agnostic:
+            label = cls_score[:, :-1].argmax(dim=1)
+            bbox_pred = bbox_pred.reshape(bbox_pred.shape[0], -1, dim)
+            bbox_pred = torch.gather(
+                bbox_pred, 1, label.view(-1, 1, 1).expand(-1, 1, dim)
+            )
+        return _decode(
+            head.bbox_coder, rois, bbox_pred.reshape(n, p, dim), img_shape
+        )
+
+    def _final(self, head, rois, logits, bbox_pred, proposal_ok, img_shape):
+        """Step 5: softmax, per-class boxes, score_thr, NMS."""
+        s = self.settings
+        n, p = rois.shape[0], rois.shape[1]
+        prob = logits.softmax(-1)[:, :-1]
         c = prob.shape[1]
         dim = head.bbox_coder.encode_size
         bbox_pred = bbox_pred.reshape(n, p, -1, dim).expand(-1, -1, c, -1)
-        priors = proposals.unsqueeze(2).expand(-1, -1, c, -1)
+        priors = rois.unsqueeze(2).expand(-1, -1, c, -1)
         boxes = _decode(
             head.bbox_coder,
             priors.reshape(n, p * c, 4),
