@@ -228,8 +228,10 @@ def _class_names(detector) -> List[str]:
         (getattr(detector, 'dataset_meta', None) or {}).get('classes')
     )
     head = getattr(detector, 'bbox_head', None)
-    if head is None:  # two-stage
+    if head is None:  # two-stage; Cascade R-CNN: one head per stage
         head = detector.roi_head.bbox_head
+        if isinstance(head, torch.nn.ModuleList):
+            head = head[-1]
     num = head.num_classes
     for names in found:
         if names is not None and len(names) == num:
