@@ -188,6 +188,12 @@ log "installing mmdet-dyhead from $ROOT (compiling its C++ DCN kernel when a com
 pip_run install -q --no-deps --no-build-isolation --force-reinstall "$ROOT" ||
   die "pip install . failed (see above)."
 rm -rf "$ROOT/build" "$ROOT"/*.egg-info
+# The tests and tools/ of a checkout import the checkout's package, not the
+# installed copy: give the checkout the kernel just built (or remove a stale
+# one when none was built), so both run the same DCN.
+rm -f "$ROOT"/mmdet_dyhead/_ext*.so
+installed_ext=$(cd / && "$PY" -c "import importlib.util as u; s = u.find_spec('mmdet_dyhead._ext'); print(s.origin if s else '')" 2>/dev/null || true)
+if [ -n "$installed_ext" ]; then cp "$installed_ext" "$ROOT/mmdet_dyhead/"; fi
 "$PY" - "$VENV" <<'PYEOF' || die "mmdet_dyhead does not import after install (see the traceback above)."
 import sys
 
