@@ -25,6 +25,7 @@ to the size divisor; boxes scaled back by mmdet's ``scale_factor``.
 
 import argparse
 import json
+import math
 import os
 import os.path as osp
 import sys
@@ -39,7 +40,9 @@ __all__ = [
     'OPENVINO_CHECKED',
     'OnnxDetector',
     'OpenVinoSession',
+    'MAX_RESIZE_SIDE',
     'add_deform_conv_extension',
+    'check_preprocess',
     'deform_conv_converter',
     'draw',
     'main',
@@ -64,40 +67,246 @@ _INTERPOLATION = {
 }
 
 
-def read_metadata(session) -> Dict:
-    """The ``mmdet_dyhead.*`` metadata of an end-to-end file.
+# Where the metadata of a bad file comes from, and how to replace it.
+_EXPORT_AGAIN = (
+    'export the model again with tools/export_onnx.py --postprocess '
+    '(dyhead-export-onnx)'
+)
+# The longest side a resize may produce: one 8192 x 8192 image is 805 MB of
+# float32 (an 800 x 1333 one 13 MB), so a larger scale is a corrupt file,
+# refused before anything is allocated.
+MAX_RESIZE_SIDE = 8192
+_PREPROCESS_KEYS = (
+    'resize',
+    'mean',
+    'std',
+    'bgr_to_rgb',
+    'pad_size_divisor',
+    'pad_value',
+)
+
+
+def _refuse(onnx_file: str, key: str, problem: str, fix: str = '') -> str:
+    """One line: the file, the metadata key, what is wrong, the fix."""
+    return f'{onnx_file}: metadata {key} {problem}; {fix or _EXPORT_AGAIN}.'
+
+
+def _is_number(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def check_preprocess(settings, onnx_file: str = 'the file') -> None:
+    """Refuse ``preprocess`` metadata the runner cannot apply correctly.
+
+    The checks stand where a wrong value would otherwise give wrong
+    detections without a word (a negative or zero ``std``), a traceback
+    (pad divisor 0, an unknown interpolation, a missing key) or an
+    allocation of the size the file asks for (an absurd resize scale).
 
     Args:
-        session (onnxruntime.InferenceSession): The loaded file.
+        settings (dict): The file's ``mmdet_dyhead.preprocess`` metadata
+            (:func:`mmdet_dyhead.deploy.preprocess_settings` writes it).
+        onnx_file (str): Named in the message.
+
+    Raises:
+        ValueError: One line naming the file, the key and the fix.
+    """
+    key = 'mmdet_dyhead.preprocess'
+    if not isinstance(settings, dict):
+        raise ValueError(
+            _refuse(onnx_file, key, f'is {settings!r}, not a JSON object')
+        )
+    for name in _PREPROCESS_KEYS:
+        if name not in settings:
+            raise ValueError(_refuse(onnx_file, f'{key}.{name}', 'is missing'))
+    resize = settings['resize']
+    if resize is not None:
+        _check_resize(resize, onnx_file, f'{key}.resize')
+    mean, std = settings['mean'], settings['std']
+    if (mean is None) != (std is None):
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.mean/std',
+                f'are {mean!r} and {std!r}: both or neither must be set',
+            )
+        )
+    for name, values in (('mean', mean), ('std', std)):
+        if values is None:
+            continue
+        if (
+            not isinstance(values, list)
+            or len(values) not in (1, 3)
+            or not all(map(_is_number, values))
+        ):
+            raise ValueError(
+                _refuse(
+                    onnx_file,
+                    f'{key}.{name}',
+                    f'is {values!r}, not 1 or 3 finite numbers',
+                )
+            )
+    if std is not None and min(std) <= 0:
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.std',
+                f'is {std!r}; a standard deviation must be positive (0 '
+                f'divides by zero, a negative one flips the image)',
+                'set model.data_preprocessor.std in the config to the '
+                f'training values and {_EXPORT_AGAIN}',
+            )
+        )
+    if not isinstance(settings['bgr_to_rgb'], bool):
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.bgr_to_rgb',
+                f'is {settings["bgr_to_rgb"]!r}, not true or false',
+            )
+        )
+    div = settings['pad_size_divisor']
+    if (
+        isinstance(div, bool)
+        or not isinstance(div, int)
+        or not 1 <= div <= MAX_RESIZE_SIDE
+    ):
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.pad_size_divisor',
+                f'is {div!r}, not a whole number from 1 to {MAX_RESIZE_SIDE}',
+                'set model.data_preprocessor.pad_size_divisor in the '
+                f'config (1: no padding, 32: the usual) and {_EXPORT_AGAIN}',
+            )
+        )
+    if not _is_number(settings['pad_value']):
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.pad_value',
+                f'is {settings["pad_value"]!r}, not a finite number',
+            )
+        )
+
+
+def _check_resize(resize, onnx_file: str, key: str) -> None:
+    if not isinstance(resize, dict):
+        raise ValueError(
+            _refuse(onnx_file, key, f'is {resize!r}, not a JSON object')
+        )
+    for name in ('scale', 'keep_ratio', 'interpolation'):
+        if name not in resize:
+            raise ValueError(_refuse(onnx_file, f'{key}.{name}', 'is missing'))
+    scale = resize['scale']
+    if (
+        not isinstance(scale, list)
+        or len(scale) != 2
+        or not all(
+            isinstance(v, int)
+            and not isinstance(v, bool)
+            and 1 <= v <= MAX_RESIZE_SIDE
+            for v in scale
+        )
+    ):
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.scale',
+                f'is {scale!r}, not [width, height] in whole pixels from 1 '
+                f'to {MAX_RESIZE_SIDE}',
+                "set the test pipeline's Resize scale in the config (e.g. "
+                f'(1333, 800)) and {_EXPORT_AGAIN}',
+            )
+        )
+    if not isinstance(resize['keep_ratio'], bool):
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.keep_ratio',
+                f'is {resize["keep_ratio"]!r}, not true or false',
+            )
+        )
+    if resize['interpolation'] not in _INTERPOLATION:
+        raise ValueError(
+            _refuse(
+                onnx_file,
+                f'{key}.interpolation',
+                f'is {resize["interpolation"]!r}, not one of '
+                f'{tuple(_INTERPOLATION)}',
+                "set the test pipeline's Resize interpolation in the config "
+                f'to one of them and {_EXPORT_AGAIN}',
+            )
+        )
+
+
+def read_metadata(session, onnx_file: str = 'the file') -> Dict:
+    """The ``mmdet_dyhead.*`` metadata of an end-to-end file, checked.
+
+    Args:
+        session (onnxruntime.InferenceSession | OpenVinoSession): The
+            loaded file.
+        onnx_file (str): Its path, named in the messages.
 
     Returns:
         dict: ``preprocess``, ``postprocess`` (dicts), ``classes`` (list).
 
     Raises:
         ValueError: Not an end-to-end file of this format (a raw-map
-            export, or another tool's), or preprocessing the runner cannot
-            reproduce; the message says what to do.
+            export, or another tool's), metadata that is missing, not JSON
+            or out of range (see :func:`check_preprocess`), or
+            preprocessing the runner cannot reproduce. The message is one
+            line naming the file, the key and what to do.
     """
     props = session.get_modelmeta().custom_metadata_map
     fmt = props.get('mmdet_dyhead.format')
     if fmt != DEPLOY_FORMAT:
         raise ValueError(
-            f'the file is not an end-to-end export (metadata '
+            f'{onnx_file} is not an end-to-end export (metadata '
             f'mmdet_dyhead.format={fmt!r}, expected {DEPLOY_FORMAT!r}). '
             f'Export it with tools/export_onnx.py --postprocess; raw-map '
             f'files need mmdet_dyhead.deploy.decode_raw_outputs (torch).'
         )
-    meta = {
-        key: json.loads(props[f'mmdet_dyhead.{key}'])
-        for key in ('preprocess', 'postprocess', 'classes')
-    }
+    meta = {}
+    for name, kind in (
+        ('preprocess', dict),
+        ('postprocess', dict),
+        ('classes', list),
+    ):
+        key = f'mmdet_dyhead.{name}'
+        if key not in props:
+            raise ValueError(_refuse(onnx_file, key, 'is missing'))
+        try:
+            meta[name] = json.loads(props[key])
+        except ValueError as e:
+            raise ValueError(
+                _refuse(onnx_file, key, f'is not valid JSON ({e})')
+            ) from None
+        if not isinstance(meta[name], kind):
+            raise ValueError(
+                _refuse(
+                    onnx_file,
+                    key,
+                    f'is {type(meta[name]).__name__}, not a JSON '
+                    f'{"object" if kind is dict else "list"}',
+                )
+            )
+    if not all(isinstance(c, str) for c in meta['classes']):
+        raise ValueError(
+            _refuse(onnx_file, 'mmdet_dyhead.classes', 'holds non-strings')
+        )
     if 'unsupported' in meta['preprocess']:
         raise ValueError(
-            f"the config's test pipeline has a step this runner does not "
-            f'reproduce ({meta["preprocess"]["unsupported"]}); preprocess '
-            f'the images yourself and call OnnxDetector.run(batch, '
-            f'img_shape).'
+            f"{onnx_file}: the config's test pipeline has a step this "
+            f'runner does not reproduce '
+            f'({meta["preprocess"]["unsupported"]}); preprocess the images '
+            f'yourself and call OnnxDetector.run(batch, img_shape).'
         )
+    check_preprocess(meta['preprocess'], onnx_file)
     return meta
 
 
@@ -117,13 +326,16 @@ def make_session(onnx_file: str, num_threads: Optional[int] = None):
     options = ort.SessionOptions()
     if num_threads is not None:
         options.intra_op_num_threads = num_threads
+    _check_file(onnx_file)
     try:
         return ort.InferenceSession(
             onnx_file, options, providers=['CPUExecutionProvider']
         )
     except Exception as e:
         if 'DeformConv' not in str(e):
-            raise
+            raise RuntimeError(
+                _unreadable(onnx_file, f'onnxruntime {ort.__version__}', e)
+            ) from e
         raise RuntimeError(
             f'onnxruntime {ort.__version__} cannot run the DeformConv nodes '
             f'of {onnx_file} (its CPU kernel needs onnxruntime >= 1.25). '
@@ -131,6 +343,25 @@ def make_session(onnx_file: str, num_threads: Optional[int] = None):
             f'the file with --backend openvino, or export again with '
             f'--dcn-export grid_sample.'
         ) from e
+
+
+def _check_file(onnx_file: str) -> None:
+    if not osp.isfile(onnx_file):
+        raise FileNotFoundError(
+            f'{onnx_file}: no such file; give the path of a file written '
+            f'by tools/export_onnx.py --postprocess.'
+        )
+
+
+def _unreadable(onnx_file: str, runtime: str, error: Exception) -> str:
+    """One line for a file the runtime cannot load (truncated, not ONNX,
+    ...), with the runtime's own reason (its last line, the specific one)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    reason = next((line for line in reversed(lines) if line), repr(error))
+    return (
+        f'{onnx_file}: {runtime} cannot load it ({reason}); if the file is '
+        f'truncated or not an ONNX model, {_EXPORT_AGAIN}.'
+    )
 
 
 def resize(image: np.ndarray, settings: Dict) -> Tuple[np.ndarray, Tuple]:
@@ -352,12 +583,15 @@ class OpenVinoSession:
         self.config = {'INFERENCE_PRECISION_HINT': 'f32'}
         if num_threads:
             self.config['INFERENCE_NUM_THREADS'] = num_threads
+        _check_file(onnx_file)
+        version = getattr(ov, '__version__', '?').split('-')[0]
         try:
             self.model = self.core.read_model(onnx_file)
         except Exception as e:
             if 'DeformConv' not in str(e):
-                raise
-            version = getattr(ov, '__version__', '?').split('-')[0]
+                raise RuntimeError(
+                    _unreadable(onnx_file, f'OpenVINO {version}', e)
+                ) from e
             why = (
                 'the conversion to its DeformableConvolution failed'
                 if extended
@@ -419,7 +653,7 @@ class OnnxDetector:
             self.session = OpenVinoSession(onnx_file, num_threads)
         else:
             self.session = make_session(onnx_file, num_threads)
-        meta = read_metadata(self.session)
+        meta = read_metadata(self.session, onnx_file)
         self.preprocess_settings = meta['preprocess']
         self.postprocess_settings = meta['postprocess']
         self.classes = meta['classes']
@@ -581,8 +815,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         detector = OnnxDetector(args.model, args.threads, args.backend)
-    except (ValueError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as e:
+        # One line, also where a runtime's own message had several.
+        print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
         return 2
     records = []
     for start in range(0, len(args.images), args.batch_size):

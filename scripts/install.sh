@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs mmdet-dyhead and its tested stack into a local virtual env.
 #
-# Idempotent: a second run only re-installs the package itself (a few
-# seconds). mmcv 2.1.0 has no wheels for current torch, so it is built from
+# Idempotent: a second run only re-installs the package itself (about a
+# minute: it compiles the package's C++ DCN kernel when a compiler is there). mmcv 2.1.0 has no wheels for current torch, so it is built from
 # source once (about 8 minutes on 2 cores); pip keeps the built wheel in its
 # cache and later installs reuse it.
 set -euo pipefail
@@ -180,9 +180,34 @@ PYEOF
 fi
 
 # --- the package itself (non-editable: mim needs the shipped .mim/ folder) ----------
-log "installing mmdet-dyhead from $ROOT"
+# Without build isolation setup.py sees this torch and compiles the C++ CPU
+# kernel of the deformable convolution (mmdet_dyhead._ext); with no compiler,
+# or if compiling fails, the package installs without it and uses its
+# pure-PyTorch DCN. The last line below says which one was installed.
+log "installing mmdet-dyhead from $ROOT (compiling its C++ DCN kernel when a compiler is found)"
 pip_run install -q --no-deps --no-build-isolation --force-reinstall "$ROOT" ||
   die "pip install . failed (see above)."
 rm -rf "$ROOT/build" "$ROOT"/*.egg-info
-"$PY" -c "import mmdet_dyhead; print('[install] mmdet_dyhead', mmdet_dyhead.__version__, 'ready in $VENV')" ||
-  die "mmdet_dyhead does not import after install (see the traceback above)."
+# The tests and tools/ of a checkout import the checkout's package, not the
+# installed copy: give the checkout the kernel just built (or remove a stale
+# one when none was built), so both run the same DCN.
+rm -f "$ROOT"/mmdet_dyhead/_ext*.so
+installed_ext=$(cd / && "$PY" -c "import importlib.util as u; s = u.find_spec('mmdet_dyhead._ext'); print(s.origin if s else '')" 2>/dev/null || true)
+if [ -n "$installed_ext" ]; then cp "$installed_ext" "$ROOT/mmdet_dyhead/"; fi
+"$PY" - "$VENV" <<'PYEOF' || die "mmdet_dyhead does not import after install (see the traceback above)."
+import sys
+
+import mmdet_dyhead
+
+try:
+    from mmdet_dyhead import _ext  # noqa: F401
+
+    kernel = 'with its compiled CPU DCN kernel (mmdet_dyhead._ext)'
+except ImportError as exc:
+    kernel = (
+        f'without the compiled CPU DCN kernel ({exc}), using the '
+        'pure-PyTorch DCN; a C++ compiler (g++) and a rerun build it'
+    )
+print(f'[install] mmdet_dyhead {mmdet_dyhead.__version__} ready in '
+      f'{sys.argv[1]}, {kernel}')
+PYEOF

@@ -690,3 +690,162 @@ def test_nonfinite_dyhead_gradient_in_runner_is_reported(tmp_path):
         '2 in a row, 3 in total).',
     ], logged.records
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _bn_model():
+    """Conv, BatchNorm (training mode: it updates its running statistics
+    in the forward) and a linear classifier."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+
+
+def _buffers(model):
+    return {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('accumulate', [1, 2])
+@pytest.mark.parametrize('bad', ['inf_gradient', 'nan_input'])
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_skipped_step_leaves_batchnorm_buffers_as_they_were(
+    dtype, bad, accumulate
+):
+    """Issue 33: the forward passes of a skipped step (all of them with
+    ``accumulative_counts``) have already updated BatchNorm's running
+    statistics; after the skip every buffer is bit-equal to before the
+    step. Finite steps update them as a plain forward of the same model
+    does."""
+    import copy
+
+    from mmdet_dyhead.engine import CPUAmpOptimWrapper
+
+    model = _bn_model()
+    poison = [False]
+    model[-1].weight.register_hook(
+        lambda g: torch.full_like(g, float('inf')) if poison[0] else g
+    )
+    wrapper = CPUAmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        dtype=dtype,
+        accumulative_counts=accumulate,
+    )
+    inputs = [torch.randn(4, 3, 8, 8) for _ in range(accumulate)]
+
+    def optimizer_step(batches):
+        # mmengine's BaseModel.train_step, once per accumulated batch.
+        for x in batches:
+            with wrapper.optim_context(model):
+                loss = model(x).float().mean()
+            wrapper.update_params(loss)
+
+    def plain_forwards(batches):
+        # The reference: the same forwards under the same autocast, on a
+        # copy of the model, without the wrapper.
+        ref = copy.deepcopy(model)
+        with torch.no_grad(), torch.autocast('cpu', dtype=wrapper.cast_dtype):
+            for x in batches:
+                ref(x)
+        return _buffers(ref)
+
+    want = plain_forwards(inputs)
+    optimizer_step(inputs)
+    assert wrapper.nonfinite_steps == 0
+    assert _same(_buffers(model), want)
+    before = _buffers(model)
+
+    if bad == 'inf_gradient':
+        poison[0] = True
+        batches = [torch.randn(4, 3, 8, 8) for _ in range(accumulate)]
+    else:  # NaN activations: NaN running statistics, NaN gradients
+        batches = [x.clone() for x in inputs]
+        batches[-1][0, 0, 0, 0] = float('nan')
+    changed = plain_forwards(batches)
+    assert not _same(changed, before)  # the forwards do change them
+    optimizer_step(batches)
+    assert wrapper.nonfinite_steps == 1
+    after = _buffers(model)
+    assert _same(after, before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+    # The next finite step starts from the restored statistics.
+    poison[0] = False
+    want = plain_forwards(inputs)
+    optimizer_step(inputs)
+    assert wrapper.consecutive_nonfinite_steps == 0
+    assert _same(_buffers(model), want)
+
+
+@pytest.mark.slow
+def test_train_tool_amp_checkpoints_hold_the_last_applied_steps_buffers(
+    tmp_path,
+):
+    """Issue 33: `tools/train.py --amp` with an exploding learning rate and
+    BatchNorm in training mode. The first step is applied, its weights
+    overflow the next forwards (NaN running statistics, NaN gradients),
+    and those steps are skipped. Every iter_N.pth saved holds finite
+    buffers, those of the last applied step, and each skipped iteration
+    leaves the buffers bit-equal to the iteration before (recorded by a
+    hook that runs before the checkpoint hook)."""
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    from mmdet_dyhead.cli import train as train_tool
+
+    records = []
+
+    class RecordBuffers(Hook):
+        def before_train(self, runner):
+            records.append((0, 0, _buffers(runner.model)))
+
+        def after_train_iter(self, runner, batch_idx, data_batch, outputs):
+            skipped = runner.optim_wrapper.nonfinite_steps
+            records.append((runner.iter + 1, skipped, _buffers(runner.model)))
+
+    HOOKS.register_module(
+        'AmpTestRecordBuffers', module=RecordBuffers, force=True
+    )
+    iters = 4
+    cfg = _tiny_dyhead_cfg(tmp_path, 'explode', iters, image=96)
+    cfg.model.backbone.norm_eval = False
+    cfg.optim_wrapper.optimizer.lr = 1e20
+    cfg.default_hooks.checkpoint = dict(
+        type='CheckpointHook', by_epoch=False, interval=1
+    )
+    cfg.custom_hooks = [dict(type='AmpTestRecordBuffers')]
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    config = str(tmp_path / 'explode.py')
+    cfg.dump(config)
+    train_tool.main([config, '--amp'])
+    assert [r[0] for r in records] == list(range(iters + 1))
+    skipped = [b > a for (_, a, _), (_, b, _) in zip(records, records[1:])]
+    # The run this test is about: applied, then skipped.
+    assert skipped[0] is False and any(skipped), skipped
+    bn_buffers = [k for k in records[0][2] if 'running_var' in k]
+    assert bn_buffers
+    for it, is_skipped in enumerate(skipped, 1):
+        now, prev = records[it][2], records[it - 1][2]
+        if is_skipped:
+            assert _same(now, prev), it
+        else:  # an applied step did update the statistics
+            assert not all(torch.equal(now[k], prev[k]) for k in bn_buffers)
+        ckpt = torch.load(
+            str(tmp_path / 'explode' / f'iter_{it}.pth'),
+            map_location='cpu',
+            weights_only=False,
+        )['state_dict']
+        assert set(bn_buffers) <= set(ckpt)
+        for name, value in now.items():
+            if name not in ckpt:  # a non-persistent buffer (not saved)
+                continue
+            assert torch.isfinite(ckpt[name].float()).all(), (it, name)
+            assert torch.equal(ckpt[name], value), (it, name)

@@ -8,14 +8,18 @@ loading is what it is without the package outside
 
 import contextlib
 import http.server
+import json
 import multiprocessing
 import os
 import pickle
+import re
+import shutil
 import signal
 import struct
 import threading
 import time
 import timeit
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -173,16 +177,13 @@ def test_outside_the_scope_mmengine_loads_as_it_ships(tmp_path):
 def test_the_scope_routes_mmengine_through_the_loader_and_restores_it(
     tmp_path,
 ):
-    from mmengine.runner import checkpoint as mmengine_checkpoint
-
     path = tmp_path / 'lfs.pth'
     path.write_bytes(NOT_CHECKPOINTS['lfs.pth'][0])
-    http_before = mmengine_checkpoint.load_from_http
+    before = dict(CheckpointLoader._schemes)
     with checkpoint_loaders():
         with pytest.raises(CheckpointError, match='git-LFS pointer'):
             mmengine_load(plain_retinanet(), str(path))
-        assert mmengine_checkpoint.load_from_http is not http_before
-    assert mmengine_checkpoint.load_from_http is http_before
+    assert CheckpointLoader._schemes == before
     with pytest.raises(Exception) as err:  # mmengine's own loader again
         mmengine_load(plain_retinanet(), str(path))
     assert not isinstance(err.value, CheckpointError)
@@ -229,6 +230,106 @@ def test_code_running_payloads_never_run_and_are_not_called_harmless(
         assert 'harmless' not in text
         with checkpoint_loaders(), pytest.raises(CheckpointError):
             CheckpointLoader.load_checkpoint(source)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------
+# defect: open-mmlab:// (and mmengine's other prefixes) were read with a bare
+# torch.load inside the tools' scope
+# ----------------------------------------------------------------------------
+def scheme_examples(evil, base):
+    """A name for every prefix mmengine's CheckpointLoader knows, and what
+    the package's loader answers: the code-running file where the prefix
+    can reach it, else an unknown name or a storage the loader does not
+    read (mmengine's own loaders raise KeyError, ImportError or torch's
+    error there, never the package's CheckpointError)."""
+    payload = '(?s)Refused .*e.pth.*runs commands or code'
+    unread = 'is not read by this package'
+    return {
+        '': (str(evil), payload),
+        'http://': (f'{base}/e.pth', payload),
+        'https://': (base.replace('http:', 'https:') + '/e.pth', 'download'),
+        'dyhead://': ('dyhead://no_such_model', 'not in the model zoo'),
+        'open-mmlab://': ('open-mmlab://evil_local', payload),
+        'openmmlab://': ('openmmlab://evil_url', payload),
+        'torchvision://': ('torchvision://no_such_model', 'no_such_model'),
+        'modelzoo://': ('modelzoo://no_such_model', 'no_such_model'),
+        'mmcls://': ('mmcls://no_such_model', "no model 'no_such_model'"),
+        'pavi://': ('pavi://project/e.pth', 'prefix pavi:// ' + unread),
+        r'(\S+\:)?s3://': ('s3://bucket/e.pth', 'prefix s3:// ' + unread),
+        r'(\S+\:)?petrel://': (
+            'cluster:petrel://bucket/e.pth',
+            'prefix cluster:petrel:// ' + unread,
+        ),
+    }
+
+
+def test_every_prefix_mmengine_knows_has_an_example():
+    examples = scheme_examples('x.pth', 'http://127.0.0.1:9')
+    assert set(CheckpointLoader._schemes) == set(examples), (
+        'a new checkpoint prefix: add an example and check that the '
+        'loader reads it weights-only or refuses it'
+    )
+    for prefix, (example, _) in examples.items():
+        # mmengine itself routes the example to that prefix's loader
+        loader = CheckpointLoader._get_checkpoint_loader(example)
+        assert loader is CheckpointLoader._schemes[prefix], prefix
+
+
+@pytest.fixture
+def evil_everywhere(tmp_path, http_root, monkeypatch):
+    """A code-running checkpoint as a local file, on a loopback server, and
+    in ``$MMENGINE_HOME/open_mmlab.json`` (a local entry and a URL one);
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``."""
+    www, base, _ = http_root
+    marker = tmp_path / 'ran'
+    evil = tmp_path / 'e.pth'
+    payload = _TouchPayload('os.system', marker)
+    torch.save({'state_dict': {}, 'x': payload}, evil)
+    shutil.copy(evil, www / 'e.pth')
+    home = tmp_path / 'mmengine_home'
+    home.mkdir()
+    shutil.copy(evil, home / 'e.pth')
+    entries = {'evil_local': 'e.pth', 'evil_url': f'{base}/e.pth'}
+    (home / 'open_mmlab.json').write_text(json.dumps(entries))
+    monkeypatch.setenv('MMENGINE_HOME', str(home))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    return scheme_examples(evil, base), marker
+
+
+@pytest.mark.parametrize(
+    'prefix', list(scheme_examples('x', 'http://y')), ids=repr
+)
+def test_no_prefix_runs_a_checkpoints_code(evil_everywhere, prefix):
+    examples, marker = evil_everywhere
+    example, answer = examples[prefix]
+    with checkpoint_loaders(), pytest.raises(CheckpointError) as err:
+        CheckpointLoader.load_checkpoint(example, map_location='cpu')
+    assert re.search(answer, str(err.value)), str(err.value)
+    assert not marker.exists()
+    # the package's own entry answers the same
+    with pytest.raises(CheckpointError, match=answer):
+        load(example)
+    assert not marker.exists()
+
+
+def test_a_prefix_another_package_registers_is_refused(evil_everywhere):
+    examples, marker = evil_everywhere
+
+    def load_from_other(filename, map_location=None):
+        return torch.load(filename[len('other://') :], weights_only=False)
+
+    CheckpointLoader.register_scheme('other://', load_from_other)
+    try:
+        with (
+            checkpoint_loaders(),
+            pytest.raises(CheckpointError, match='prefix other:// is not'),
+        ):
+            CheckpointLoader.load_checkpoint('other://' + examples[''][0])
+        assert CheckpointLoader._schemes['other://'] is load_from_other
+    finally:
+        CheckpointLoader._schemes.pop('other://')
     assert not marker.exists()
 
 
@@ -463,14 +564,19 @@ def test_a_download_with_a_flipped_bit_is_not_cached(
 
 class _StallingHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``server.www/<name>``; under ``/slow/`` it sends half the
-    bytes, then waits for ``server.release`` (a download in progress)."""
+    bytes, under ``/stall/`` only the headers, then waits for
+    ``server.release`` (a download in progress, a stalled server)."""
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
         data = (self.server.www / self.path.rsplit('/', 1)[-1]).read_bytes()
-        half = len(data) // 2 if self.path.startswith('/slow/') else len(data)
+        half = len(data)
+        if self.path.startswith('/slow/'):
+            half = len(data) // 2
+        elif self.path.startswith('/stall/'):
+            half = 0
         self.send_response(200)
         self.send_header('Content-Length', str(len(data)))
         self.end_headers()
@@ -525,7 +631,7 @@ def _download_in_child(url, cache_dir):
         sizes = (
             [
                 p.stat().st_size
-                for p in cache_dir.glob('.*.partial')
+                for p in cache_dir.glob('.*.partial.data')
                 if p.is_file()
             ]
             if cache_dir.is_dir()
@@ -542,7 +648,7 @@ def test_an_interrupted_download_leaves_nothing(
     stalling_server, tmp_path, monkeypatch
 ):
     www, base, _ = stalling_server
-    opened = torch.hub.urlopen
+    opened = urllib.request.urlopen
 
     class Interrupted:
         def __init__(self, response):
@@ -554,8 +660,9 @@ def test_an_interrupted_download_leaves_nothing(
         def __exit__(self, *exc):
             self.response.close()
 
-        def info(self):
-            return self.response.info()
+        @property
+        def headers(self):
+            return self.response.headers
 
         def read(self, size):
             self.reads += 1
@@ -564,12 +671,57 @@ def test_an_interrupted_download_leaves_nothing(
             return self.response.read(size)
 
     monkeypatch.setattr(
-        torch.hub, 'urlopen', lambda *a, **k: Interrupted(opened(*a, **k))
+        urllib.request,
+        'urlopen',
+        lambda *a, **k: Interrupted(opened(*a, **k)),
     )
     cache = tmp_path / 'cache'
     with pytest.raises(KeyboardInterrupt):
         files_module.download_checkpoint(f'{base}/w.pth', cache_dir=str(cache))
     assert os.listdir(cache) == []
+
+
+def test_a_stalled_download_fails_in_bounded_time_and_leaves_nothing(
+    stalling_server, tmp_path, monkeypatch
+):
+    www, base, _ = stalling_server
+    cache = tmp_path / 'cache'
+    url = f'{base}/stall/w.pth'  # headers, then nothing
+    started = time.monotonic()
+    with pytest.raises(CheckpointError) as err:
+        files_module.download_checkpoint(
+            url, cache_dir=str(cache), timeout=0.5
+        )
+    assert time.monotonic() - started < 10
+    text = str(err.value)
+    assert f'The download of {url} stalled: no data for 0.5 s' in text
+    assert 'DYHEAD_DOWNLOAD_TIMEOUT=SECONDS' in text
+    assert os.listdir(cache) == []
+    # the user's route, the limit from the environment: half a file, then
+    # a stall, leaves nothing that a later run would take as complete
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setenv('DYHEAD_DOWNLOAD_TIMEOUT', '0.5')
+    for source in (url, f'{base}/slow/w.pth'):
+        started = time.monotonic()
+        with pytest.raises(CheckpointError, match='stalled: no data for 0.5'):
+            load(source)
+        assert time.monotonic() - started < 10
+        assert cache_files() == []
+    loaded = load(f'{base}/w.pth')
+    torch.testing.assert_close(loaded, torch.load(www / 'w.pth'))
+    assert cache_files() == ['w.pth']
+
+
+@pytest.mark.parametrize('value', ['soon', '0', '-1'])
+def test_a_bad_download_timeout_is_named(tmp_path, monkeypatch, value):
+    monkeypatch.setenv('DYHEAD_DOWNLOAD_TIMEOUT', value)
+    with pytest.raises(
+        CheckpointError,
+        match=f'DYHEAD_DOWNLOAD_TIMEOUT={value} is not a positive number',
+    ):
+        files_module.download_checkpoint(
+            'http://127.0.0.1:9/w.pth', cache_dir=str(tmp_path)
+        )
 
 
 @pytest.mark.parametrize('sig', ['SIGKILL', 'SIGTERM'])

@@ -5,13 +5,17 @@ served over a loopback URL and given with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
 to each tool; another detector's checkpoint and broken files.
 """
 
+import collections
 import copy
+import json
 import os
 import os.path as osp
+import re
 import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import pytest
@@ -34,6 +38,16 @@ from tests.helpers import REPO_ROOT, subprocess_env, train_tiny_dyhead
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 RETINANET = mmdet_config_path('retinanet/retinanet_r50_fpn_1x_coco.py')
+
+
+class _Reduce:
+    """Unpickles as ``func(*args)``."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
 
 
 class _Touch:
@@ -162,7 +176,18 @@ TOOLS = (
 )
 
 
-@pytest.mark.parametrize('route', ['url', 'env'])
+def open_mmlab_entry(trained, home, url=None) -> str:
+    """``open-mmlab://evil``, an entry of ``home/open_mmlab.json`` (as
+    ``$MMENGINE_HOME``) for the code-running file: a path under ``home``,
+    or ``url``."""
+    home.mkdir(exist_ok=True)
+    shutil.copy(trained['evil'], home / 'evil.pth')
+    entry = {'evil': url or 'evil.pth'}
+    (home / 'open_mmlab.json').write_text(json.dumps(entry))
+    return 'open-mmlab://evil'
+
+
+@pytest.mark.parametrize('route', ['url', 'env', 'open-mmlab'])
 @pytest.mark.parametrize('tool', TOOLS)
 def test_a_code_running_checkpoint_is_refused_by_every_tool(
     trained, tmp_path, http_root, monkeypatch, capsys, tool, route
@@ -175,6 +200,10 @@ def test_a_code_running_checkpoint_is_refused_by_every_tool(
     else:
         monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
         source = str(trained['evil'])
+    if route == 'open-mmlab':  # mmengine resolves it, then a bare torch.load
+        home = tmp_path / 'mmengine_home'
+        monkeypatch.setenv('MMENGINE_HOME', str(home))
+        source = open_mmlab_entry(trained, home)
     name = f'evil_{tool}_{route}'
     refused = '(?s)Refused .*evil.pth.*runs commands or code'
     if tool == 'test':
@@ -240,6 +269,77 @@ def test_the_test_script_exits_nonzero_on_a_url_payload(
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert 'runs commands or code' in out.stderr
     assert not trained['marker'].exists()
+
+
+@pytest.mark.parametrize('force', [False, True], ids=['default', 'env'])
+def test_the_test_script_refuses_an_open_mmlab_payload(
+    trained, tmp_path, force
+):
+    """``python tools/test.py CFG open-mmlab://NAME`` with a local entry in
+    ``$MMENGINE_HOME/open_mmlab.json``, with and without
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``."""
+    env = subprocess_env()
+    env['MMENGINE_HOME'] = str(tmp_path / 'mmengine_home')
+    source = open_mmlab_entry(trained, tmp_path / 'mmengine_home')
+    if force:
+        env['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
+    config = named_config(trained, tmp_path, f'evil_open_mmlab_{force}')
+    out = subprocess.run(
+        [sys.executable, 'tools/test.py', config, source],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    home = tmp_path / 'mmengine_home'
+    assert f'error: Refused {home}/evil.pth: it tries to call' in out.stderr
+    assert 'runs commands or code' in out.stderr
+    assert 'Traceback' not in out.stderr
+    assert not trained['marker'].exists()
+
+
+@pytest.mark.parametrize(
+    'payload,reason',
+    [
+        (
+            'zero strides',
+            r'views 4398046511104 bytes, more than the whole file',
+        ),
+        ('getattr', r'refused global builtins.getattr'),
+    ],
+)
+def test_hostile_arguments_get_the_diagnosis_through_the_test_tool(
+    trained, tmp_path, payload, reason
+):
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    if payload == 'zero strides':  # 4 bytes seen as 2^40 floats
+        with warnings.catch_warnings():  # TypedStorage is what torch pickles
+            warnings.simplefilter('ignore')
+            storage = torch.zeros(1).storage()
+        crafted = _Reduce(
+            torch._utils._rebuild_tensor_v2,
+            (
+                storage,
+                0,
+                (2**20, 2**20),
+                (0, 0),
+                False,
+                collections.OrderedDict(),
+            ),
+        )
+    else:
+        crafted = _Reduce(getattr, (HistoryBuffer, '__init__'))
+    path = tmp_path / 'crafted.pth'
+    torch.save({'state_dict': {'w': crafted}}, path)
+    with pytest.raises(SystemExit) as err:
+        run_test_tool(trained, tmp_path, f'crafted_{payload[:4]}', str(path))
+    text = str(err.value.code)
+    assert text.startswith(f'error: Refused {path}: ')
+    assert re.search(reason, text), text
+    assert 'weights_only=False' not in text and 'truncated' not in text
 
 
 # ----------------------------------------------------------------------------

@@ -234,6 +234,24 @@ def test_compile_argument_is_checked():
         DyHeadNeck(16, 16, num_blocks=1, compile='yes')
 
 
+def test_unknown_compile_mode_is_refused_with_the_choices():
+    """Issue 33: only inductor reads ``mode``; with another backend torch
+    accepts a misspelt one without a word. The choices are torch's
+    (``torch.compile``'s docstring points to
+    ``torch._inductor.list_mode_options``)."""
+    from torch._inductor import list_mode_options
+
+    bogus = dict(mode='bogus', backend='aot_eager')
+    torch.compile(lambda x: x, **bogus)  # what torch itself accepts
+    with pytest.raises(ValueError, match="mode='bogus' does not exist") as e:
+        DyHeadNeck(16, 16, num_blocks=1, compile=bogus)
+    for mode in list_mode_options():
+        assert repr(mode) in str(e.value)
+    assert "'max-autotune'" in str(e.value)
+    for mode in (None, 'default', 'max-autotune-no-cudagraphs'):
+        DyHeadNeck(16, 16, num_blocks=1, compile=dict(bogus, mode=mode))
+
+
 @pytest.mark.slow
 def test_train_tool_with_compile_in_the_config(tmp_path):
     """mmengine's ``compile`` config key (``torch.compile`` of

@@ -3,6 +3,7 @@ baselines only where the paper says; miswired DyHead detectors are stopped
 by DyHeadCheckHook before they run, with a message naming the setting to
 change."""
 
+import ast
 import copy
 import functools
 import glob
@@ -178,6 +179,11 @@ DYHEAD_HEAD = (
     'model.bbox_head.feat_channels',
     'custom_hooks',
 )
+# The two-stage DyHead configs take the DyHead block from
+# configs/_base_/dyhead-6b_neck.py, which also leaves it in the resolved
+# config as the variable ``dyhead_neck`` (see that file).
+TWO_STAGE_NECK = ('model.neck', 'custom_hooks', 'dyhead_neck')
+TWO_STAGE_FIG2C = TWO_STAGE_NECK + ('model.roi_head.bbox_head',)
 # (reference config, config, setting prefixes allowed to differ)
 COMPARISONS = [
     # Table 3: each +DyHead row differs from its baseline only in the neck
@@ -213,12 +219,12 @@ COMPARISONS = [
         'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
         'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
         'task-attn-roi-head_1x_coco.py',
-        ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks'),
+        TWO_STAGE_FIG2C,
     ),
     (
         'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
         'faster_rcnn/faster-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
-        ('model.neck', 'custom_hooks'),
+        TWO_STAGE_NECK,
     ),
     # Beyond the paper: Mask R-CNN and Cascade R-CNN in both forms (the
     # Fig. 2c form changes the box head of every stage, never the mask
@@ -227,23 +233,23 @@ COMPARISONS = [
         'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
         'mask_rcnn/mask-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
         'task-attn-roi-head_1x_coco.py',
-        ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks'),
+        TWO_STAGE_FIG2C,
     ),
     (
         'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
         'mask_rcnn/mask-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
-        ('model.neck', 'custom_hooks'),
+        TWO_STAGE_NECK,
     ),
     (
         'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
         'cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-6b-scale-spatial_'
         'task-attn-roi-head_1x_coco.py',
-        ('model.neck', 'model.roi_head.bbox_head', 'custom_hooks'),
+        TWO_STAGE_FIG2C,
     ),
     (
         'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
         'cascade_rcnn/cascade-rcnn_r50_fpn_dyhead-6b_1x_coco.py',
-        ('model.neck', 'custom_hooks'),
+        TWO_STAGE_NECK,
     ),
     (
         'rtmdet/rtmdet_tiny_8xb32-300e_coco.py',
@@ -288,6 +294,30 @@ COMPARISONS += [
     for p in SHIPPED
     if re.search(r'atss_r50_fpn_dyhead-((?!6b_)\d+b|6b-[a-z-]+)_1x', p)
 ]
+# Fig. 2c against its DyHead-neck sibling, which it inherits: the pyramid
+# loses task-aware attention and every box head (each cascade stage)
+# becomes TaskAttnBBoxHead; the heads' other settings are the sibling's.
+FIG2C = 'dyhead-6b-scale-spatial_task-attn-roi-head'
+TWO_STAGE = (
+    'faster_rcnn/faster-rcnn',
+    'mask_rcnn/mask-rcnn',
+    'cascade_rcnn/cascade-rcnn',
+)
+COMPARISONS += [
+    (
+        f'{family}_r50_fpn_dyhead-6b_1x_coco.py',
+        f'{family}_r50_fpn_{FIG2C}_1x_coco.py',
+        ('model.neck.1.use_task_attn', 'dyhead_neck.use_task_attn')
+        + tuple(
+            f'model.roi_head.bbox_head.{stage}{key}'
+            for stage in (
+                ('0.', '1.', '2.') if family.startswith('cascade') else ('',)
+            )
+            for key in ('type', 'num_task_attn', 'fc_out_channels')
+        ),
+    )
+    for family in TWO_STAGE
+]
 
 
 @pytest.mark.parametrize(
@@ -302,6 +332,77 @@ def test_config_differs_from_its_reference_only_where_intended(
     assert diff, 'the two configs are identical'
     unexpected = {k for k in diff if not k.startswith(allowed)}
     assert not unexpected, sorted(unexpected)
+
+
+def _bases(rel_path: str):
+    """The ``_base_`` entries of a config file, relative to configs/
+    (``mmdet::`` entries as written)."""
+    with open(osp.join(CONFIG_ROOT, rel_path)) as f:
+        tree = ast.parse(f.read())
+    (value,) = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and getattr(node.targets[0], 'id', None) == '_base_'
+    ]
+    bases = ast.literal_eval(value)
+    bases = [bases] if isinstance(bases, str) else bases
+    return [
+        b if '::' in b else osp.normpath(osp.join(osp.dirname(rel_path), b))
+        for b in bases
+    ]
+
+
+@pytest.mark.parametrize('family', TWO_STAGE)
+def test_two_stage_configs_inherit_their_siblings(family):
+    """Fig. 2c <- DyHead neck <- (baseline, shared DyHead block) <- mmdet."""
+    baseline = f'{family}_r50_fpn_1x_coco.py'
+    neck = f'{family}_r50_fpn_dyhead-6b_1x_coco.py'
+    assert _bases(f'{family}_r50_fpn_{FIG2C}_1x_coco.py') == [neck]
+    assert _bases(neck) == [baseline, '_base_/dyhead-6b_neck.py']
+    assert _bases(baseline) == [f'mmdet::{baseline}']
+
+
+@pytest.mark.parametrize('family', TWO_STAGE)
+def test_two_stage_baselines_are_mmdets_configs(family):
+    """The root of each chain: mmdet's config plus the package import (the
+    ``_scope_`` that mmengine stamps on dicts read through ``mmdet::``
+    aside)."""
+    rel_path = f'{family}_r50_fpn_1x_coco.py'
+    ours = _flatten(_load(rel_path).to_dict())
+    mmdet_configs = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
+    theirs = _flatten(
+        Config.fromfile(osp.join(mmdet_configs, rel_path)).to_dict()
+    )
+    diff = {
+        k
+        for k in set(ours) | set(theirs)
+        if ours.get(k, '<unset>') != theirs.get(k, '<unset>')
+        and not k.endswith('._scope_')
+    }
+    assert diff == {
+        'custom_imports.imports.0',
+        'custom_imports.allow_failed_imports',
+    }
+
+
+@pytest.mark.parametrize('form', ['dyhead-6b', FIG2C])
+def test_two_stage_families_share_the_faster_rcnn_neck(form):
+    """Mask and Cascade R-CNN get the Faster R-CNN DyHead neck by
+    inheritance: the same dicts, the FPN being each baseline's (mmdet's
+    R-50 FPN, the same in the three families)."""
+    necks = [
+        _load(f'{family}_r50_fpn_{form}_1x_coco.py').to_dict()['model']['neck']
+        for family in TWO_STAGE
+    ]
+    assert necks[1] == necks[0] and necks[2] == necks[0]
+    fpn, dyhead = necks[0]
+    for family in TWO_STAGE:
+        base = _load(f'{family}_r50_fpn_1x_coco.py').to_dict()
+        assert base['model']['neck'] == fpn
+    assert dyhead['type'] == 'DyHeadNeck'
+    assert (dyhead['num_blocks'], dyhead['num_levels']) == (6, fpn['num_outs'])
+    assert dyhead.get('use_task_attn', True) == (form == 'dyhead-6b')
 
 
 def test_tta_pipeline_gives_every_scale_with_and_without_flip(tmp_path):
@@ -447,6 +548,90 @@ def test_two_stage_roi_channels_are_checked():
         match=re.escape('bbox_roi_extractor.out_channels=128'),
     ):
         check_dyhead_detector(_build(cfg.model))
+
+
+CASCADE_FIG2C = f'cascade_rcnn/cascade-rcnn_r50_fpn_{FIG2C}_1x_coco.py'
+
+
+@pytest.mark.parametrize(
+    'change,message',
+    [
+        (
+            lambda roi: roi.bbox_head[2].update(in_channels=128),
+            'model.roi_head.bbox_head[2].in_channels=128 but the RoI '
+            'extractor gives 256 channels; set model.roi_head.bbox_head[2].'
+            'in_channels=256',
+        ),
+        (
+            lambda roi: roi.update(
+                bbox_roi_extractor=[
+                    dict(roi.bbox_roi_extractor, out_channels=c)
+                    for c in (256, 128, 256)
+                ]
+            ),
+            'model.roi_head.bbox_roi_extractor[1].out_channels=128 but '
+            'DyHeadNeck out_channels=256',
+        ),
+    ],
+    ids=['stage-head-channels', 'stage-extractor-channels'],
+)
+def test_cascade_stages_are_checked_one_by_one(change, message):
+    cfg = _load(CASCADE_FIG2C)
+    change(cfg.model.roi_head)
+    with pytest.raises(DyHeadConfigError, match=re.escape(message)):
+        check_dyhead_detector(_build(cfg.model))
+
+
+def test_mask_roi_extractor_is_checked():
+    cfg = _load(f'mask_rcnn/mask-rcnn_r50_fpn_{FIG2C}_1x_coco.py')
+    cfg.model.roi_head.mask_roi_extractor.out_channels = 128
+    with pytest.raises(
+        DyHeadConfigError,
+        match=re.escape('model.roi_head.mask_roi_extractor.out_channels=128'),
+    ):
+        check_dyhead_detector(_build(cfg.model))
+
+
+def test_cascade_stage_mismatch_stops_training(tmp_path):
+    """Through mmengine's Runner, as tools/train.py runs the shipped cascade
+    config: a third stage that reads other channels than the pyramid gives
+    is stopped before the first iteration, and the corrected config
+    trains."""
+    from projects.synthetic_coco import (
+        generate_synthetic_coco,
+        tiny_detector_cfg,
+    )
+
+    data = generate_synthetic_coco(
+        str(tmp_path / 'data'),
+        num_train=2,
+        num_val=1,
+        image_size=64,
+        objects_per_image=(2, 3),
+    )
+    cfg = tiny_detector_cfg(
+        osp.join(CONFIG_ROOT, CASCADE_FIG2C),
+        data,
+        str(tmp_path / 'work'),
+        iters=1,
+    )
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    channels = cfg.model.roi_head.bbox_head[2].in_channels
+    cfg.model.roi_head.bbox_head[2].in_channels = 2 * channels
+    cfg.experiment_name = 'mismatch'
+    runner = Runner.from_cfg(copy.deepcopy(cfg))
+    with pytest.raises(DyHeadConfigError) as err:
+        runner.train()
+    assert runner.iter == 0
+    assert f'model.roi_head.bbox_head[2].in_channels={2 * channels}' in str(
+        err.value
+    )
+    assert 'bbox_head[0]' not in str(err.value)
+    cfg.model.roi_head.bbox_head[2].in_channels = channels
+    cfg.experiment_name = 'fixed'
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert runner.iter == 1
 
 
 def test_models_without_dyheadneck_are_not_checked():

@@ -429,3 +429,204 @@ def test_runner_as_a_module_without_torch(atss_file, images, tmp_path):
             # The JSON rounds boxes to 1e-3 px and scores to 1e-5.
             r = match_detections(want, got, 2e-3, 2e-5)
             assert r['count_ref'] > 10 and r['ok'], (backend, r)
+
+
+_DROP = object()
+
+
+def _preprocess(**changes):
+    """A change of the file's ``mmdet_dyhead.preprocess`` entries."""
+
+    def change(props):
+        pre = json.loads(props['mmdet_dyhead.preprocess'])
+        for key, value in changes.items():
+            target, name = pre, key
+            if key.startswith('resize.'):
+                target, name = pre['resize'], key.split('.', 1)[1]
+            if value is _DROP:
+                del target[name]
+            else:
+                target[name] = value
+        props['mmdet_dyhead.preprocess'] = json.dumps(pre)
+
+    return change
+
+
+def _drop(key):
+    def change(props):
+        del props[key]
+
+    return change
+
+
+def _replace(key, text):
+    def change(props):
+        props[key] = text
+
+    return change
+
+
+# (case, change of the metadata, the key the message must name, a word of
+# the fix it must give)
+BAD_METADATA = [
+    (
+        'negative_std',
+        _preprocess(std=[-58.4, 57.1, 57.4]),
+        'preprocess.std',
+        'data_preprocessor.std',
+    ),
+    (
+        'zero_std',
+        _preprocess(std=[58.4, 0.0, 57.4]),
+        'preprocess.std',
+        'data_preprocessor.std',
+    ),
+    (
+        'pad_divisor_0',
+        _preprocess(pad_size_divisor=0),
+        'preprocess.pad_size_divisor',
+        'data_preprocessor.pad_size_divisor',
+    ),
+    (
+        'pad_divisor_float',
+        _preprocess(pad_size_divisor=2.5),
+        'preprocess.pad_size_divisor',
+        'data_preprocessor.pad_size_divisor',
+    ),
+    (
+        'interpolation',
+        _preprocess(**{'resize.interpolation': 'smooth'}),
+        'interpolation',
+        'bilinear',
+    ),
+    (
+        'negative_scale',
+        _preprocess(**{'resize.scale': [-128, 128]}),
+        'resize.scale',
+        'Resize scale',
+    ),
+    (
+        'absurd_scale',
+        _preprocess(**{'resize.scale': [100000, 80000]}),
+        'resize.scale',
+        'Resize scale',
+    ),
+    (
+        'missing_mean',
+        _preprocess(mean=_DROP),
+        'preprocess.mean',
+        'export_onnx.py',
+    ),
+    (
+        'missing_keep_ratio',
+        _preprocess(**{'resize.keep_ratio': _DROP}),
+        'resize.keep_ratio',
+        'export_onnx.py',
+    ),
+    (
+        'missing_classes',
+        _drop('mmdet_dyhead.classes'),
+        'mmdet_dyhead.classes',
+        'export_onnx.py',
+    ),
+    (
+        'preprocess_not_json',
+        _replace('mmdet_dyhead.preprocess', '{"resize":'),
+        'mmdet_dyhead.preprocess',
+        'export_onnx.py',
+    ),
+    (
+        'postprocess_not_json',
+        _replace('mmdet_dyhead.postprocess', 'nan nan'),
+        'mmdet_dyhead.postprocess',
+        'export_onnx.py',
+    ),
+]
+
+
+def _bad_file(src, dst, case):
+    import onnx
+
+    if case == 'truncated':
+        with open(src, 'rb') as f:
+            data = f.read()
+        with open(dst, 'wb') as f:
+            f.write(data[: len(data) // 2])
+        return dst
+    if case == 'missing':
+        return dst
+    (change,) = [c for name, c, _, _ in BAD_METADATA if name == case]
+    model = onnx.load(src)
+    props = {p.key: p.value for p in model.metadata_props}
+    change(props)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, dst)
+    return dst
+
+
+RUNNER_BACKENDS = [
+    'onnxruntime',
+    pytest.param(
+        'openvino',
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec('openvino') is None,
+            reason='OpenVINO not installed',
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize('backend', RUNNER_BACKENDS)
+@pytest.mark.parametrize(
+    'case,key,fix',
+    [(name, key, fix) for name, _, key, fix in BAD_METADATA]
+    + [
+        ('truncated', 'cannot load it', 'export_onnx.py'),
+        ('missing', 'no such file', 'export_onnx.py'),
+    ],
+)
+def test_runner_refuses_a_bad_file_in_one_line(
+    atss_file, images, tmp_path, capsys, backend, case, key, fix
+):
+    """Issue 33: metadata that would give wrong detections without a word
+    (negative or zero std), a traceback (pad divisor 0, an unknown
+    interpolation, a missing key, a truncated or missing file) or an
+    allocation the file chooses (an absurd resize scale) is refused when
+    the file is opened: one line naming the file, the key and the fix,
+    exit status 2, in both backends."""
+    import mmdet_dyhead_runtime as rt
+
+    _, path = atss_file
+    bad = _bad_file(path, str(tmp_path / f'{case}.onnx'), case)
+    out = str(tmp_path / 'dets.json')
+    status = rt.main([bad, images[0], '--backend', backend, '--out-json', out])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith('error: ') and bad in err, err
+    assert key in err and fix in err, err
+    assert not osp.exists(out)
+
+
+def test_runner_command_refuses_bad_files_without_torch(
+    atss_file, images, tmp_path
+):
+    """The same refusals from ``python -m mmdet_dyhead_runtime`` where
+    torch cannot be imported: exit status 2, one line, no traceback."""
+    _, path = atss_file
+    env = torch_free_env(tmp_path, REPO_ROOT)
+    for case in ('zero_std', 'absurd_scale', 'truncated'):
+        bad = _bad_file(path, str(tmp_path / f'{case}.onnx'), case)
+        proc = subprocess.run(
+            [sys.executable, '-m', 'mmdet_dyhead_runtime', bad, images[0]],
+            env=env,
+            cwd=str(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, (case, proc.stderr[-3000:])
+        assert proc.stdout == ''
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and bad in lines[0], (case, proc.stderr)

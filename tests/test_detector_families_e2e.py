@@ -9,7 +9,8 @@ synthetic images), trained for a few iterations by the package's
 AP for Mask R-CNN, checked against pycocotools on the dumped results). The
 DyHead configs' checkpoints then go through ``tools/export_onnx.py``
 (RTMDet: raw maps and ``--postprocess``, verified with onnxruntime;
-two-stage detectors: refused, naming what to use instead),
+Cascade R-CNN: ``--postprocess``, verified; Mask R-CNN: refused, naming
+what to use instead),
 ``tools/visualize_attention.py`` and ``tools/image_demo.py``.
 """
 
@@ -215,7 +216,14 @@ def test_export_attention_plots_and_demo(
         out = str(tmp_path / 'b.onnx')
         assert export_onnx.main(args + ['--out', out, '--postprocess']) == 0
         assert 'OK' in capsys.readouterr().out
-    else:
+    elif config.startswith('cascade'):
+        # No raw-map graph; end to end, checked by the tool.
+        out = str(tmp_path / 'two_stage.onnx')
+        assert export_onnx.main(args + ['--out', out]) == 2
+        assert '--postprocess' in capsys.readouterr().err
+        assert export_onnx.main(args + ['--out', out, '--postprocess']) == 0
+        assert 'OK' in capsys.readouterr().out
+    else:  # Mask R-CNN
         for extra in ([], ['--postprocess']):
             out = str(tmp_path / 'two_stage.onnx')
             assert export_onnx.main(args + ['--out', out] + extra) == 2
@@ -351,7 +359,8 @@ def test_fig2c_roi_head_reduces_to_mmdets_linear_head(config):
         kwargs = {
             k: v
             for k, v in head_cfg.items()
-            if k not in ('type', 'num_task_attn')
+            # The settings of TaskAttnBBoxHead's own layers.
+            if k not in ('type', 'num_task_attn', 'fc_out_channels')
         }
         flat = _FlatBBoxHead(**kwargs)
         if isinstance(ref.bbox_head, torch.nn.ModuleList):

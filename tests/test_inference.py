@@ -102,3 +102,29 @@ def test_image_demo_names_an_empty_or_broken_image(
     (folder / 'b.png').write_bytes(content)
     with pytest.raises(SystemExit, match=rf'b\.png {problem}'):
         image_demo.main([str(folder), config, '--weights', ckpt])
+
+
+def test_image_demo_on_a_folder_without_images_says_so(tmp_path):
+    """Issue 33: DetInferencer would run on nothing and exit 0. A folder
+    holding other files, and images only in a subfolder (not searched, as
+    in DetInferencer), stops with the folder and the extensions named."""
+    from mmdet.apis.det_inferencer import IMG_EXTENSIONS
+
+    from tests.helpers import TRAIN_BASE_CONFIG
+
+    folder = tmp_path / 'photos'
+    (folder / 'nested').mkdir(parents=True)
+    (folder / 'notes.txt').write_text('not an image')
+    # Its content does not matter: the folder is refused before reading.
+    (folder / 'nested' / 'a.jpg').write_bytes(b'\xff\xd8')
+    out_dir = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        image_demo.main(
+            [str(folder), TRAIN_BASE_CONFIG, '--out-dir', str(out_dir)]
+        )
+    # A string exit code: Python prints it and exits with status 1.
+    message = e.value.code
+    assert isinstance(message, str), message
+    assert str(folder) in message and 'no images' in message, message
+    assert all(ext in message for ext in IMG_EXTENSIONS), message
+    assert not out_dir.exists()

@@ -196,3 +196,40 @@ def test_a_one_level_pyramid_runs_and_matches_mmdet():
         got, want = ours(x), ref(x)
     assert len(got) == 1
     assert rel_err(got[0], want[0]) < 1e-5
+
+
+def test_levels_with_different_batch_sizes_are_named():
+    """Issue 33: said up front, not as a DCN offset/mask shape mismatch
+    from inside the operator."""
+    neck = DyHeadNeck(16, 16, num_blocks=1)
+    feats = pyramid(2, 16, (16, 16), levels=3)
+    feats[1] = feats[1][:1]
+    with pytest.raises(ValueError, match=r'batch sizes \[2, 1, 2\]'):
+        neck(feats)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_empty_batch_gives_empty_levels_like_torch_convolutions(training):
+    """Issue 33: N = 0 returns (0, C_out, H_l, W_l) per level, as torch's
+    convolutions do for an empty batch; in training a backward through
+    them gives every parameter a zero gradient, as a convolution gives its
+    weight (DDP expects every parameter to receive one)."""
+    neck = DyHeadNeck(
+        16, 24, num_blocks=2, norm_cfg=dict(type='GN', num_groups=8)
+    ).train(training)
+    feats = pyramid(0, 16, (20, 13), levels=4, requires_grad=training)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    want = [conv(f) for f in feats]
+    outs = neck(feats)
+    assert [o.shape for o in outs] == [w.shape for w in want]
+    assert all(o.dtype == f.dtype for o, f in zip(outs, feats))
+    if not training:
+        return
+    sum(w.sum() for w in want).backward()
+    sum(o.sum() for o in outs).backward()
+    assert torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
+    for name, p in neck.named_parameters():
+        assert p.grad is not None, name
+        assert torch.equal(p.grad, torch.zeros_like(p)), name
+    for f in feats:
+        assert torch.equal(f.grad, torch.zeros_like(f))

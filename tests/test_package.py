@@ -203,7 +203,8 @@ def wheel_venv(tmp_path_factory):
         shutil.copytree(
             os.path.join(REPO, item),
             src / item,
-            ignore=shutil.ignore_patterns('__pycache__', '*.pyc'),
+            # Not a kernel built in place: the wheel builds its own.
+            ignore=shutil.ignore_patterns('__pycache__', '*.pyc', '*.so'),
         )
     pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check']
     subprocess.run(
@@ -273,6 +274,45 @@ def test_wheel_metadata_is_true(wheel_venv):
         assert f'{script} = mmdet_dyhead.cli.{tool}:' in entry_points
     assert 'mmdet_dyhead_runtime.py' in names
     assert ' = '.join(RUNNER_SCRIPT) in entry_points
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which(os.environ.get('CXX', 'c++')) is None
+    and shutil.which('g++') is None,
+    reason='no C++ compiler: the wheel is built without the kernel',
+)
+def test_wheel_built_next_to_torch_carries_the_compiled_kernel(wheel_venv):
+    """Built without isolation (torch importable) and with a compiler, as
+    scripts/install.sh builds, the wheel holds the C++ DCN kernel, and the
+    installed kernel loads and computes outside the checkout."""
+    venv, wheel, outside = wheel_venv
+    with zipfile.ZipFile(wheel) as z:
+        kernels = [
+            n for n in z.namelist() if re.match(r'mmdet_dyhead/_ext\.', n)
+        ]
+    assert kernels, 'no mmdet_dyhead/_ext.* in the wheel'
+    probe = (
+        'import torch, mmdet_dyhead\n'
+        'from mmdet_dyhead import _ext\n'
+        'x = torch.randn(1, 4, 5, 6)\n'
+        'w = torch.randn(3, 4, 3, 3)\n'
+        'out = _ext.dcn_forward(x, torch.zeros(1, 18, 5, 6), '
+        'torch.ones(1, 9, 5, 6), w, None, 1, 1, 1, 1, 1, 1)\n'
+        'ref = torch.nn.functional.conv2d(x, w, padding=1)\n'
+        'print(_ext.__file__, float((out - ref).abs().max()))\n'
+    )
+    done = subprocess.run(
+        [str(venv / 'bin' / 'python'), '-c', probe],
+        cwd=outside,
+        env=_user_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    path, err = done.stdout.split()
+    assert path.startswith(str(venv)), path
+    assert float(err) < 1e-4
 
 
 @pytest.mark.slow

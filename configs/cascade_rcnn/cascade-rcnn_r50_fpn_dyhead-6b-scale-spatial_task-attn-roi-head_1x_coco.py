@@ -6,86 +6,27 @@
 # stages keep what mmdet's Cascade R-CNN gives them: their own regression
 # target stds, class-agnostic regression, SmoothL1 loss, IoU thresholds and
 # loss weights (1, 0.5, 0.25). RPN and RoIAlign read the attended pyramid.
-_base_ = './cascade-rcnn_r50_fpn_1x_coco.py'
+#
+# Everything else is the DyHead-neck sibling's: the two configs differ in
+# the neck's task-aware attention and the box heads' type.
+_base_ = './cascade-rcnn_r50_fpn_dyhead-6b_1x_coco.py'
 
+dyhead_neck = dict(_base_.dyhead_neck, use_task_attn=False)
 model = dict(
-    neck=[
-        dict(
-            type='FPN',
-            in_channels=[256, 512, 1024, 2048],
-            out_channels=256,
-            num_outs=5,
-        ),
-        dict(
-            type='DyHeadNeck',
-            in_channels=256,
-            out_channels=256,
-            num_blocks=6,
-            num_levels=5,
-            preset='mmdet',
-            use_task_attn=False,
-        ),
-    ],
-    # A list replaces the base's list as a whole: all three stages.
+    neck=[_base_.model.neck[0], dyhead_neck],
+    # A list replaces the base's list as a whole: each stage is the base's
+    # Shared2FCBBoxHead dict with its two FC layers turned into two
+    # task-aware attentions (fc_out_channels=None: the predictors read the
+    # attended RoI directly).
     roi_head=dict(
         bbox_head=[
-            # stage 1, IoU 0.5
             dict(
+                stage,
                 type='TaskAttnBBoxHead',
                 num_task_attn=2,
-                in_channels=256,
-                roi_feat_size=7,
-                num_classes=80,
-                bbox_coder=dict(
-                    type='DeltaXYWHBBoxCoder',
-                    target_means=[0.0, 0.0, 0.0, 0.0],
-                    target_stds=[0.1, 0.1, 0.2, 0.2],
-                ),
-                reg_class_agnostic=True,
-                loss_cls=dict(
-                    type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0
-                ),
-                loss_bbox=dict(type='SmoothL1Loss', beta=1.0, loss_weight=1.0),
-            ),
-            # stage 2, IoU 0.6
-            dict(
-                type='TaskAttnBBoxHead',
-                num_task_attn=2,
-                in_channels=256,
-                roi_feat_size=7,
-                num_classes=80,
-                bbox_coder=dict(
-                    type='DeltaXYWHBBoxCoder',
-                    target_means=[0.0, 0.0, 0.0, 0.0],
-                    target_stds=[0.05, 0.05, 0.1, 0.1],
-                ),
-                reg_class_agnostic=True,
-                loss_cls=dict(
-                    type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0
-                ),
-                loss_bbox=dict(type='SmoothL1Loss', beta=1.0, loss_weight=1.0),
-            ),
-            # stage 3, IoU 0.7
-            dict(
-                type='TaskAttnBBoxHead',
-                num_task_attn=2,
-                in_channels=256,
-                roi_feat_size=7,
-                num_classes=80,
-                bbox_coder=dict(
-                    type='DeltaXYWHBBoxCoder',
-                    target_means=[0.0, 0.0, 0.0, 0.0],
-                    target_stds=[0.033, 0.033, 0.067, 0.067],
-                ),
-                reg_class_agnostic=True,
-                loss_cls=dict(
-                    type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0
-                ),
-                loss_bbox=dict(type='SmoothL1Loss', beta=1.0, loss_weight=1.0),
-            ),
+                fc_out_channels=None,
+            )
+            for stage in _base_.model.roi_head.bbox_head
         ]
     ),
 )
-
-# Checks the FPN/DyHead/head wiring before training and testing.
-custom_hooks = [dict(type='DyHeadCheckHook')]

@@ -1,5 +1,6 @@
 """Reading one checkpoint file: weights only, with a diagnosis that names
-the file and the fix; downloads through torch.hub into its cache.
+the file and the fix; downloads, with a read timeout, into torch.hub's
+cache.
 
 Every file is read with ``torch.load(..., weights_only=True)`` passed
 explicitly, inside the allow-list of mmengine's training-checkpoint classes
@@ -16,12 +17,16 @@ and are read with a warning that says so.
 
 import contextlib
 import hashlib
+import http.client
 import os
 import os.path as osp
 import pickle
 import re
+import socket
 import sys
 import tempfile
+import time
+import urllib.request
 import warnings
 import zipfile
 from typing import Iterator, List, Optional
@@ -33,7 +38,8 @@ except ImportError:  # pragma: no cover (Windows)
 
 import torch
 
-from .allowlist import mmengine_safe_globals
+from . import legacy
+from .allowlist import RefusedCall, finish_load, mmengine_safe_globals
 
 # Modules whose members, called by a pickle, run commands or code or touch
 # files, processes and the network.
@@ -224,9 +230,108 @@ def _unpickling_error(path: str, err: Exception) -> CheckpointError:
             f'(official DyHead files: tools/convert_official_dyhead.py); '
             f'otherwise delete it.'
         )
+    message = _first_line(err)
+    if message.startswith('Unsupported operand'):
+        return CheckpointError(
+            f'Cannot unpickle {path}: {message}. The file is truncated or '
+            f'corrupt. Fix: download or copy it again.'
+        )
+    return _refused_call_error(
+        path, 'a pickle instruction', f'the weights-only unpickler: {message}'
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _refused_call_error(path: str, name: str, reason: str) -> CheckpointError:
     return CheckpointError(
-        f'Cannot unpickle {path}: {str(err).splitlines()[0]}. The file is '
-        f'truncated or corrupt. Fix: download or copy it again.'
+        f'Refused {path}: refused global {name}: {reason}. torch.save never '
+        f'writes this, so the file is damaged or was made to look like a '
+        f'checkpoint, and no option of this package loads it. Fix: get the '
+        f'file again from where it was made, or delete it.'
+    )
+
+
+def _failed_call(err: BaseException) -> Optional[str]:
+    """What the weights-only unpickler was calling when ``err`` was raised:
+    ``module.qualname`` of an allow-listed function or class,
+    ``'storage'`` when it was reading tensor data, None when the error was
+    not raised while unpickling (e.g. by the zip reader)."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    loads = [
+        i
+        for i, frame in enumerate(frames)
+        if frame.f_code.co_name == 'load'
+        and frame.f_code.co_filename.endswith('_weights_only_unpickler.py')
+    ]
+    if not loads:
+        return None
+    if loads[-1] + 1 < len(frames):  # a Python function was called
+        frame = frames[loads[-1] + 1]
+        module = frame.f_globals.get('__name__', '?')
+        if module == 'torch.serialization':  # persistent_load: tensor data
+            return 'storage'
+        qualname = getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)
+        return f'{module}.{qualname}'
+    # a C function or class: what the unpickler's frame was applying
+    state = frames[loads[-1]].f_locals
+    key = state.get('key')
+    if key == pickle.BINPERSID:
+        return 'storage'
+    if key == pickle.BUILD:
+        return _qualified(type(state.get('inst'))) + '.__setstate__'
+    target = state.get('func' if key == pickle.REDUCE else 'cls')
+    return _qualified(target) if target is not None else 'a call'
+
+
+def _qualified(obj) -> str:
+    module = getattr(obj, '__module__', None)
+    name = getattr(obj, '__qualname__', None) or repr(obj)
+    return f'{module}.{name}' if module else name
+
+
+def load_error(path: str, err: Exception) -> CheckpointError:
+    """The package's diagnosis of an exception ``torch.load`` raised for
+    ``path`` (weights-only, inside :func:`mmengine_safe_globals`): the file
+    and the real reason, never torch's advice to turn the check off.
+
+    Args:
+        path (str): The checkpoint file.
+        err (Exception): What ``torch.load`` raised.
+    """
+    root = err
+    # torch re-raises an unpickling error with its advice, ``from None``;
+    # the error the unpickler raised is still its context
+    if isinstance(err, pickle.UnpicklingError) and err.__context__:
+        root = err.__context__
+    if isinstance(root, RefusedCall):
+        return _refused_call_error(path, root.name, root.reason)
+    if isinstance(root, pickle.UnpicklingError):
+        return _unpickling_error(path, root)
+    called = _failed_call(root)
+    reason = f'{type(root).__name__}: {_first_line(root)}'
+    if called == 'storage':
+        return CheckpointError(
+            f'Cannot read checkpoint {path}: its tensor data does not match '
+            f'what its pickle describes ({reason}). The file is truncated, '
+            f'damaged or crafted. Fix: download or copy it again.'
+        )
+    if called:
+        return _refused_call_error(
+            path,
+            called,
+            f'the pickle calls it with arguments it cannot use ({reason})',
+        )
+    return CheckpointError(
+        f'Cannot read checkpoint {path}: {reason}. The file is truncated or '
+        f'corrupt. Fix: download or copy it again.'
     )
 
 
@@ -259,6 +364,33 @@ def corrupt_message(path: str, member: str) -> str:
     )
 
 
+def _check_legacy_storages(path: str, size: int) -> None:
+    """Refuse a legacy-format file whose pickle asks for more storage bytes
+    than the file holds (torch allocates them before reading the data)."""
+    try:
+        need = legacy.storage_bytes(path)
+    except (ValueError, EOFError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f'Cannot read checkpoint {path}: its pickle is cut short or '
+            f'garbled ({err}). The file is truncated or corrupt. Fix: '
+            f'download or copy it again.'
+        ) from err
+    if need is None or need > size:
+        what = (
+            'a storage whose size is not a number'
+            if need is None
+            else f'{need} bytes of tensor storage, more than the whole file '
+            f'({size} bytes)'
+        )
+        raise CheckpointError(
+            f'Refused {path}: its pickle asks for {what}; torch would '
+            f'allocate that before reading the data. torch.save never writes '
+            f'this, so the file is damaged or was made to look like a '
+            f'checkpoint. Fix: get the file again from where it was made, or '
+            f'delete it.'
+        )
+
+
 def read_file(path: str, map_location=None) -> object:
     """Read a local checkpoint weights-only, mmengine's own files included.
 
@@ -270,7 +402,10 @@ def read_file(path: str, map_location=None) -> object:
         FileNotFoundError: No such file.
         CheckpointCorruptError: A member fails its CRC-32 check.
         CheckpointError: The file is not a torch checkpoint, is truncated,
-            or names Python objects the weights-only unpickler refuses.
+            names Python objects the weights-only unpickler refuses, or
+            calls allow-listed ones with arguments they refuse (a shape
+            larger than the file, a tensor view larger than the file, a
+            HistoryBuffer whose histories differ in length).
     """
     path = osp.expanduser(path)
     if not osp.isfile(path):
@@ -294,19 +429,17 @@ def read_file(path: str, map_location=None) -> object:
             f'Re-saving it with torch.save gives a file that can be.',
             stacklevel=2,
         )
+    size = os.path.getsize(path)
+    if not zipfile.is_zipfile(path):
+        _check_legacy_storages(path, size)
     try:
-        with mmengine_safe_globals():
-            return torch.load(
+        with mmengine_safe_globals(max_bytes=size):
+            checkpoint = torch.load(
                 path, map_location=map_location, weights_only=True
             )
-    except pickle.UnpicklingError as err:
-        raise _unpickling_error(path, err) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise CheckpointError(
-            f'Cannot read checkpoint {path}: {str(err).splitlines()[0]}. The '
-            f'file is truncated or corrupt. Fix: download or copy it '
-            f'again.'
-        ) from err
+        return finish_load(checkpoint, max_bytes=size)
+    except Exception as err:  # every failure gets the file and the reason
+        raise load_error(path, err) from err
 
 
 def default_cache_dir() -> str:
@@ -347,8 +480,7 @@ def check_cached_file(path: str, url: str, sha256: Optional[str]) -> None:
 
 # A download in progress: '.<name>.<8 random chars>.partial', created by
 # mkstemp and locked (flock) by its process until the download ends; the
-# data goes to '<that>.data' (torch.hub first writes
-# '<that>.data.<uuid>.partial'). A kill (SIGKILL, SIGTERM, power loss)
+# data goes to '<that>.data'. A kill (SIGKILL, SIGTERM, power loss)
 # leaves them behind with the lock released, which is how the next download
 # tells them from another process's live one.
 PARTIAL_LOCK = re.compile(r'^\..+\.[a-z0-9_]{8}\.partial$')
@@ -441,33 +573,101 @@ def _download_target(cache_dir: str, name: str) -> Iterator[str]:
             os.close(fd)
 
 
+# Seconds a download may go without receiving a byte (connecting included)
+# before it fails; the environment variable overrides the default.
+DOWNLOAD_TIMEOUT_ENV = 'DYHEAD_DOWNLOAD_TIMEOUT'
+DEFAULT_DOWNLOAD_TIMEOUT = 60.0
+
+
+def download_timeout(timeout: Optional[float] = None) -> float:
+    """The read timeout of a download: ``timeout`` if given, else
+    ``$DYHEAD_DOWNLOAD_TIMEOUT``, else 60 seconds.
+
+    Raises:
+        CheckpointError: Not a positive number of seconds.
+    """
+    where, value = 'timeout', repr(timeout)
+    if timeout is None:
+        value = os.environ.get(DOWNLOAD_TIMEOUT_ENV)
+        if value is None:
+            return DEFAULT_DOWNLOAD_TIMEOUT
+        where = DOWNLOAD_TIMEOUT_ENV
+        try:
+            timeout = float(value)
+        except ValueError:
+            timeout = float('nan')
+    if not 0 < timeout < float('inf'):
+        raise CheckpointError(
+            f'{where}={value} is not a positive number of seconds. Fix: '
+            f'e.g. {DOWNLOAD_TIMEOUT_ENV}=120 for a slow link.'
+        )
+    return timeout
+
+
+def _stream(url: str, dst: str, timeout: float, progress: bool) -> str:
+    """Write what ``url`` sends into ``dst``; returns its hex sha256.
+
+    Every socket operation (connecting, each read) fails after ``timeout``
+    seconds without data, so a stalled server cannot hang the caller.
+    """
+    request = urllib.request.Request(
+        url, headers={'User-Agent': 'mmdet-dyhead'}
+    )
+    digest = hashlib.sha256()
+    done, shown = 0, time.monotonic()
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        total = response.headers.get('Content-Length')
+        with open(dst, 'wb') as out:
+            for chunk in iter(lambda: response.read(1 << 16), b''):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress and time.monotonic() - shown > 1:
+                    shown = time.monotonic()
+                    of = f' of {int(total) / 1e6:.1f}' if total else ''
+                    print(
+                        f'\r{url}: {done / 1e6:.1f}{of} MB',
+                        end='',
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    if progress:
+        print(file=sys.stderr)
+    return digest.hexdigest()
+
+
 def download_checkpoint(
     url: str,
     sha256: Optional[str] = None,
     cache_dir: Optional[str] = None,
     progress: bool = False,
+    timeout: Optional[float] = None,
 ) -> str:
     """Download ``url`` into ``cache_dir`` once; only a complete, checked
     torch checkpoint reaches the cached name.
 
-    torch.hub's ``download_url_to_file`` writes a temporary file (and checks
-    the sha256 prefix); the file must then look like a torch checkpoint
-    whose members pass their CRC-32 check, and only then is it renamed to
-    ``cache_dir/<file name>``. A failed or interrupted download leaves
-    nothing; the files of downloads killed earlier (SIGKILL, SIGTERM) are
-    removed by the next call, those of downloads other processes are still
-    running are not. A file already there is checked the same way before
-    it is used.
+    The data goes to a temporary file; the file must then have the
+    expected sha256 prefix, look like a torch checkpoint and pass the
+    CRC-32 check of its members, and only then is it renamed to
+    ``cache_dir/<file name>``. A failed, stalled or interrupted download
+    leaves nothing; the files of downloads killed earlier (SIGKILL, SIGTERM)
+    are removed by the next call, those of downloads other processes are
+    still running are not. A file already there is checked the same way
+    before it is used.
 
     Args:
         url (str): http(s) URL.
         sha256 (str, optional): Expected hex prefix of the file's sha256.
         cache_dir (str, optional): Default torch.hub's checkpoint cache.
-        progress (bool): Show a progress bar.
+        progress (bool): Show the bytes received on stderr.
+        timeout (float, optional): Seconds without data (connecting or
+            reading) after which the download fails. Default
+            ``$DYHEAD_DOWNLOAD_TIMEOUT``, else 60.
 
     Returns:
         str: The local path.
     """
+    timeout = download_timeout(timeout)
     cache_dir = cache_dir or default_cache_dir()
     name = osp.basename(url.split('?', 1)[0].split('#', 1)[0])
     if not name:
@@ -481,27 +681,35 @@ def download_checkpoint(
         check_cached_file(path, url, sha256)
         return path
     os.makedirs(cache_dir, exist_ok=True)
+    elsewhere = (
+        f'or fetch the file by other means and put it at {path} (it is '
+        f'checked there before use)'
+    )
     with _download_target(cache_dir, name) as tmp:
         try:
-            torch.hub.download_url_to_file(
-                url, tmp, hash_prefix=sha256, progress=progress
-            )
-        except RuntimeError as err:
-            if 'invalid hash value' not in str(err):
-                raise
+            digest = _stream(url, tmp, timeout, progress)
+        except (TimeoutError, socket.timeout) as err:
+            raise CheckpointError(
+                f'The download of {url} stalled: no data for {timeout:g} s. '
+                f'Nothing was cached. Fix: run again; on a slow link allow '
+                f'more time with {DOWNLOAD_TIMEOUT_ENV}=SECONDS; {elsewhere}.'
+            ) from err
+        except (OSError, http.client.HTTPException) as err:
+            reason = getattr(err, 'reason', None) or err
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                reason = f'no answer for {timeout:g} s'
+            raise CheckpointError(
+                f'Could not download {url}: {reason}. Nothing was cached. '
+                f'Fix: check the network, {elsewhere}.'
+            ) from err
+        if sha256 and not digest.startswith(sha256.lower()):
             raise CheckpointHashError(
-                f'Refused the download of {url}: its sha256 does not start '
-                f'with the published {sha256} ({err}). The server sent '
-                f'another file or the transfer was damaged; nothing was '
+                f'Refused the download of {url}: its sha256 {digest[:16]}... '
+                f'does not start with the published {sha256}. The server '
+                f'sent another file or the transfer was damaged; nothing was '
                 f'cached. Fix: run again; if it persists, the published file '
                 f'changed: report it.'
-            ) from err
-        except OSError as err:
-            raise CheckpointError(
-                f'Could not download {url}: {err}. Fix: check the network, '
-                f'or fetch the file by other means and put it at {path} (it '
-                f'is checked there before use).'
-            ) from err
+            )
         problem = describe_non_checkpoint(tmp)
         if problem:
             raise CheckpointError(

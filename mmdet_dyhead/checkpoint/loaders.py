@@ -1,14 +1,17 @@
 """The one loader, and the scope in which mmengine uses it.
 
-:func:`load` reads a local path, an http(s) URL or a ``dyhead://`` name,
-always weights-only. mmengine's own loaders for local paths and URLs do not
-pass ``weights_only``: ``torch.load`` then follows the environment
-(``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns the check off), and
-``torch.hub.load_state_dict_from_url``, which mmengine's http loader calls,
-defaults to ``weights_only=False``. :func:`checkpoint_loaders` puts
-:func:`load` in their place for a ``with`` block: the package's tools run
-inside it, so ``load_from``, ``--resume``, ``init_cfg`` ``Pretrained``, the
-test checkpoint and ``DetInferencer(weights=...)`` read through it.
+:func:`load` reads a local path, an http(s) URL, a ``dyhead://`` name, or a
+name of mmengine's other prefixes (``open-mmlab://``, ``torchvision://``,
+``mmcls://``, ... resolved by :mod:`.schemes` to a URL or a local file),
+always weights-only; any other ``<scheme>://`` is refused. mmengine's own
+loaders do not pass ``weights_only``: ``torch.load`` then follows the
+environment (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns the check off),
+and ``torch.hub.load_state_dict_from_url``, which mmengine's http loader
+calls, defaults to ``weights_only=False``. :func:`checkpoint_loaders` puts
+:func:`load` in place of every loader mmengine has registered, for a
+``with`` block: the package's tools run inside it, so ``load_from``,
+``--resume``, ``init_cfg`` ``Pretrained``, the test checkpoint and
+``DetInferencer(weights=...)`` read through it, whatever their prefix.
 Importing the package does not do this.
 """
 
@@ -16,10 +19,20 @@ import contextlib
 from typing import Iterator
 
 from .files import fetch, read_file
+from .schemes import (
+    MMCLS,
+    from_mmcls,
+    named_prefix,
+    refuse_other_scheme,
+    resolve_named,
+)
 from .zoo import SCHEME, load_from_dyhead
 
-# mmengine's prefixes that the scope takes over ('' is every local path).
-PREFIXES = ('', 'http://', 'https://')
+
+def _read(target: str, map_location) -> object:
+    if target.startswith(('http://', 'https://')):
+        return read_file(fetch(target), map_location)
+    return read_file(target, map_location)
 
 
 def load(filename: str, map_location=None) -> object:
@@ -28,18 +41,27 @@ def load(filename: str, map_location=None) -> object:
     Args:
         filename (str): Local path, http(s) URL (downloaded once into
             torch.hub's cache, checked to be a torch checkpoint before it
-            gets its name there) or ``dyhead://<model name>``.
+            gets its name there), ``dyhead://<model name>``, or a name of
+            ``open-mmlab://``, ``openmmlab://``, ``torchvision://``,
+            ``modelzoo://`` or ``mmcls://`` (resolved as mmengine does).
         map_location: As in :func:`torch.load`.
 
     Raises:
         FileNotFoundError: No such local file.
         CheckpointError: The file is not a checkpoint, is broken, or names
-            Python objects that a weights-only load refuses.
+            Python objects that a weights-only load refuses; an unknown
+            name; a prefix the loader does not read (``pavi://``,
+            ``s3://``, ...).
     """
     if filename.startswith(SCHEME):
         return load_from_dyhead(filename, map_location)
     if filename.startswith(('http://', 'https://')):
-        return read_file(fetch(filename), map_location)
+        return _read(filename, map_location)
+    prefix = named_prefix(filename)
+    if prefix:
+        checkpoint = _read(resolve_named(filename), map_location)
+        return from_mmcls(checkpoint) if prefix == MMCLS else checkpoint
+    refuse_other_scheme(filename)
     return read_file(filename, map_location)
 
 
@@ -51,23 +73,22 @@ def load_from_weights_only(filename: str, map_location=None, **kwargs):
 
 @contextlib.contextmanager
 def checkpoint_loaders() -> Iterator[None]:
-    """Within the block, mmengine reads local and http(s) checkpoints with
-    :func:`load`; its own loaders are back when the block ends.
+    """Within the block, mmengine reads every checkpoint with :func:`load`;
+    its own loaders are back when the block ends.
 
-    Covers ``CheckpointLoader``'s ``''``, ``http://`` and ``https://``
-    prefixes and the module function ``load_from_http`` that its
-    ``torchvision://``, ``open-mmlab://`` and ``mmcls://`` loaders call.
+    Every prefix registered in mmengine's ``CheckpointLoader`` when the
+    block starts (``''`` for local paths, ``http://``, ``open-mmlab://``,
+    ``s3://``, ..., and those other packages added) is given to
+    :func:`load`, which reads it weights-only or refuses it.
     """
-    from mmengine.runner import checkpoint as mmengine_checkpoint
+    from mmengine.runner.checkpoint import CheckpointLoader
 
-    loader = mmengine_checkpoint.CheckpointLoader
-    saved = {prefix: loader._schemes[prefix] for prefix in PREFIXES}
-    saved_http = mmengine_checkpoint.load_from_http
-    loader.register_scheme(list(PREFIXES), load_from_weights_only, force=True)
-    mmengine_checkpoint.load_from_http = load_from_weights_only
+    saved = dict(CheckpointLoader._schemes)
+    CheckpointLoader.register_scheme(
+        list(saved), load_from_weights_only, force=True
+    )
     try:
         yield
     finally:
-        mmengine_checkpoint.load_from_http = saved_http
         for prefix, function in saved.items():
-            loader.register_scheme(prefix, function, force=True)
+            CheckpointLoader.register_scheme(prefix, function, force=True)

@@ -17,8 +17,10 @@ runtimes without DeformConv run (older onnxruntime). With
 ``--image`` the export is verified: onnxruntime and PyTorch run on the same
 image and must give the same detections (scores within --score-tol, boxes
 within --box-tol pixels, same count). Exit status 1 if they do not.
-Two-stage detectors (Faster, Mask and Cascade R-CNN) are refused with exit
-status 2: their RoI heads are not in the graph.
+Faster and Cascade R-CNN (their DyHead forms included) export with
+``--postprocess`` only: RPN proposals, RoIAlign, the box head(s) and NMS in
+one graph of standard ops. Mask R-CNN, and two-stage detectors without
+``--postprocess``, are refused with exit status 2.
 """
 
 import argparse
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     except NativeBackendError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    refusal = _unsupported_detector(model)
+    refusal = _unsupported_detector(model, args.postprocess)
     if refusal:
         print(f'error: {refusal}', file=sys.stderr)
         return 2
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
         else ''
     )
     if args.postprocess:
-        k = model.bbox_head.test_cfg['max_per_img']
+        head = getattr(model, 'bbox_head', None) or model.roi_head
+        k = head.test_cfg['max_per_img']
         print(
             f'wrote {args.out}: input (N, 3, H, W), img_shape (N, 2) -> '
             f'dets (N, {k}, 5), labels (N, {k}){static_note}'
@@ -231,30 +234,46 @@ def main(argv=None) -> int:
     return 0 if report['ok'] else 1
 
 
-def _unsupported_detector(model) -> str:
+def _unsupported_detector(model, postprocess: bool) -> str:
     """Why ``model`` cannot be exported, or '' if it can.
 
-    The graph is the dense part of a one-stage detector (backbone, necks,
-    dense head); a two-stage detector's RoI heads pool features of boxes
-    chosen at run time (proposal NMS, RoIAlign, cascade refinement), which
-    neither the raw-map nor the ``--postprocess`` graph covers.
+    The raw-map graph is the dense part of a one-stage detector (backbone,
+    necks, dense head). A two-stage detector's RoI head pools features of
+    boxes chosen at run time, so it exports end to end only
+    (``--postprocess``); which RoI heads the graph covers is checked when
+    it is built (mmdet_dyhead.deploy.two_stage_settings).
     """
-    from mmdet.models.detectors import SingleStageDetector
+    from mmdet.models.detectors import SingleStageDetector, TwoStageDetector
 
     if isinstance(model, SingleStageDetector):
         return ''
-    kind = (
-        'a two-stage detector'
-        if hasattr(model, 'roi_head')
-        else 'not a one-stage detector'
-    )
+    if isinstance(model, TwoStageDetector):
+        if postprocess:
+            # Before loading the checkpoint: Mask R-CNN is refused at
+            # once.
+            from mmdet_dyhead.deploy import PostprocessError
+            from mmdet_dyhead.deploy.two_stage import two_stage_settings
+
+            try:
+                two_stage_settings(model)
+            except PostprocessError as e:
+                return str(e)
+            return ''
+        return (
+            f'{type(model).__name__} is a two-stage detector: its RoI head '
+            f'pools boxes chosen at run time, so it has no raw-map graph. '
+            f'Export it end to end with --postprocess (Faster or Cascade '
+            f'R-CNN), or '
+            f"run it in PyTorch: tools/image_demo.py or mmdet's "
+            f'DetInferencer (docs/inference.md).'
+        )
     return (
-        f'{type(model).__name__} is {kind}: the ONNX export (raw maps and '
-        f'--postprocess alike) covers one-stage detectors (backbone, necks '
-        f'and a dense head such as ATSS, FCOS, RetinaNet or RTMDet), not RoI '
-        f"heads. Run it in PyTorch instead: tools/image_demo.py or mmdet's "
-        f'DetInferencer (docs/inference.md), tools/test.py for COCO AP; or '
-        f'export a one-stage DyHead config.'
+        f'{type(model).__name__} is not a one-stage or two-stage detector: '
+        f'the ONNX export covers dense-head detectors (ATSS, FCOS, '
+        f'RetinaNet, RTMDet) and, with --postprocess, Faster and Cascade '
+        f'R-CNN. Run it '
+        f"in PyTorch instead: tools/image_demo.py or mmdet's DetInferencer "
+        f'(docs/inference.md), tools/test.py for COCO AP.'
     )
 
 

@@ -113,7 +113,13 @@ def build_inferencer(
 
 def image_files(inputs: str) -> List[str]:
     """The local image files ``inputs`` names: itself, or the images of a
-    folder as DetInferencer lists them (URLs are left to it)."""
+    folder as DetInferencer lists them (URLs are left to it).
+
+    Raises:
+        ValueError: ``inputs`` is a folder without images (DetInferencer
+            would run on nothing and exit 0); the message names the folder
+            and the extensions it looks for.
+    """
     from mmdet.apis.det_inferencer import IMG_EXTENSIONS
     from mmengine.fileio import list_dir_or_file
 
@@ -121,12 +127,19 @@ def image_files(inputs: str) -> List[str]:
         return []
     if not osp.isdir(inputs):
         return [inputs]
-    return [
+    files = [
         osp.join(inputs, name)
         for name in list_dir_or_file(
             inputs, list_dir=False, suffix=IMG_EXTENSIONS
         )
     ]
+    if not files:
+        raise ValueError(
+            f'the folder {inputs} holds no images (files ending in '
+            f'{", ".join(IMG_EXTENSIONS)}; subfolders are not searched); '
+            f'give an image file or a folder of images.'
+        )
+    return files
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -36,6 +36,7 @@ from .postprocess import (
     postprocess_settings,
 )
 from .tensor_forward import DetectorTensorForward, decode_raw_outputs
+from .two_stage import TwoStageWithPostprocess, two_stage_settings
 
 __all__ = [
     'load_images',
@@ -46,6 +47,8 @@ __all__ = [
     'img_shapes',
     'verify_end_to_end',
     'DetectorWithPostprocess',
+    'TwoStageWithPostprocess',
+    'two_stage_settings',
     'PostprocessError',
     'postprocess_settings',
     'NativeBackendError',

@@ -8,7 +8,7 @@ plain onnxruntime cannot run, so the export must use the native backend
 Both backends read the same weights, so switching needs no retraining.
 """
 
-from typing import Any, List, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -94,7 +94,9 @@ def use_native_dcn(model_cfg: dict, path: str = 'model') -> List[str]:
     return changed
 
 
-def check_exportable_modules(model: nn.Module) -> None:
+def check_exportable_modules(
+    model: nn.Module, replaced: Sequence[str] = ()
+) -> None:
     """Refuse a built model that still contains compiled mmcv ops.
 
     Catches what :func:`use_native_dcn` cannot see in the config: modules
@@ -103,11 +105,15 @@ def check_exportable_modules(model: nn.Module) -> None:
 
     Args:
         model (nn.Module): The detector to export.
+        replaced (Sequence[str]): Names of modules the export writes as
+            standard ONNX itself (a two-stage graph's RoIAlign layers).
 
     Raises:
         NativeBackendError: Naming the first offending module and the fix.
     """
     for name, module in model.named_modules():
+        if name in replaced:
+            continue
         backend = getattr(module, 'backend', None)
         if (
             type(module).__name__ == 'ModulatedDeformConv'

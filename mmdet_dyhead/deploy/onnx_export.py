@@ -14,7 +14,7 @@ from mmdet_dyhead.utils.misc import check_choice
 from .dcn_onnx import DEFORM_CONV_MIN_OPSET, ONNX_DCN_FORMS, onnx_dcn_export
 from .inputs import preprocess_settings
 from .native_backend import check_exportable_modules
-from .postprocess import INPUT_NAMES, OUTPUT_NAMES, DetectorWithPostprocess
+from .postprocess import INPUT_NAMES, OUTPUT_NAMES, end_to_end_module
 from .tensor_forward import DetectorTensorForward
 
 # metadata_props['mmdet_dyhead.format'] of end-to-end files; the runner
@@ -92,7 +92,9 @@ def export_onnx(
     model computes, including the legacy high-branch layout.
 
     Args:
-        detector (SingleStageDetector): Built with ``dcn_backend='torch'``.
+        detector (SingleStageDetector | TwoStageDetector): Built with
+            ``dcn_backend='torch'``; two-stage ones with ``postprocess``
+            only.
         images (Tensor): Example input (N, 3, H, W), e.g. from
             :func:`load_images`; its values only drive tracing.
         out_file (str): Path of the ``.onnx`` file.
@@ -103,7 +105,10 @@ def export_onnx(
         dcn_export (str, optional): ``'deform_conv'`` or ``'grid_sample'``;
             None picks :func:`resolve_dcn_export`'s default for ``opset``.
         postprocess (bool): End-to-end graph
-            (:class:`~.postprocess.DetectorWithPostprocess`): inputs
+            (:class:`~.postprocess.DetectorWithPostprocess`, or
+            :class:`~.two_stage.TwoStageWithPostprocess` for Faster and
+            Cascade R-CNN):
+            inputs
             ``input`` and ``img_shape`` (N, 2), outputs ``dets``
             (N, max_per_img, 5) and ``labels`` (N, max_per_img); the
             test_cfg and the preprocessing go into the file's
@@ -120,9 +125,10 @@ def export_onnx(
             the graph does not reproduce.
     """
     form = resolve_dcn_export(dcn_export, opset)
-    check_exportable_modules(detector)
     if postprocess:
-        wrapper = DetectorWithPostprocess(detector).eval()
+        wrapper = end_to_end_module(detector).eval()
+        # mmcv's RoIAlign layers are written as ONNX RoiAlign.
+        check_exportable_modules(detector, wrapper.replaced_modules)
         if img_shape is None:
             img_shape = images.new_tensor(images.shape[2:]).repeat(
                 len(images), 1
@@ -131,6 +137,7 @@ def export_onnx(
         input_names = list(INPUT_NAMES)
         names = list(OUTPUT_NAMES)
     else:
+        check_exportable_modules(detector)
         wrapper = DetectorTensorForward(detector).eval()
         with torch.no_grad():
             wrapper(images)
@@ -220,7 +227,12 @@ def _class_names(detector) -> List[str]:
     found.append(
         (getattr(detector, 'dataset_meta', None) or {}).get('classes')
     )
-    num = detector.bbox_head.num_classes
+    head = getattr(detector, 'bbox_head', None)
+    if head is None:  # two-stage; Cascade R-CNN: one head per stage
+        head = detector.roi_head.bbox_head
+        if isinstance(head, torch.nn.ModuleList):
+            head = head[-1]
+    num = head.num_classes
     for names in found:
         if names is not None and len(names) == num:
             return [str(n) for n in names]

@@ -107,6 +107,25 @@ class _NonMaxSuppression(torch.autograd.Function):
         )
 
 
+def end_to_end_module(detector: nn.Module) -> nn.Module:
+    """The detector wrapped so that its forward ends in detections.
+
+    Args:
+        detector (SingleStageDetector | TwoStageDetector): The model.
+
+    Returns:
+        nn.Module: :class:`DetectorWithPostprocess`, or
+        :class:`~.two_stage.TwoStageWithPostprocess` for a detector with
+        an RPN and RoI head. Both take ``(images, img_shape)`` and return
+        ``(dets, labels)`` and have ``settings`` and ``replaced_modules``.
+    """
+    if hasattr(detector, 'roi_head'):
+        from .two_stage import TwoStageWithPostprocess
+
+        return TwoStageWithPostprocess(detector)
+    return DetectorWithPostprocess(detector)
+
+
 def _pad_rows(x: Tensor, rows: int, value: float) -> Tensor:
     """``x`` (B, R, ...) with ``rows`` more rows of ``value`` along dim 1.
 
@@ -202,10 +221,29 @@ SUPPORTED_PRIORS = ('AnchorGenerator', 'MlvlPointGenerator')
 
 
 def postprocess_settings(detector) -> Dict:
-    """The head's test-time settings the graph bakes in.
+    """The test-time settings the graph bakes in.
 
     Args:
-        detector (SingleStageDetector): The model to export.
+        detector (SingleStageDetector | TwoStageDetector): The model to
+            export; a two-stage one gets
+            :func:`~.two_stage.two_stage_settings`.
+
+    Returns:
+        dict: See :func:`dense_head_settings` (one-stage) and
+        :func:`~.two_stage.two_stage_settings`.
+    """
+    if not hasattr(detector, 'bbox_head'):
+        from .two_stage import two_stage_settings
+
+        return two_stage_settings(detector)
+    return dense_head_settings(detector.bbox_head)
+
+
+def dense_head_settings(head) -> Dict:
+    """A dense head's test-time settings (its ``test_cfg``).
+
+    Args:
+        head (BaseDenseHead): ATSS, FCOS, RetinaNet, RPN... head.
 
     Returns:
         dict: ``score_thr``, ``nms_pre``, ``iou_threshold``,
@@ -216,7 +254,6 @@ def postprocess_settings(detector) -> Dict:
         PostprocessError: A head, prior generator, box coder or NMS setting
             that :class:`DetectorWithPostprocess` does not reproduce.
     """
-    head = detector.bbox_head
     cfg = head.test_cfg
     coder = type(head.bbox_coder).__name__
     prior = type(head.prior_generator).__name__
@@ -292,6 +329,8 @@ class DetectorWithPostprocess(nn.Module):
         self.tensor_forward = DetectorTensorForward(detector)
         self.settings = postprocess_settings(detector)
         self.head = detector.bbox_head
+        # Modules the graph writes in its own way (none here).
+        self.replaced_modules = ()
 
     def forward(self, images: Tensor, img_shape: Tensor):
         groups = self.tensor_forward(images)
@@ -317,104 +356,151 @@ class DetectorWithPostprocess(nn.Module):
                 (N, A, H_l, W_l) logits (centerness), or None.
             img_shape (Tensor): (N, 2) float (height, width).
         """
-        s = self.settings
-        head = self.head
-        num_classes = head.cls_out_channels
-        img_shape = img_shape.to(cls_scores[0].dtype)
-        boxes, scores, labels = [], [], []
-        for lvl, (cls, pred) in enumerate(zip(cls_scores, bbox_preds)):
-            h, w = cls.shape[2], cls.shape[3]
-            priors = _priors(head, lvl, h, w, cls.dtype, cls.device)
-            cls = cls.permute(0, 2, 3, 1).reshape(
-                cls.shape[0], -1, num_classes
-            )
-            if head.use_sigmoid_cls:
-                prob = cls.sigmoid()
-            else:  # the last channel is the background
-                prob = cls.softmax(-1)[..., :-1]
-            classes = prob.shape[2]
-            dim = head.bbox_coder.encode_size
-            pred = pred.permute(0, 2, 3, 1).reshape(pred.shape[0], -1, dim)
-            if s['nms_pre'] > 0:
-                k = s['nms_pre']
-                # Rows of INVALID scores so that every level has at least
-                # k (prior, class) pairs: TopK gets a constant k.
-                rows = -(-k // classes)
-                prob = _pad_rows(prob, rows, INVALID)
-                pred = _pad_rows(pred, rows, 0.0)
-                priors = torch.cat(
-                    [priors, priors[:1].expand(rows, -1) * 0], 0
-                )
-                top, idx = prob.reshape(prob.shape[0], -1).topk(k, dim=1)
-            else:  # nms_pre -1: every pair
-                top, idx = prob.reshape(prob.shape[0], -1).sort(
-                    dim=1, descending=True
-                )
-            anchor = torch.div(idx, classes, rounding_mode='floor')
-            label = idx - anchor * classes
-            sel_pred = torch.gather(
-                pred, 1, anchor.unsqueeze(-1).expand(-1, -1, dim)
-            )
-            sel_priors = priors[anchor]
-            box = _decode(head.bbox_coder, sel_priors, sel_pred, img_shape)
-            valid = top > s['score_thr']
-            score = top
-            if score_factors is not None:
-                f = score_factors[lvl]
-                f = f.permute(0, 2, 3, 1).reshape(f.shape[0], -1).sigmoid()
-                if s['nms_pre'] > 0:
-                    f = _pad_rows(f, rows, 1.0)
-                score = score * torch.gather(f, 1, anchor)
-            if s['min_bbox_size'] >= 0:
-                m = s['min_bbox_size']
-                valid = (
-                    valid
-                    & (box[..., 2] - box[..., 0] > m)
-                    & (box[..., 3] - box[..., 1] > m)
-                )
-            boxes.append(box)
-            scores.append(torch.where(valid, score, score.new_tensor(INVALID)))
-            labels.append(label)
-        boxes = torch.cat(boxes, 1)  # (N, M, 4)
-        scores = torch.cat(scores, 1)  # (N, M)
-        labels = torch.cat(labels, 1)
-        return self._nms(boxes, scores, labels)
+        boxes, scores, labels = dense_candidates(
+            self.head,
+            self.settings,
+            cls_scores,
+            bbox_preds,
+            score_factors,
+            img_shape,
+        )
+        return nms_topk(boxes, scores, labels, self.settings)
 
-    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor):
-        s = self.settings
-        valid = scores > INVALID / 2
-        nms_boxes = boxes
-        if not s['class_agnostic']:
-            # mmcv's batched_nms: shift each class by (max coordinate + 1)
-            # so that boxes of different classes never overlap.
-            top = torch.where(valid.unsqueeze(-1), boxes, boxes.new_zeros(()))
-            top = top.reshape(top.shape[0], -1).max(dim=1).values
-            offsets = labels.to(boxes.dtype) * (top.view(-1, 1) + 1)
-            nms_boxes = boxes + offsets.unsqueeze(-1)
-        k = s['max_per_img']
-        selected = _NonMaxSuppression.apply(
-            nms_boxes,
-            scores.unsqueeze(1),
-            k,
-            s['iou_threshold'],
-            INVALID / 2,
+
+def dense_candidates(
+    head,
+    settings: Dict,
+    cls_scores: List[Tensor],
+    bbox_preds: List[Tensor],
+    score_factors,
+    img_shape: Tensor,
+    group_by_level: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-3 of the module docstring: a dense head's scored, decoded
+    candidates, ``nms_pre`` per level.
+
+    Args:
+        head (BaseDenseHead): The head (priors, coder, sigmoid or softmax).
+        settings (dict): :func:`postprocess_settings` of the head.
+        cls_scores, bbox_preds, score_factors, img_shape: See
+            :meth:`DetectorWithPostprocess.postprocess`.
+        group_by_level (bool): Return each candidate's pyramid level instead
+            of its class as the NMS group (mmdet's ``RPNHead`` runs NMS per
+            level).
+
+    Returns:
+        tuple[Tensor]: ``boxes`` (N, M, 4), ``scores`` (N, M) with
+        :data:`INVALID` for rejected candidates, ``labels`` (N, M) int64.
+    """
+    s = settings
+    num_classes = head.cls_out_channels
+    img_shape = img_shape.to(cls_scores[0].dtype)
+    boxes, scores, labels = [], [], []
+    for lvl, (cls, pred) in enumerate(zip(cls_scores, bbox_preds)):
+        h, w = cls.shape[2], cls.shape[3]
+        priors = _priors(head, lvl, h, w, cls.dtype, cls.device)
+        cls = cls.permute(0, 2, 3, 1).reshape(cls.shape[0], -1, num_classes)
+        if head.use_sigmoid_cls:
+            prob = cls.sigmoid()
+        else:  # the last channel is the background
+            prob = cls.softmax(-1)[..., :-1]
+        classes = prob.shape[2]
+        dim = head.bbox_coder.encode_size
+        pred = pred.permute(0, 2, 3, 1).reshape(pred.shape[0], -1, dim)
+        if s['nms_pre'] > 0:
+            k = s['nms_pre']
+            # Rows of INVALID scores so that every level has at least
+            # k (prior, class) pairs: TopK gets a constant k.
+            rows = -(-k // classes)
+            prob = _pad_rows(prob, rows, INVALID)
+            pred = _pad_rows(pred, rows, 0.0)
+            priors = torch.cat([priors, priors[:1].expand(rows, -1) * 0], 0)
+            top, idx = prob.reshape(prob.shape[0], -1).topk(k, dim=1)
+        else:  # nms_pre -1: every pair
+            top, idx = prob.reshape(prob.shape[0], -1).sort(
+                dim=1, descending=True
+            )
+        anchor = torch.div(idx, classes, rounding_mode='floor')
+        label = idx - anchor * classes
+        if group_by_level:
+            label = label * 0 + lvl
+        sel_pred = torch.gather(
+            pred, 1, anchor.unsqueeze(-1).expand(-1, -1, dim)
         )
-        keep = torch.zeros_like(scores)
-        keep[selected[:, 0], selected[:, 2]] = 1.0
-        final = torch.where(keep > 0, scores, scores.new_tensor(INVALID))
-        # k rows of padding: TopK needs k <= M, and M may be below k.
-        final = _pad_rows(final, k, INVALID)
-        boxes = _pad_rows(boxes, k, 0.0)
-        labels = _pad_rows(labels, k, -1)
-        top, idx = final.topk(k, dim=1)
-        found = top > INVALID / 2
-        out_boxes = torch.gather(boxes, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
-        out_boxes = torch.where(
-            found.unsqueeze(-1), out_boxes, out_boxes.new_zeros(())
-        )
-        out_scores = torch.where(found, top, top.new_zeros(()))
-        out_labels = torch.where(
-            found, torch.gather(labels, 1, idx), labels.new_full((), -1)
-        )
-        dets = torch.cat([out_boxes, out_scores.unsqueeze(-1)], -1)
-        return dets, out_labels
+        sel_priors = priors[anchor]
+        box = _decode(head.bbox_coder, sel_priors, sel_pred, img_shape)
+        valid = top > s['score_thr']
+        score = top
+        if score_factors is not None:
+            f = score_factors[lvl]
+            f = f.permute(0, 2, 3, 1).reshape(f.shape[0], -1).sigmoid()
+            if s['nms_pre'] > 0:
+                f = _pad_rows(f, rows, 1.0)
+            score = score * torch.gather(f, 1, anchor)
+        if s['min_bbox_size'] >= 0:
+            m = s['min_bbox_size']
+            valid = (
+                valid
+                & (box[..., 2] - box[..., 0] > m)
+                & (box[..., 3] - box[..., 1] > m)
+            )
+        boxes.append(box)
+        scores.append(torch.where(valid, score, score.new_tensor(INVALID)))
+        labels.append(label)
+    return torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)
+
+
+def nms_topk(
+    boxes: Tensor, scores: Tensor, labels: Tensor, settings: Dict
+) -> Tuple[Tensor, Tensor]:
+    """Step 4: NMS per label (mmcv's ``batched_nms``), the best
+    ``max_per_img`` kept, padded.
+
+    Args:
+        boxes (Tensor): (N, M, 4) candidates.
+        scores (Tensor): (N, M), :data:`INVALID` for rejected ones.
+        labels (Tensor): (N, M) int64 NMS groups (classes, or levels).
+        settings (dict): ``iou_threshold``, ``class_agnostic``,
+            ``max_per_img``.
+
+    Returns:
+        tuple[Tensor]: ``dets`` (N, K, 5) and ``labels`` (N, K), K =
+        ``max_per_img``, best first, unused rows zeros with label -1.
+    """
+    s = settings
+    valid = scores > INVALID / 2
+    nms_boxes = boxes
+    if not s['class_agnostic']:
+        # mmcv's batched_nms: shift each class by (max coordinate + 1)
+        # so that boxes of different classes never overlap.
+        top = torch.where(valid.unsqueeze(-1), boxes, boxes.new_zeros(()))
+        top = top.reshape(top.shape[0], -1).max(dim=1).values
+        offsets = labels.to(boxes.dtype) * (top.view(-1, 1) + 1)
+        nms_boxes = boxes + offsets.unsqueeze(-1)
+    k = s['max_per_img']
+    selected = _NonMaxSuppression.apply(
+        nms_boxes,
+        scores.unsqueeze(1),
+        k,
+        s['iou_threshold'],
+        INVALID / 2,
+    )
+    keep = torch.zeros_like(scores)
+    keep[selected[:, 0], selected[:, 2]] = 1.0
+    final = torch.where(keep > 0, scores, scores.new_tensor(INVALID))
+    # k rows of padding: TopK needs k <= M, and M may be below k.
+    final = _pad_rows(final, k, INVALID)
+    boxes = _pad_rows(boxes, k, 0.0)
+    labels = _pad_rows(labels, k, -1)
+    top, idx = final.topk(k, dim=1)
+    found = top > INVALID / 2
+    out_boxes = torch.gather(boxes, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
+    out_boxes = torch.where(
+        found.unsqueeze(-1), out_boxes, out_boxes.new_zeros(())
+    )
+    out_scores = torch.where(found, top, top.new_zeros(()))
+    out_labels = torch.where(
+        found, torch.gather(labels, 1, idx), labels.new_full((), -1)
+    )
+    dets = torch.cat([out_boxes, out_scores.unsqueeze(-1)], -1)
+    return dets, out_labels

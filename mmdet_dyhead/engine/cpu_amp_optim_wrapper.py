@@ -18,13 +18,16 @@ error once ``max_nonfinite_steps`` steps in a row were non-finite (see
 :class:`CPUAmpOptimWrapper`). Without loss scaling (bfloat16's default)
 nothing else would notice: ``GradScaler`` checks gradients only when it
 scales, so a NaN would otherwise go into the weights, and the run would end
-with exit status 0 and empty detections.
+with exit status 0 and empty detections. The forward passes of a skipped
+step have already updated the model's buffers (BatchNorm running
+statistics, with NaN when the activations were); the wrapper puts them
+back, so a checkpoint never holds what a skipped step computed.
 """
 
 import contextlib
 import logging
 import math
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -74,7 +77,12 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
             (the weights and the optimizer state stay as they were; with
             dynamic loss scaling the scaler also lowers its scale) and
             logged as a warning; a finite step resets the run. None never
-            stops (skipping and warnings stay).
+            stops (skipping and warnings stay). The buffers a skipped
+            step's forward passes changed (BatchNorm ``running_mean``,
+            ``running_var``, ``num_batches_tracked``) are restored too:
+            :meth:`optim_context`, which mmengine's ``train_step`` enters
+            around the forward, copies the model's buffers before the
+            first forward of each optimizer step.
         **kwargs: As for ``OptimWrapper`` (``optimizer``, ``clip_grad``,
             ``accumulative_counts``).
     """
@@ -114,6 +122,9 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
         self.nonfinite_steps = 0
         self.consecutive_nonfinite_steps = 0
         self.cast_dtype = dtype
+        # The model and its buffers as they were before the first forward
+        # of the current step (accumulated forwards included).
+        self._buffers_before_step = None
         self._scale_update_param = None
         if loss_scale is None:
             loss_scale = 'dynamic' if dtype == torch.float16 else None
@@ -172,13 +183,15 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
 
         A skipped step calls neither the optimizer nor the scaler's
         ``step``: weights, optimizer state (momentum, Adam's step count)
-        stay as they were. With dynamic loss scaling the scale is lowered
-        by the scaler's backoff factor, as ``GradScaler`` does for a step
-        it skips itself.
+        stay as they were, and so do the model's buffers (copied by
+        :meth:`optim_context` before the step's first forward). With
+        dynamic loss scaling the scale is lowered by the scaler's backoff
+        factor, as ``GradScaler`` does for a step it skips itself.
 
         Args:
             kwargs: Keyword arguments for :meth:`torch.optim.Optimizer.step`.
         """
+        before, self._buffers_before_step = self._buffers_before_step, None
         scaling = self.loss_scaler.is_enabled()
         if self.clip_grad_kwargs:
             self.loss_scaler.unscale_(self.optimizer)
@@ -199,6 +212,8 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
             # What mmengine's OptimWrapper logs when it clips.
             self.message_hub.update_scalar('train/grad_norm', norm)
         if not math.isfinite(norm):
+            if before is not None:
+                _restore_buffers(*before)
             self._skip_nonfinite_step(norm)
             if scaling:
                 backoff = self.loss_scaler.get_backoff_factor()
@@ -235,7 +250,7 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
         self.consecutive_nonfinite_steps += 1
         run = self.consecutive_nonfinite_steps
         scaling = self.loss_scaler.is_enabled()
-        action = 'step skipped, weights unchanged'
+        action = 'step skipped, weights and buffers unchanged'
         if scaling:
             action += f', loss scale {self.loss_scaler.get_scale():g} lowered'
         print_log(
@@ -266,7 +281,33 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
 
     @contextlib.contextmanager
     def optim_context(self, model: nn.Module):
-        """Gradient-accumulation context of ``OptimWrapper`` + CPU autocast."""
+        """Gradient-accumulation context of ``OptimWrapper`` + CPU autocast.
+
+        Also copies ``model``'s buffers when no forward of the current
+        optimizer step has run yet, so that :meth:`step` can put them back
+        if it skips the step. mmengine's ``train_step`` enters this
+        context around the data preprocessor and the forward, and the
+        model it passes (a DDP wrapper too) holds every buffer the forward
+        changes.
+        """
+        if self._buffers_before_step is None:
+            self._buffers_before_step = (model, _copy_buffers(model))
         with OptimWrapper.optim_context(self, model):
             with torch.autocast('cpu', dtype=self.cast_dtype):
                 yield
+
+
+def _copy_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A copy of every buffer of ``model``, by name."""
+    with torch.no_grad():
+        return {
+            name: buf.detach().clone() for name, buf in model.named_buffers()
+        }
+
+
+def _restore_buffers(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
+    """Write ``saved`` (:func:`_copy_buffers`) back into ``model``."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name])

@@ -4,6 +4,9 @@ A DyHead detector that is wired wrongly (FPN and DyHead channels that do not
 match, a pyramid with more or fewer levels than the head has strides, a
 dense head that still stacks its own conv towers after DyHead) would
 otherwise build fine and fail, or silently train something else, later.
+In a two-stage detector the RoI extractors (box and mask) must read the
+DyHead channels and levels, and each box head the extractor's channels;
+a cascade's stages are checked one by one.
 Like mmdet's ``NumClassCheckHook``, :class:`DyHeadCheckHook` is enabled in
 the config and runs before training, validation and testing; the package's
 configs enable it::
@@ -96,38 +99,66 @@ def _check_dense_head(
     return problems
 
 
+def _stages(module: Optional[nn.Module], name: str) -> list:
+    """``[(config path, module), ...]``: one entry, or one per stage of a
+    cascade (``CascadeRoIHead`` keeps a ModuleList of each)."""
+    if isinstance(module, nn.ModuleList):
+        return [(f'{name}[{i}]', m) for i, m in enumerate(module)]
+    return [] if module is None else [(name, module)]
+
+
 def _check_roi_head(
     roi_head: nn.Module, channels: int, levels: Optional[int]
 ) -> List[str]:
     problems = []
-    extractor = getattr(roi_head, 'bbox_roi_extractor', None)
-    if extractor is None:
-        return problems
-    ext_channels = getattr(extractor, 'out_channels', None)
-    if isinstance(ext_channels, int) and ext_channels != channels:
-        problems.append(
-            f'model.roi_head.bbox_roi_extractor.out_channels={ext_channels} '
-            f'but DyHeadNeck out_channels={channels}; set it to {channels}.'
-        )
-    strides = getattr(extractor, 'featmap_strides', None)
-    if levels is not None and strides is not None and len(strides) > levels:
-        problems.append(
-            f'model.roi_head.bbox_roi_extractor.featmap_strides has '
-            f'{len(strides)} levels but the pyramid has {levels}; list at '
-            f'most {levels} strides.'
-        )
-    bbox_head = getattr(roi_head, 'bbox_head', None)
-    bbox_in = getattr(bbox_head, 'in_channels', None)
-    if (
-        isinstance(bbox_in, int)
-        and isinstance(ext_channels, int)
-        and bbox_in != ext_channels
+    prefix = 'model.roi_head.'
+    extractors, seen = {}, set()
+    for kind in ('bbox_roi_extractor', 'mask_roi_extractor'):
+        extractors[kind] = _stages(getattr(roi_head, kind, None), kind)
+        for name, extractor in extractors[kind]:
+            # share_roi_extractor=True: the mask branch reuses the box one.
+            if id(extractor) in seen:
+                continue
+            seen.add(id(extractor))
+            ext_channels = getattr(extractor, 'out_channels', None)
+            if isinstance(ext_channels, int) and ext_channels != channels:
+                problems.append(
+                    f'{prefix}{name}.out_channels={ext_channels} but '
+                    f'DyHeadNeck out_channels={channels}; set it to '
+                    f'{channels}.'
+                )
+            strides = getattr(extractor, 'featmap_strides', None)
+            if (
+                levels is not None
+                and strides is not None
+                and len(strides) > levels
+            ):
+                problems.append(
+                    f'{prefix}{name}.featmap_strides has {len(strides)} '
+                    f'levels but the pyramid has {levels}; list at most '
+                    f'{levels} strides.'
+                )
+    # Stage i's box head reads stage i's extractor (one shared extractor
+    # outside a cascade).
+    box_extractors = extractors['bbox_roi_extractor']
+    for i, (name, bbox_head) in enumerate(
+        _stages(getattr(roi_head, 'bbox_head', None), 'bbox_head')
     ):
-        problems.append(
-            f'model.roi_head.bbox_head.in_channels={bbox_in} but the RoI '
-            f'extractor gives {ext_channels} channels; set model.roi_head.'
-            f'bbox_head.in_channels={ext_channels}.'
-        )
+        if not box_extractors:
+            break
+        extractor = box_extractors[min(i, len(box_extractors) - 1)][1]
+        ext_channels = getattr(extractor, 'out_channels', None)
+        bbox_in = getattr(bbox_head, 'in_channels', None)
+        if (
+            isinstance(bbox_in, int)
+            and isinstance(ext_channels, int)
+            and bbox_in != ext_channels
+        ):
+            problems.append(
+                f'{prefix}{name}.in_channels={bbox_in} but the RoI '
+                f'extractor gives {ext_channels} channels; set '
+                f'{prefix}{name}.in_channels={ext_channels}.'
+            )
     return problems
 
 

@@ -69,7 +69,9 @@ def shrink_model(model: dict, channels: int = 32) -> None:
         stages = roi.bbox_head
         for head in stages if isinstance(stages, list) else [stages]:
             head.update(num_classes=num_classes, in_channels=channels)
-            if 'fc_out_channels' in head:
+            # None (TaskAttnBBoxHead in the Fig. 2c configs) means no FC
+            # layer, and stays so.
+            if head.get('fc_out_channels') is not None:
                 head.fc_out_channels = 64
         if 'mask_head' in roi:
             roi.mask_roi_extractor.out_channels = channels

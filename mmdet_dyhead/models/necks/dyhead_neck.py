@@ -58,6 +58,25 @@ DYHEAD_PRESETS = {
 }
 
 
+def compile_modes() -> Tuple[str, ...]:
+    """The ``mode`` values ``torch.compile`` accepts in this torch.
+
+    ``torch.compile``'s docstring points to
+    ``torch._inductor.list_mode_options()`` for them (its keys); the four
+    the docstring lists are the fallback where that is missing.
+    """
+    try:
+        from torch._inductor import list_mode_options
+    except ImportError:
+        return (
+            'default',
+            'reduce-overhead',
+            'max-autotune',
+            'max-autotune-no-cudagraphs',
+        )
+    return tuple(list_mode_options())
+
+
 @MODELS.register_module()
 class DyHeadNeck(BaseModule):
     """Dynamic Head as an mmdet neck (put it after ``FPN`` in ``neck=[...]``).
@@ -176,6 +195,14 @@ class DyHeadNeck(BaseModule):
         self._block_forward = None
         if compile:
             options = {} if compile is True else dict(compile)
+            if options.get('mode') is not None:
+                # Only the inductor backend reads the mode; others would
+                # ignore a misspelt one without a word.
+                check_choice(
+                    'DyHeadNeck compile mode',
+                    options['mode'],
+                    compile_modes(),
+                )
             self._block_forward = torch.compile(
                 DynamicHeadBlock.forward, **options
             )
@@ -215,6 +242,17 @@ class DyHeadNeck(BaseModule):
                     f'in_channels={self.in_channels}; set DyHeadNeck '
                     f'in_channels to the FPN out_channels.'
                 )
+        # Compared pairwise, not as a set: while tracing, sizes are tensors.
+        sizes = [feat.shape[0] for feat in inputs]
+        if any(size != sizes[0] for size in sizes[1:]):
+            # Each level's offsets would be applied to another level's
+            # images; the DCN would only fail later, on a shape.
+            raise ValueError(
+                f'DyHeadNeck levels have batch sizes '
+                f'{[int(size) for size in sizes]}; every level '
+                f'must hold the same N images (the levels of one pyramid, '
+                f'e.g. one FPN output).'
+            )
         for i in range(1, len(inputs)):
             prev, cur = inputs[i - 1].shape[-2:], inputs[i].shape[-2:]
             want = (math.ceil(prev[0] / 2), math.ceil(prev[1] / 2))
@@ -233,6 +271,8 @@ class DyHeadNeck(BaseModule):
         Returns: L tensors (N, C_out, H_l, W_l).
         """
         self._check_inputs(inputs)
+        if inputs[0].shape[0] == 0:
+            return self._empty_outputs(inputs)
         feats = list(inputs)
         compiled = self._block_forward
 
@@ -250,6 +290,20 @@ class DyHeadNeck(BaseModule):
             else:
                 feats = run(block, feats)
         return tuple(feats)
+
+    def _empty_outputs(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        """What the blocks return for an empty batch (N = 0), whose
+        reshapes cannot infer a size from zero elements: empty levels of
+        ``out_channels``. As torch's convolutions do for an empty batch,
+        the outputs depend on the inputs and the parameters (gradients of
+        zero), so that a backward through them still reaches every
+        parameter (DDP expects that)."""
+        zero = sum(f.sum() for f in inputs)
+        zero = zero + sum(p.sum() for p in self.parameters())
+        return tuple(
+            f.new_zeros((0, self.out_channels, *f.shape[-2:])) + zero * 0
+            for f in inputs
+        )
 
     def forward_with_attention(
         self, inputs: Sequence[Tensor]
