@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mmdet_dyhead.ops import (
-    deform_conv2d,
+    CPU_IMPL_ENV,
+    dcn_cpu_implementation,
     mmcv_ops_available,
     modulated_deform_conv2d,
 )
@@ -84,35 +85,19 @@ def _autograd(fn, args, grad_out):
 
 
 def _native(args, geometry):
+    """The pure-PyTorch implementation of the package's operator (the test
+    forces it with the ``pure_torch`` fixture, else the operator would run
+    the kernel under test)."""
     s, p, d = geometry[0:2], geometry[2:4], geometry[4:6]
-    if args[0].shape[-2:] != (1, 1):
-        return lambda *a: modulated_deform_conv2d(
-            *a, stride=s, padding=p, dilation=d, backend='torch'
-        )
-    # The native path's backward fails on a lone 1x1 map (its autograd
-    # pass through the pixel table; a 1x1 level inside a pyramid works):
-    # give it the 1x1 map as one term of a two-map call, as in DyHead.
-    n, c = args[0].shape[:2]
-    other = torch.randn(n, c, 3, 4, dtype=args[0].dtype)
-    ho, wo = _out_size((3, 4), args[3].shape[-1], s, p, d)
-    taps = args[3].shape[-2] * args[3].shape[-1]
-    other_offset = torch.zeros(n, 2 * taps, ho, wo, dtype=args[0].dtype)
-    other_mask = torch.ones(n, taps, ho, wo, dtype=args[0].dtype)
+    return lambda *a: modulated_deform_conv2d(
+        *a, stride=s, padding=p, dilation=d, backend='torch'
+    )
 
-    def call(x, offset, mask, weight, bias):
-        return deform_conv2d(
-            [x, other],
-            [offset, other_offset],
-            [mask, other_mask],
-            weight,
-            bias,
-            s,
-            p,
-            d,
-            backend='torch',
-        )[0]
 
-    return call
+@pytest.fixture
+def pure_torch(monkeypatch):
+    monkeypatch.setenv(CPU_IMPL_ENV, 'torch')
+    assert dcn_cpu_implementation() == 'torch'
 
 
 def _mmcv(args, geometry):
@@ -163,7 +148,7 @@ def threads(request):
 
 
 @pytest.mark.parametrize('case', CASES)
-def test_kernel_equals_the_native_path(case, threads):
+def test_kernel_equals_the_native_path(case, threads, pure_torch):
     args, geometry = _case(**CASES[case])
     out_ref = _native(args, geometry)(*args)
     grad_out = torch.randn_like(out_ref)
@@ -249,7 +234,7 @@ def test_float64_gradcheck():
     )
 
 
-def test_float64_matches_the_native_path_to_float64_rounding():
+def test_float64_matches_the_native_path_to_float64_rounding(pure_torch):
     args, geometry = _case(dtype=torch.float64, stride=(2, 2))
     out_ref = _native(args, geometry)(*args)
     grad_out = torch.randn_like(out_ref)
