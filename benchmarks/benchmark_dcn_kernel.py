@@ -7,7 +7,9 @@ forward+backward (every gradient the layer has) of:
 - **C++ kernel**: ``mmdet_dyhead._ext`` (``dcn_forward`` then
   ``dcn_backward``: input, offset, mask and weight gradients);
 - **native PyTorch**: ``modulated_deform_conv2d(..., backend='torch')``
-  with autograd (the same four gradients);
+  with autograd (the same four gradients), with the operator's
+  pure-PyTorch CPU implementation forced (``MMDET_DYHEAD_DCN_CPU=torch``;
+  otherwise the operator itself runs the kernel);
 - **dense conv**: ``F.conv2d`` with the same weight shape (input and weight
   gradients), the floor a deformable conv of these FLOPs can reach.
 
@@ -81,7 +83,7 @@ def layer_fns(
 ) -> Tuple[Dict[str, Callable], Dict[str, Callable]]:
     """(forward, forward+backward) callables of the three implementations
     on one (1, channels, H, W) map, stride 1, padding 1, 3x3."""
-    from mmdet_dyhead.ops import modulated_deform_conv2d
+    from mmdet_dyhead.ops import CPU_IMPL_ENV, modulated_deform_conv2d
 
     ext = load_kernel()
     torch.manual_seed(0)
@@ -94,6 +96,20 @@ def layer_fns(
     grad = torch.randn(1, channels, h, w)
     leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight)]
     dense_leaves = [leaves[0], leaves[3]]
+
+    def pure_torch(fn):
+        def run():
+            before = os.environ.get(CPU_IMPL_ENV)
+            os.environ[CPU_IMPL_ENV] = 'torch'
+            try:
+                fn()
+            finally:
+                if before is None:
+                    del os.environ[CPU_IMPL_ENV]
+                else:
+                    os.environ[CPU_IMPL_ENV] = before
+
+        return run
 
     def no_grad(fn):
         def run():
@@ -118,16 +134,18 @@ def layer_fns(
         'C++ kernel': no_grad(
             lambda: ext.dcn_forward(x, offset, mask, weight, None, *geometry)
         ),
-        'native PyTorch': no_grad(
-            lambda: modulated_deform_conv2d(
-                x, offset, mask, weight, backend='torch'
+        'native PyTorch': pure_torch(
+            no_grad(
+                lambda: modulated_deform_conv2d(
+                    x, offset, mask, weight, backend='torch'
+                )
             )
         ),
         'dense conv': no_grad(lambda: F.conv2d(x, weight, padding=1)),
     }
     backward = {
         'C++ kernel': kernel_fb,
-        'native PyTorch': native_fb,
+        'native PyTorch': pure_torch(native_fb),
         'dense conv': dense_fb,
     }
     return forward, backward
